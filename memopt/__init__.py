@@ -1,0 +1,24 @@
+"""memopt: memory-lean optimizers for fine-tuning, inside the Hugging Face Trainer.
+
+``import memopt`` makes ``TrainingArguments(optim="sgdsai")`` work (registration happens when transformers'
+modules load; it imports neither transformers nor triton itself).
+"""
+
+from memopt.memory import adamw_state_bytes, state_bytes, state_bytes_by_kind
+from memopt.optim import SGDSaI
+from memopt.registry import create_optimizer, get_optimizer_spec, list_optimizers, register_optimizer
+from memopt.integrations import install_transformers_hooks as _install_transformers_hooks
+
+__version__ = "0.1.0"
+__all__ = [
+    "SGDSaI",
+    "adamw_state_bytes",
+    "create_optimizer",
+    "get_optimizer_spec",
+    "list_optimizers",
+    "register_optimizer",
+    "state_bytes",
+    "state_bytes_by_kind",
+]
+
+_install_transformers_hooks()

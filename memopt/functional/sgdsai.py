@@ -1,0 +1,183 @@
+"""SGD-SaI math as plain functions (arXiv 2412.11768, "No More Adam"; spec: shared/specs/algorithms.md §1).
+
+These are the reference for the optimizer class and for later fused kernels. Every function works in place on
+the tensors it is given and never allocates optimizer state itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# An all-equal gradient has std == 0 in exact arithmetic, but fp32 reductions leave a residue of about
+# 1e-7 * rms. Below this relative floor the g-SNR is meaningless (it would be ~1e7 and explode the tensor),
+# so we fall back to sqrt(numel), the value the g-SNR takes for a zero-mean gradient.
+_STD_REL_FLOOR = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update math runs in: fp64 stays fp64, everything else runs in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
+    """Gradient signal-to-noise ratio ``||g||_2 / (std(g) + eps)`` of one whole tensor, as a Python float.
+
+    ``std`` is the unbiased standard deviation over all elements, computed in fp32 (fp64 for fp64 grads).
+    Costs one host synchronisation; SGD-SaI calls it once per tensor.
+
+    Returns:
+        ``None`` when the gradient is all zero (the caller defers the scale to the first non-zero gradient,
+        so a LoRA ``A`` matrix behind a zero-initialised ``B`` is not frozen forever);
+        ``sqrt(numel)`` when ``numel == 1`` or the entries are all equal (std numerically zero), where the
+        ratio is undefined; the ratio itself otherwise. A non-finite gradient gives ``nan``.
+    """
+    n = grad.numel()
+    if n == 0:
+        raise ValueError("gsnr() of an empty tensor is undefined")
+    g = grad.detach()
+    if g.dtype != compute_dtype(g.dtype):
+        g = g.to(compute_dtype(g.dtype))
+    norm_t = torch.linalg.vector_norm(g)
+    if n == 1:
+        return float("nan") if not math.isfinite(norm_t.item()) else (None if norm_t.item() == 0 else 1.0)
+    norm, std = torch.stack([norm_t, torch.std(g)]).tolist()
+    if not (math.isfinite(norm) and math.isfinite(std)):
+        return float("nan")
+    if norm == 0.0:
+        return None
+    rms = norm / math.sqrt(n)
+    if std <= _STD_REL_FLOOR * rms:
+        return math.sqrt(n)
+    return norm / (std + eps)
+
+
+def _update_low_precision_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Optional[Tensor],
+    *,
+    alpha: float,
+    decay: float,
+    momentum: float,
+    first_step: bool,
+) -> None:
+    cdt = compute_dtype(param.dtype)
+    p = param.to(cdt)
+    g = grad.to(cdt)
+    if decay != 1.0:
+        p.mul_(decay)
+    if momentum_buffer is None:
+        upd = g
+    else:
+        if first_step:
+            upd = g  # the buffer already holds g (rounded to its dtype); use the exact value for this step
+        else:
+            upd = momentum_buffer.to(cdt, copy=True).lerp_(g, 1.0 - momentum)
+            momentum_buffer.copy_(upd)
+    p.add_(upd, alpha=alpha)
+    param.copy_(p)
+
+
+def sgdsai_update_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Optional[Tensor],
+    *,
+    lr: float,
+    scale: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> None:
+    """One SGD-SaI step of one tensor, in place.
+
+    ``θ ← θ(1 − lr·wd);  m ← g (first step) or β m + (1 − β) g;  θ ← θ − lr·scale·m``.
+
+    Args:
+        param: the parameter (fp32, bf16, fp16 or fp64); low-precision params are updated in fp32 math.
+        grad: its gradient, same shape.
+        momentum_buffer: the momentum state, or ``None`` when ``momentum == 0`` (plain SaI-scaled SGD).
+            On the first step the caller has already filled it with ``grad``; ``first_step=True`` skips the EMA.
+        lr, scale, momentum, weight_decay: as in the spec; ``scale`` is the final per-tensor factor.
+        maximize: ascend instead of descend. The buffer keeps the momentum of the raw gradient and the sign is
+            applied to the update, which is exact (negation commutes with lerp) and needs no temporary.
+    """
+    alpha = (lr * scale) if maximize else -(lr * scale)
+    decay = 1.0 - lr * weight_decay
+    same = param.dtype == compute_dtype(param.dtype) and grad.dtype == param.dtype
+    if momentum_buffer is not None:
+        same = same and momentum_buffer.dtype == param.dtype
+    if not same:
+        _update_low_precision_(
+            param, grad, momentum_buffer, alpha=alpha, decay=decay, momentum=momentum, first_step=first_step
+        )
+        return
+    if decay != 1.0:
+        param.mul_(decay)
+    if momentum_buffer is None:
+        param.add_(grad, alpha=alpha)
+        return
+    if not first_step:
+        momentum_buffer.lerp_(grad, 1.0 - momentum)
+    param.add_(momentum_buffer, alpha=alpha)
+
+
+def sgdsai_update_foreach_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Optional[Sequence[Tensor]],
+    *,
+    lr: float,
+    scales: Sequence[float],
+    momentum: float,
+    weight_decay: float,
+    maximize: bool = False,
+    first_steps: Sequence[bool],
+) -> None:
+    """Multi-tensor form of :func:`sgdsai_update_`; gives bit-identical results.
+
+    Tensors whose param, grad and buffer share one full-precision dtype go through ``torch._foreach_*`` ops
+    (one launch per op and device on GPU); the parameter update is batched per distinct ``lr·scale``.
+    Tensors that need a cast (bf16/fp16 params or state) take the per-tensor path, which holds one fp32
+    temporary at a time instead of one for the whole model.
+    """
+    n = len(params)
+    if not (len(grads) == n == len(scales) == len(first_steps)) or (
+        momentum_buffers is not None and len(momentum_buffers) != n
+    ):
+        raise ValueError("params, grads, momentum_buffers, scales and first_steps must have the same length")
+    decay = 1.0 - lr * weight_decay
+    sign = 1.0 if maximize else -1.0
+    fast: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        m = None if momentum_buffers is None else momentum_buffers[i]
+        full = p.dtype == compute_dtype(p.dtype) and g.dtype == p.dtype and (m is None or m.dtype == p.dtype)
+        if full:
+            fast[(p.device, p.dtype)].append(i)
+        else:
+            sgdsai_update_(
+                p, g, m, lr=lr, scale=scales[i], momentum=momentum, weight_decay=weight_decay,
+                maximize=maximize, first_step=first_steps[i],
+            )
+    for idx in fast.values():
+        ps = [params[i] for i in idx]
+        if decay != 1.0:
+            torch._foreach_mul_(ps, decay)
+        if momentum_buffers is None:
+            sources = [grads[i] for i in idx]
+        else:
+            sources = [momentum_buffers[i] for i in idx]
+            ema = [k for k, i in enumerate(idx) if not first_steps[i]]
+            if ema:
+                torch._foreach_lerp_([sources[k] for k in ema], [grads[idx[k]] for k in ema], 1.0 - momentum)
+        by_alpha: dict[float, list[int]] = defaultdict(list)
+        for k, i in enumerate(idx):
+            by_alpha[sign * lr * scales[i]].append(k)
+        for alpha, ks in by_alpha.items():
+            torch._foreach_add_([ps[k] for k in ks], [sources[k] for k in ks], alpha=alpha)

@@ -1,0 +1,171 @@
+"""Transformers Trainer integration: ``TrainingArguments(optim="sgdsai")``, ``--optim sgdsai``, ``optim_args``.
+
+Transformers (v5) has no public registry for third-party optimizer names, so memopt adds, for each name in
+:func:`memopt.list_optimizers`:
+
+1. a real member of ``transformers.training_args.OptimizerNames`` (so ``TrainingArguments`` validation and the
+   ``HfArgumentParser`` choices accept it),
+2. a handler in the private ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` dict (how the Trainer maps a
+   name to ``(optimizer class, kwargs)``),
+3. :class:`MemoryReportCallback` in ``transformers.trainer.DEFAULT_CALLBACKS`` (it only reports for memopt
+   optimizers unless ``MEMOPT_MEMORY_REPORT=all``; ``=off`` disables it).
+
+Each step is idempotent and checks that the private names it needs exist, with a clear error otherwise. The
+no-patch route is :func:`optimizer_cls_and_kwargs` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping, Optional, Union
+
+from torch.optim import Optimizer
+
+from memopt.registry import get_optimizer_spec, list_optimizers
+
+TESTED_VERSIONS = "5.x (CI: 5.24)"
+
+
+class UnsupportedTransformersVersion(RuntimeError):
+    pass
+
+
+def _unsupported(what: str, module) -> UnsupportedTransformersVersion:
+    try:
+        import transformers
+
+        version = transformers.__version__
+    except Exception:  # noqa: BLE001
+        version = "unknown"
+    return UnsupportedTransformersVersion(
+        f"memopt cannot register its optimizer names on transformers {version}: {module.__name__} has no "
+        f"{what} (memopt supports transformers {TESTED_VERSIONS}). Use the no-patch route instead: "
+        "Trainer(..., optimizer_cls_and_kwargs=memopt.integrations.transformers.optimizer_cls_and_kwargs("
+        "'sgdsai', training_args))"
+    )
+
+
+def _add_enum_member(enum_cls, value: str):
+    """Add a real member to a (str, Enum) class. Returns the member; adding it twice returns the first one."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    name = value.upper()
+    if name in enum_cls._member_map_:
+        raise RuntimeError(f"{enum_cls.__name__}.{name} exists with another value")
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    enum_cls._member_names_.append(name)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+def _handler_for(name: str):
+    def handler(ctx) -> tuple[type, dict[str, Any]]:
+        return optimizer_cls_and_kwargs(name, ctx.args)
+
+    handler.__name__ = f"memopt_{name}_handler"
+    handler.memopt_name = name
+    return handler
+
+
+def _patch_training_args(module) -> None:
+    enum_cls = getattr(module, "OptimizerNames", None)
+    if enum_cls is None or not hasattr(enum_cls, "_value2member_map_"):
+        raise _unsupported("OptimizerNames enum", module)
+    for name in list_optimizers():
+        _add_enum_member(enum_cls, name)
+
+
+def _patch_trainer_optimizer(module) -> None:
+    handlers = getattr(module, "_OPTIMIZER_HANDLERS", None)
+    if not isinstance(handlers, dict):
+        raise _unsupported("_OPTIMIZER_HANDLERS dict", module)
+    from transformers.training_args import OptimizerNames
+
+    _patch_training_args(importlib.import_module("transformers.training_args"))
+    for name in list_optimizers():
+        current = handlers.get(name)
+        if current is not None and getattr(current, "memopt_name", None) != name:
+            raise RuntimeError(f"transformers already has an optimizer handler for {name!r}; memopt will not replace it")
+        if current is None:
+            handlers[OptimizerNames(name)] = _handler_for(name)
+
+
+def _patch_trainer(module) -> None:
+    callbacks = getattr(module, "DEFAULT_CALLBACKS", None)
+    if not isinstance(callbacks, list):
+        raise _unsupported("DEFAULT_CALLBACKS list", module)
+    from memopt.integrations.trainer_callback import MemoryReportCallback
+
+    if MemoryReportCallback not in callbacks:
+        callbacks.append(MemoryReportCallback)
+
+
+_PATCHES = {
+    "transformers.training_args": _patch_training_args,
+    "transformers.trainer_optimizer": _patch_trainer_optimizer,
+    "transformers.trainer": _patch_trainer,
+}
+
+
+def patch_module(name: str, module) -> None:
+    _PATCHES[name](module)
+
+
+def register() -> None:
+    """Make every memopt optimizer name usable in ``TrainingArguments(optim=...)`` (idempotent).
+
+    Raises:
+        UnsupportedTransformersVersion: when the private hooks this relies on are missing.
+    """
+    for name, patch in _PATCHES.items():
+        patch(importlib.import_module(name))
+
+
+def is_registered(name: str = "sgdsai") -> bool:
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+    from transformers.training_args import OptimizerNames
+
+    return name in OptimizerNames._value2member_map_ and name in _OPTIMIZER_HANDLERS
+
+
+def optimizer_cls_and_kwargs(
+    name: str,
+    args=None,
+    *,
+    lr: Optional[float] = None,
+    optim_args: Union[None, str, Mapping[str, Any]] = None,
+) -> tuple[type, dict[str, Any]]:
+    """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with no patching.
+
+    Args:
+        name: a memopt optimizer name (``memopt.list_optimizers()``).
+        args: the ``TrainingArguments``; its ``learning_rate`` and ``optim_args`` are used unless overridden.
+        lr, optim_args: overrides. The Trainer still builds its decay / no-decay groups.
+
+    Raises:
+        ValueError: unknown name, or a bad ``optim_args`` key/value (named in the message).
+    """
+    spec = get_optimizer_spec(name)
+    if not (isinstance(spec.factory, type) and issubclass(spec.factory, Optimizer)):
+        raise TypeError(f"memopt optimizer {name!r} is not an Optimizer class and cannot be built by the Trainer")
+    raw = optim_args if optim_args is not None else getattr(args, "optim_args", None)
+    kwargs: dict[str, Any] = {**spec.defaults, **spec.parse_optim_args(raw)}
+    if lr is not None:
+        kwargs["lr"] = lr
+    elif args is not None:
+        kwargs["lr"] = args.learning_rate
+    return spec.factory, kwargs
+
+
+def __getattr__(name: str):
+    if name == "MemoryReportCallback":
+        from memopt.integrations.trainer_callback import MemoryReportCallback
+
+        return MemoryReportCallback
+    raise AttributeError(name)

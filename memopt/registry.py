@@ -1,0 +1,159 @@
+"""Optimizer names -> factories, shared by the Trainer integration, the examples and the tests.
+
+A name is lower-case with underscores (the Trainer's style). Each entry says which ``optim_args`` keys it
+accepts and their types, so ``optim_args="momentum=0.95,scale=sqrt_numel"`` is parsed and type-checked here
+with an error that names the bad key; value ranges are then checked by the optimizer's constructor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+from torch.optim import Optimizer
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_ARG_TYPES = ("float", "int", "bool", "str", "optional_bool")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registered optimizer: ``factory(params, lr=..., **kwargs)`` builds it."""
+
+    name: str
+    factory: Callable[..., Optimizer]
+    arg_types: Mapping[str, str]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def parse_optim_args(self, optim_args: Union[None, str, Mapping[str, Any]]) -> dict[str, Any]:
+        """Turn ``"k=v,k2=v2"`` (or a dict of strings/values) into typed keyword arguments.
+
+        Raises:
+            ValueError: naming the key, for an unknown key, a malformed item or a value of the wrong type.
+        """
+        if optim_args is None or optim_args == "":
+            items: Iterable[tuple[str, Any]] = ()
+        elif isinstance(optim_args, str):
+            pairs = []
+            for item in optim_args.split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if "=" not in item:
+                    raise ValueError(f"optim_args item {item!r} for {self.name!r} is not of the form key=value")
+                key, value = item.split("=", 1)
+                pairs.append((key.strip(), value.strip()))
+            items = pairs
+        elif isinstance(optim_args, Mapping):
+            items = optim_args.items()
+        else:
+            raise ValueError(f"optim_args must be a 'k=v,...' string or a mapping, got {type(optim_args).__name__}")
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key not in self.arg_types:
+                raise ValueError(
+                    f"optim_args key {key!r} is not accepted by {self.name!r}; accepted keys: "
+                    f"{sorted(self.arg_types)} (lr and weight_decay come from the training arguments)"
+                )
+            if key in out:
+                raise ValueError(f"optim_args key {key!r} is given twice")
+            out[key] = _convert(key, value, self.arg_types[key])
+        return out
+
+    def create(self, params, **kwargs) -> Optimizer:
+        return self.factory(params, **{**self.defaults, **kwargs})
+
+
+def _convert(key: str, value: Any, kind: str) -> Any:
+    if not isinstance(value, str):
+        return value  # already typed (Python API); the optimizer validates it
+    text = value.strip()
+    low = text.lower()
+    try:
+        if kind == "float":
+            result = float(text)
+            if not math.isfinite(result):
+                raise ValueError
+            return result
+        if kind == "int":
+            return int(text)
+        if kind in ("bool", "optional_bool"):
+            if kind == "optional_bool" and low in ("none", "null", "auto"):
+                return None
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if kind == "str":
+            if not text:
+                raise ValueError
+            return text
+    except ValueError:
+        pass
+    raise ValueError(f"optim_args key {key!r}: {value!r} is not a valid {kind.replace('_', ' ')}")
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(
+    name: str,
+    factory: Callable[..., Optimizer],
+    *,
+    arg_types: Mapping[str, str],
+    defaults: Optional[Mapping[str, Any]] = None,
+    description: str = "",
+) -> OptimizerSpec:
+    """Register ``name``. Registering the same name with the same factory and arguments again is a no-op."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"optimizer name {name!r} must be lower-case letters, digits and underscores")
+    for key, kind in arg_types.items():
+        if kind not in _ARG_TYPES:
+            raise ValueError(f"arg type {kind!r} of {key!r} is not one of {_ARG_TYPES}")
+    spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description)
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing != spec:
+        raise ValueError(f"optimizer name {name!r} is already registered with a different factory")
+    _REGISTRY[name] = spec
+    return spec
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown memopt optimizer {name!r}; registered: {list_optimizers()}") from None
+
+
+def list_optimizers() -> list[str]:
+    """Names usable as ``TrainingArguments(optim=...)`` after ``import memopt``."""
+    return sorted(_REGISTRY)
+
+
+def create_optimizer(name: str, params, optim_args: Union[None, str, Mapping[str, Any]] = None, **kwargs):
+    """Build a registered optimizer: ``create_optimizer("sgdsai", model.parameters(), lr=1e-2)``."""
+    spec = get_optimizer_spec(name)
+    return spec.create(params, **{**spec.parse_optim_args(optim_args), **kwargs})
+
+
+def _register_builtin() -> None:
+    from memopt.optim.sgdsai import SGDSaI
+
+    register_optimizer(
+        "sgdsai",
+        SGDSaI,
+        arg_types={
+            "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool",
+            "foreach": "optional_bool", "state_dtype": "str", "check_finite": "bool",
+        },
+        description="SGD-SaI: SGD momentum + per-tensor g-SNR lr scale (4 B/param fp32 state)",
+    )
+
+
+_register_builtin()
