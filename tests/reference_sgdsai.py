@@ -1,0 +1,55 @@
+"""A hand-written, step-by-step SGD-SaI of spec §1, independent of memopt's code paths (plain loops, fp64)."""
+
+import math
+
+import torch
+
+
+def reference_sgdsai(params, grads_per_step, *, lr, momentum, weight_decay, eps, scale, maximize=False):
+    """params: list of fp64 tensors (copied). grads_per_step: list over steps of lists of grads (or None)."""
+    params = [p.detach().clone().double() for p in params]
+    bufs = [None] * len(params)
+    snr = [None] * len(params)
+    for grads in grads_per_step:
+        # g-SNR for tensors that get their first non-zero gradient now
+        for i, g in enumerate(grads):
+            if g is None or snr[i] is not None or scale == "sqrt_numel":
+                continue
+            g = g.double().flatten()
+            n = g.numel()
+            norm = math.sqrt(sum(x * x for x in g.tolist()))
+            if norm == 0.0:
+                continue
+            if n == 1:
+                snr[i] = 1.0
+                continue
+            mean = sum(g.tolist()) / n
+            std = math.sqrt(sum((x - mean) ** 2 for x in g.tolist()) / (n - 1))
+            snr[i] = math.sqrt(n) if std <= 1e-6 * norm / math.sqrt(n) else norm / (std + eps)
+        known = [s for s in snr if s is not None]
+        smax = max(known) if known else 1.0
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.double()
+            if maximize:
+                g = -g
+            p = params[i]
+            if scale == "sqrt_numel":
+                sc = math.sqrt(p.numel())
+            elif snr[i] is None:
+                params[i] = p * (1 - lr * weight_decay)
+                continue
+            else:
+                sc = snr[i] / smax if scale == "gsnr_max" else snr[i]
+            if momentum == 0:
+                m = g
+            elif bufs[i] is None:
+                m = g.clone()
+            else:
+                m = momentum * bufs[i] + (1 - momentum) * g
+            if momentum != 0:
+                bufs[i] = m
+            p = p * (1 - lr * weight_decay)
+            params[i] = p - lr * sc * m
+    return params

@@ -1,0 +1,175 @@
+"""The contract of shared/specs/reliability.md, written once and run for every registered optimizer."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import memopt
+from memopt import create_optimizer, list_optimizers, state_bytes
+
+NAMES = list_optimizers()
+
+
+def test_registry_lists_the_builtin_optimizers():
+    assert "sgdsai" in NAMES
+    with pytest.raises(ValueError, match="already registered"):
+        memopt.register_optimizer("sgdsai", torch.optim.SGD, arg_types={})
+    with pytest.raises(ValueError, match="lower-case"):
+        memopt.register_optimizer("SGD-SaI", torch.optim.SGD, arg_types={})
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    return m.to(dtype)
+
+
+def _loss(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 8, generator=g).to(next(m.parameters()).dtype)
+    return (m(x).float() ** 2).mean()
+
+
+def _steps(m, opt, n, start=0):
+    for t in range(start, start + n):
+        opt.zero_grad()
+        _loss(m, t).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_negative_lr_is_refused(name):
+    with pytest.raises(ValueError, match="lr"):
+        create_optimizer(name, _model().parameters(), lr=-1.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_trains_and_stays_finite(name, dtype):
+    m = _model(dtype=dtype)
+    opt = create_optimizer(name, m.parameters(), lr=1e-2)
+    first = _loss(m, 0).item()
+    for _ in range(20):
+        opt.zero_grad()
+        _loss(m, 0).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert _loss(m, 0).item() < first
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skips_params_without_grad_frozen_params_zero_size_and_empty_groups(name):
+    m = _model()
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    empty = torch.nn.Parameter(torch.zeros(0, 4))
+    unused = torch.nn.Parameter(torch.randn(2, 2))
+    opt = create_optimizer(name, [{"params": list(m.parameters()) + [frozen, empty, unused]}, {"params": []}])
+    f0, u0 = frozen.detach().clone(), unused.detach().clone()
+    _loss(m).backward()
+    empty.grad = torch.zeros(0, 4)
+    opt.step()
+    assert torch.equal(frozen, f0) and torch.equal(unused, u0)
+    assert unused not in opt.state and frozen not in opt.state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_params_and_grads(name):
+    base = torch.randn(6, 8)
+    p = torch.nn.Parameter(base.t().contiguous().t())  # non-contiguous layout
+    assert not p.is_contiguous()
+    ref = torch.nn.Parameter(base.clone())
+    o1, o2 = create_optimizer(name, [p]), create_optimizer(name, [ref])
+    g = torch.randn(8, 6).t()
+    p.grad, ref.grad = g, g.contiguous()
+    o1.step()
+    o2.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_after_steps(name):
+    m = _model()
+    opt = create_optimizer(name, list(m[0].parameters()))
+    _steps(m, opt, 2)
+    opt.add_param_group({"params": list(m[2].parameters()), "lr": 1e-3})
+    w0 = m[2].weight.detach().clone()
+    _steps(m, opt, 1, start=2)
+    assert not torch.equal(m[2].weight, w0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_roundtrip_is_bit_identical(name):
+    m1, m2 = _model(), _model()
+    o1 = create_optimizer(name, m1.parameters(), lr=1e-2)
+    _steps(m1, o1, 3)
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2.load_state_dict(ck["model"])
+    o2 = create_optimizer(name, m2.parameters(), lr=1e-2)
+    o2.load_state_dict(ck["opt"])
+    _steps(m1, o1, 3, start=3)
+    _steps(m2, o2, 3, start=3)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_pickle_and_zero_grad(name):
+    m = _model()
+    opt = create_optimizer(name, m.parameters())
+    _steps(m, opt, 1)
+    clone = copy.deepcopy(opt)
+    assert state_bytes(clone) == state_bytes(opt)
+    restored = pickle.loads(pickle.dumps(opt))
+    assert len(restored.state_dict()["state"]) == len(opt.state_dict()["state"])
+    _loss(m).backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic(name):
+    runs = []
+    for _ in range(2):
+        m = _model(seed=3)
+        opt = create_optimizer(name, m.parameters())
+        _steps(m, opt, 4)
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_skips_inf_steps(name):
+    m = _model()
+    opt = create_optimizer(name, m.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.zero_grad()
+    scaler.scale(_loss(m)).backward()
+    m[0].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert scaler.get_scale() < 2.0**10
+    opt.zero_grad()
+    scaler.scale(_loss(m)).backward()
+    scaler.step(opt)
+    assert not all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_training(name):
+    m = _model()
+    opt = create_optimizer(name, m.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(m)
+    loss.backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -1,0 +1,51 @@
+"""Tiny models, tokenizers and data for tests (built from configs: no download, seconds on CPU)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+class PatternDataset(torch.utils.data.Dataset):
+    """Sequences of a repeating pattern with a random offset: learnable in a few dozen steps."""
+
+    def __init__(self, n: int = 64, seq_len: int = 16, vocab_size: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        period = 7
+        base = torch.arange(3, 3 + period)
+        starts = torch.randint(0, period, (n,), generator=g)
+        idx = (starts[:, None] + torch.arange(seq_len)[None, :]) % period
+        self.ids = base[idx] % vocab_size
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer built in memory (for TRL, which wants a processing class)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + " .,")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in chars:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
