@@ -25,12 +25,12 @@ import torch  # noqa: E402
 import finetune  # noqa: E402
 
 GRID = {
-    "lora": [("sgdsai", "scale=gsnr_max", lr) for lr in (0.1, 0.3, 1.0, 3.0)]
-    + [("sgdsai", "scale=sqrt_numel", lr) for lr in (3e-3, 1e-2, 3e-2)]
+    "lora": [("sgdsai", "scale=gsnr_max", lr) for lr in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)]
+    + [("sgdsai", "scale=sqrt_numel", lr) for lr in (3e-3, 1e-2, 3e-2, 0.1, 0.3)]
     + [("adamw_torch", None, lr) for lr in (1e-3, 3e-3, 1e-2)],
-    "full": [("sgdsai", "scale=gsnr_max", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1)]
-    + [("sgdsai", "scale=sqrt_numel", lr) for lr in (3e-5, 1e-4, 3e-4)]
-    + [("adamw_torch", None, lr) for lr in (3e-5, 1e-4, 3e-4)],
+    "full": [("sgdsai", "scale=gsnr_max", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)]
+    + [("sgdsai", "scale=sqrt_numel", lr) for lr in (1e-5, 3e-5, 1e-4, 3e-4)]
+    + [("adamw_torch", None, lr) for lr in (3e-5, 1e-4, 3e-4, 1e-3)],
 }
 STEPS = {"lora": 30, "full": 20}
 FIELDS = ["mode", "optim", "optim_args", "learning_rate", "steps", "train_loss_first_log", "train_loss_last_log",
@@ -45,12 +45,18 @@ def main():
     out = Path(cli.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
+    done = set()
+    if not new:  # resume: skip points already in the CSV
+        with out.open() as f:
+            done = {(r["mode"], r["optim"], r["optim_args"] or None, float(r["learning_rate"])) for r in csv.DictReader(f)}
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()
         for mode in ([cli.only] if cli.only else ["lora", "full"]):
             for optim, optim_args, lr in GRID[mode]:
+                if (mode, optim, optim_args, float(lr)) in done:
+                    continue
                 argv = ["--optim", optim, "--compare", "none", "--learning_rate", str(lr), "--max_steps",
                         str(STEPS[mode]), "--output_dir", "/tmp/memopt_sweep", "--no-eval_before",
                         "--logging_steps", "10", "--lora" if mode == "lora" else "--no-lora"]

@@ -47,7 +47,7 @@ def test_negative_lr_is_refused(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_trains_and_stays_finite(name, dtype):
     m = _model(dtype=dtype)
     opt = create_optimizer(name, m.parameters(), lr=1e-2)

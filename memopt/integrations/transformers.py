@@ -17,6 +17,7 @@ no-patch route is :func:`optimizer_cls_and_kwargs` for ``Trainer(optimizer_cls_a
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any, Mapping, Optional, Union
 
 from torch.optim import Optimizer
@@ -24,6 +25,8 @@ from torch.optim import Optimizer
 from memopt.registry import get_optimizer_spec, list_optimizers
 
 TESTED_VERSIONS = "5.x (CI: 5.24)"
+_TRAINER_DEFAULT_LR = 5e-5
+logger = logging.getLogger("memopt")
 
 
 class UnsupportedTransformersVersion(RuntimeError):
@@ -66,7 +69,14 @@ def _add_enum_member(enum_cls, value: str):
 
 def _handler_for(name: str):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
-        return optimizer_cls_and_kwargs(name, ctx.args)
+        cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args)
+        hint = getattr(cls, "LR_HINT", None)
+        if hint and ctx.args.learning_rate == _TRAINER_DEFAULT_LR:
+            logger.warning(
+                "optim=%r runs with the Trainer's default learning_rate=%g, which is tuned for AdamW. %s",
+                name, _TRAINER_DEFAULT_LR, hint,
+            )
+        return cls, kwargs
 
     handler.__name__ = f"memopt_{name}_handler"
     handler.memopt_name = name

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.sgdsai import compute_dtype, gsnr, sgdsai_update_, sgdsai_update_foreach_
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +165,12 @@ class SGDSaI(Optimizer):
         """One host sync for all gradients of a step: which tensors are entirely finite."""
         if not grads:
             return []
-        by_device: dict[torch.device, list[int]] = {}
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, g in enumerate(grads):
-            by_device.setdefault(g.device, []).append(i)
+            by_kind.setdefault((g.device, compute_dtype(g.dtype)), []).append(i)
         mask = [True] * len(grads)
-        for idx in by_device.values():
-            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32)
+        for (_, dtype), idx in by_kind.items():
+            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)
             flags = torch.isfinite(torch.stack(norms)).tolist()
             for i, ok in zip(idx, flags):
                 mask[i] = ok
