@@ -27,8 +27,8 @@ import finetune  # noqa: E402
 GRID = {
     "lora": [("sgdsai", "scale=gsnr_max", lr) for lr in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)]
     + [("sgdsai", "scale=sqrt_numel", lr) for lr in (3e-3, 1e-2, 3e-2, 0.1, 0.3)]
-    + [("adamw_torch", None, lr) for lr in (1e-3, 3e-3, 1e-2)],
-    "full": [("sgdsai", "scale=gsnr_max", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)]
+    + [("adamw_torch", None, lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2)],
+    "full": [("sgdsai", "scale=gsnr_max", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)]
     + [("sgdsai", "scale=sqrt_numel", lr) for lr in (1e-5, 3e-5, 1e-4, 3e-4)]
     + [("adamw_torch", None, lr) for lr in (3e-5, 1e-4, 3e-4, 1e-3)],
 }

@@ -30,7 +30,7 @@ from demo_task import DEFAULT_MODEL, resolve_model_path, text_splits  # noqa: E4
 
 # Recommended learning rates on this task (docs/sgdsai.md has the sweep behind the memopt entries).
 RECOMMENDED_LR = {
-    ("sgdsai", False): 1e-2,
+    ("sgdsai", False): 3e-2,
     ("sgdsai", True): 1.0,
     ("adamw_torch", False): 1e-4,
     ("adamw_torch", True): 3e-3,

@@ -22,7 +22,7 @@ _STATE_KEYS = {"momentum_buffer", "gsnr"}
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
 DEFAULT_SCALE = "gsnr_max"
-DEFAULT_LR = 1e-2
+DEFAULT_LR = 3e-2
 
 
 def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
@@ -63,7 +63,8 @@ class SGDSaI(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (default 1e-2, for ``scale="gsnr_max"``; see docs/sgdsai.md for LoRA vs full).
+        lr: learning rate (default 3e-2: recommended for full fine-tuning with ``scale="gsnr_max"``; use ~1.0 for
+            LoRA, whose adapter gradients are tiny. docs/sgdsai.md has the sweep behind both numbers).
         momentum: EMA coefficient β in [0, 1) (default 0.9). ``0`` gives SaI-scaled SGD with no state tensors.
         weight_decay: decoupled weight decay λ ≥ 0 (default 1e-2), applied as ``θ·(1 − lr·λ)``.
         eps: added to the std in the g-SNR (default 1e-8).
@@ -88,6 +89,9 @@ class SGDSaI(Optimizer):
     first gradient defers the scale (the tensor only decays until its gradient becomes non-zero, then starts
     with ``m = g``); the scales live in ``state_dict()`` and are never recomputed on resume.
     """
+
+    LR_HINT = ("SGD-SaI (scale=gsnr_max) wants learning_rate ~3e-2 for full fine-tuning and ~1.0 for LoRA "
+               "(docs/sgdsai.md).")
 
     def __init__(
         self,
