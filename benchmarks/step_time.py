@@ -49,12 +49,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_time"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     cli = ap.parse_args()
+    device = torch.device(cli.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    params = demo_parameters()
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in demo_parameters()]
     n_params = sum(p.numel() for p in params)
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in params]
     for p, g in zip(params, grads):
         p.grad = g
     opts = {name: make(params) for name, make in BASELINES.items()}
@@ -63,9 +66,11 @@ def main():
     times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(cli.rounds):
         for name, opt in opts.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(cli.steps):
                 opt.step()
+            sync()
             times[name].append((time.perf_counter() - t0) / cli.steps * 1e3)
 
     ref_sgd = statistics.median(times["torch_sgd_momentum_foreach"])
@@ -79,7 +84,7 @@ def main():
             "state_bytes_per_param": round(sb / n_params, 4), "step_ms_median": round(med, 2),
             "step_ms_min": round(min(times[name]), 2), "ratio_vs_torch_sgd_momentum": round(med / ref_sgd, 3),
             "ratio_vs_torch_adamw": round(med / ref_adamw, 3), "threads": torch.get_num_threads(),
-            "device": "cpu", "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
             "rounds_x_steps": f"{cli.rounds}x{cli.steps}",
         })
     out = Path(cli.out)
@@ -102,7 +107,8 @@ def main():
     a1.barh(names, [r["state_bytes_per_param"] for r in rows], color="tab:blue")
     a1.set_xlabel("optimizer state, bytes per parameter")
     a2.barh(names, [r["step_ms_median"] for r in rows], color="tab:orange")
-    a2.set_xlabel(f"step time, ms (median, CPU, {torch.get_num_threads()} threads)")
+    where = rows[0]["device"] if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    a2.set_xlabel(f"step time, ms (median, {where})")
     a2.set_yticklabels([])
     fig.suptitle(f"SmolLM2-135M parameter set ({n_params / 1e6:.1f}M params, {len(params)} tensors, fp32)")
     fig.tight_layout()

@@ -104,7 +104,8 @@ def test_param_groups_with_different_hyperparameters_and_empty_groups():
     r0 = r.detach().clone()
     opt.step()
     assert "momentum_buffer" not in opt.state[r]  # momentum=0 in its group: no state tensor
-    torch.testing.assert_close(r.detach(), r0 * (1 - 1e-2 * 1e-2) - 1e-2 * 2.0 * torch.ones(2, 2))
+    lr, wd = opt.defaults["lr"], opt.defaults["weight_decay"]
+    torch.testing.assert_close(r.detach(), r0 * (1 - lr * wd) - lr * 2.0 * torch.ones(2, 2))
 
 
 def test_momentum_zero_keeps_no_state_tensors():

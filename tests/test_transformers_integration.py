@@ -184,3 +184,12 @@ def test_trl_sft_trainer_with_sgdsai(tmp_path):
     assert isinstance(trainer.optimizer.optimizer, memopt.SGDSaI)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_trainer_default_lr_gets_a_hint(tmp_path, caplog):
+    import logging
+
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, learning_rate=5e-5), train_dataset=PatternDataset())
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        trainer.create_optimizer()
+    assert "default learning_rate" in caplog.text and "LoRA" in caplog.text
