@@ -88,10 +88,11 @@ def build_model(args):
 
 def run(args) -> dict:
     """One training run in this process; returns its summary."""
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from memopt.integrations.trainer_callback import MemoryReportCallback
 
+    set_seed(args.seed)  # LoRA's A matrices are initialised from the global RNG
     model, tokenizer = build_model(args)
     train_ds, eval_ds = text_splits(tokenizer, seq_len=args.seq_len)
     lr = learning_rate(args)

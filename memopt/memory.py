@@ -121,23 +121,15 @@ class DeviceMemory:
 def measure(model: torch.nn.Module, optimizer=None, *, rank: int = 0, grads_bytes: Optional[int] = None,
             device: Optional[torch.device] = None) -> DeviceMemory:
     """Snapshot of one rank. ``grads_bytes`` overrides the live count (grads are freed after the step)."""
-    trainable = frozen = live_grads = 0
-    seen = set()
-    first_device = None
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        first_device = first_device or _local(p).device
-        if p.requires_grad:
-            trainable += tensor_bytes(p)
-        else:
-            frozen += tensor_bytes(p)
-        if p.grad is not None:
-            live_grads += tensor_bytes(p.grad)
-    device = torch.device(device) if device is not None else (first_device or torch.device("cpu"))
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    trainable = sum(tensor_bytes(p) for p in params if p.requires_grad)
+    frozen = sum(tensor_bytes(p) for p in params if not p.requires_grad)
+    live_grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
+    if device is None:
+        device = _local(params[0]).device if params else torch.device("cpu")
+    device = torch.device(device)
     opt_bytes = state_bytes(optimizer) if optimizer is not None else 0
-    baseline = adamw_state_bytes(p for p in model.parameters() if id(p) in seen and p.requires_grad)
+    baseline = adamw_state_bytes(params)
     kind, peak = peak_memory(device)
     inner = _unwrap(optimizer) if optimizer is not None else None
     return DeviceMemory(

@@ -1,0 +1,47 @@
+import torch
+
+import memopt
+from memopt.memory import DeviceMemory, format_table, measure
+
+
+def _params(dtype):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in [(17, 5), (9,), (3, 3, 3)]]
+
+
+def test_adamw_baseline_rule_matches_a_real_adamw_in_fp32_and_bf16():
+    for dtype in (torch.float32, torch.bfloat16):
+        ps = _params(dtype)
+        opt = torch.optim.AdamW(ps, foreach=True)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert memopt.state_bytes(opt) == memopt.adamw_state_bytes(ps)
+
+
+def test_state_bytes_by_kind_separates_host_scalars():
+    ps = _params(torch.float32)
+    opt = memopt.SGDSaI(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    kinds = memopt.state_bytes_by_kind(opt)
+    n = sum(p.numel() for p in ps)
+    assert kinds == {"momentum_buffer": 4 * n, "host_scalars": 8 * len(ps)}
+    assert memopt.state_bytes(opt) == 4 * n
+
+
+def test_measure_and_table():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    model[1].weight.requires_grad_(False)
+    opt = memopt.SGDSaI([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    row = measure(model, opt)
+    assert row.params_frozen_bytes == 8 * 2 * 4
+    assert row.params_trainable_bytes == (4 * 8 + 8 + 2) * 4 == row.grads_bytes == row.optimizer_state_bytes
+    assert row.state_saving_bytes == row.adamw_state_bytes - row.optimizer_state_bytes > 0
+    text = format_table([row, DeviceMemory(**{**row.as_dict(), "rank": 1})])
+    lines = text.splitlines()
+    assert len(lines) == 5 and lines[3].startswith("0 ") and lines[4].startswith("1 ")
+    assert "cpu_peak_rss" in text and "SGDSaI" in text
