@@ -1,0 +1,141 @@
+"""Blockwise 8-bit dynamic quantization (arXiv 2110.02861; spec: shared/specs/algorithms.md §2), plain PyTorch.
+
+This is the reference (and CPU path) for the Triton kernels: a tensor is cut into blocks of ``blocksize``
+elements (256 for optimizer states), each block is divided by its absolute maximum, and every element is stored
+as the index (uint8) of the nearest of 256 code values of the dynamic ("tree") map.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_MAX_EXPONENT_LEVELS = 7  # levels i = 0..6, each covering [0.1, 1] x 10**(i-6)
+_MAPS: dict[tuple[bool, str], Tensor] = {}
+
+
+def create_dynamic_map(signed: bool = True) -> Tensor:
+    """The 256-entry dynamic quantization map (fp32, sorted ascending).
+
+    For each exponent level ``i = 0..6`` the map holds the midpoints of ``linspace(0.1, 1, k + 1)`` scaled by
+    ``10**(i - 6)``, with ``k = 2**i`` (signed: plus their negatives) or ``k = 2**(i + 1)`` (unsigned, for
+    non-negative states such as Adam's second moment); then 0 and 1.0. Smallest non-zero magnitude: 5.5e-7
+    (signed), 3.3e-7 (unsigned). The arithmetic is fp32 throughout, so the values equal bitsandbytes'
+    ``create_dynamic_map`` bit for bit (tested).
+    """
+    values: list[Tensor] = []
+    for i in range(_MAX_EXPONENT_LEVELS):
+        k = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        level = mids * (10.0 ** (i - (_MAX_EXPONENT_LEVELS - 1)))
+        values.append(level)
+        if signed:
+            values.append(-level)
+    values.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    code = torch.cat(values)
+    if code.numel() != 256:
+        raise AssertionError(f"dynamic map has {code.numel()} entries, expected 256")
+    return torch.sort(code).values
+
+
+def _default_code(signed: bool, device: torch.device) -> Tensor:
+    key = (signed, str(device))
+    if key not in _MAPS:
+        _MAPS[key] = create_dynamic_map(signed).to(device)
+    return _MAPS[key]
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize={blocksize!r} must be a positive int")
+
+
+def _blocks(x: Tensor, blocksize: int) -> Tensor:
+    """``x`` flattened, zero-padded to a whole number of blocks, shaped (n_blocks, blocksize)."""
+    flat = x.reshape(-1)
+    n_blocks = -(-flat.numel() // blocksize)
+    pad = n_blocks * blocksize - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(n_blocks, blocksize)
+
+
+def quantize_blockwise(
+    x: Tensor,
+    code: Optional[Tensor] = None,
+    blocksize: int = 256,
+    *,
+    stochastic: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x`` to uint8 codes (same shape as ``x``) and one fp32 absmax per block.
+
+    Args:
+        x: fp32/bf16/fp16 tensor; math is done in fp32. Must be finite (NaN/Inf raise ``ValueError``: a
+            non-finite value would make its whole block's absmax meaningless).
+        code: the 256-value map (default: the signed dynamic map; pass ``create_dynamic_map(False)`` for
+            non-negative states).
+        blocksize: elements per block (default 256).
+        stochastic: round to one of the two neighbouring codes with probability proportional to proximity
+            (unbiased in expectation) instead of to the nearest code.
+
+    An all-zero block gets absmax 0 and the code of 0.0, and dequantizes to exact zeros.
+    """
+    _check_blocksize(blocksize)
+    if not x.is_floating_point():
+        raise ValueError(f"quantize_blockwise expects a floating-point tensor, got {x.dtype}")
+    code = _default_code(True, x.device) if code is None else code.to(device=x.device, dtype=torch.float32)
+    if code.numel() != 256:
+        raise ValueError(f"code must have 256 entries, got {code.numel()}")
+    blocks = _blocks(x.detach().float(), blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("quantize_blockwise: input has NaN or Inf values")
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = (blocks / safe[:, None]).clamp_(-1.0, 1.0)
+    idx = _nearest_code(normed, code)
+    if stochastic:
+        idx = _stochastic_round(normed, code, idx, generator)
+    codes = idx.to(torch.uint8).reshape(-1)[: x.numel()].view(x.shape)
+    return codes, absmax
+
+
+def _nearest_code(normed: Tensor, code: Tensor) -> Tensor:
+    # Decision boundaries are the midpoints between neighbouring codes; a value exactly on a midpoint goes
+    # to the upper code (bucketize with right=False counts boundaries strictly below the value).
+    mids = (code[1:] + code[:-1]) / 2.0
+    return torch.bucketize(normed, mids, right=False)
+
+
+def _stochastic_round(normed: Tensor, code: Tensor, nearest: Tensor, generator) -> Tensor:
+    value = code[nearest]
+    lower = torch.where(value > normed, (nearest - 1).clamp_(min=0), nearest)
+    upper = (lower + 1).clamp_(max=code.numel() - 1)
+    lo, hi = code[lower], code[upper]
+    span = hi - lo
+    p_up = torch.where(span > 0, (normed - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(span))
+    u = torch.rand(normed.shape, generator=generator, device=normed.device)
+    return torch.where(u < p_up, upper, lower)
+
+
+def dequantize_blockwise(
+    codes: Tensor,
+    absmax: Tensor,
+    code: Optional[Tensor] = None,
+    blocksize: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax[block]``, shaped like ``codes``."""
+    _check_blocksize(blocksize)
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    n_blocks = -(-codes.numel() // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
+    code = _default_code(True, codes.device) if code is None else code.to(device=codes.device, dtype=torch.float32)
+    values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
+    return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
