@@ -145,14 +145,23 @@ def create_optimizer(name: str, params, optim_args: Union[None, str, Mapping[str
 def _register_builtin() -> None:
     from memopt.optim.sgdsai import SGDSaI
 
+    sgdsai_args = {
+        "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool", "foreach": "optional_bool",
+        "state_dtype": "str", "check_finite": "bool", "state_bits": "int", "blocksize": "int",
+        "min_8bit_size": "int",
+    }
     register_optimizer(
         "sgdsai",
         SGDSaI,
-        arg_types={
-            "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool",
-            "foreach": "optional_bool", "state_dtype": "str", "check_finite": "bool",
-        },
+        arg_types=sgdsai_args,
         description="SGD-SaI: SGD momentum + per-tensor g-SNR lr scale (4 B/param fp32 state)",
+    )
+    register_optimizer(
+        "sgdsai_8bit",
+        SGDSaI,
+        arg_types=sgdsai_args,
+        defaults={"state_bits": 8},
+        description="SGD-SaI with blockwise 8-bit momentum (~1.02 B/param; small tensors keep 32-bit state)",
     )
 
 

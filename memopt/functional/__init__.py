@@ -1,7 +1,7 @@
 """Plain-PyTorch optimizer math: the reference for every kernel and the CPU path."""
 
 from memopt.functional.quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
-from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_8bit_, sgdsai_update_foreach_
 
 __all__ = [
     "create_dynamic_map",
@@ -9,5 +9,6 @@ __all__ = [
     "gsnr",
     "quantize_blockwise",
     "sgdsai_update_",
+    "sgdsai_update_8bit_",
     "sgdsai_update_foreach_",
 ]

@@ -181,3 +181,45 @@ def sgdsai_update_foreach_(
             by_alpha[sign * lr * scales[i]].append(k)
         for alpha, ks in by_alpha.items():
             torch._foreach_add_([ps[k] for k in ks], [sources[k] for k in ks], alpha=alpha)
+
+
+def sgdsai_update_8bit_(
+    param: Tensor,
+    grad: Tensor,
+    codes: Tensor,
+    absmax: Tensor,
+    *,
+    lr: float,
+    scale: float,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool = False,
+    first_step: bool = False,
+    blocksize: int = 256,
+    code: Optional[Tensor] = None,
+) -> None:
+    """:func:`sgdsai_update_` with the momentum held as blockwise 8-bit codes + one fp32 absmax per block.
+
+    Per tensor: dequantize the momentum to fp32, take the EMA with the fp32 gradient (``m = g`` on the first
+    step), update the parameter with that fp32 momentum, then re-quantize it against the NEW block absmax
+    (nearest code) into ``codes``/``absmax`` in place. The fused kernel does the same per block in registers.
+    ``grad`` must be finite (the optimizer skips non-finite tensors before calling this).
+    """
+    from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
+
+    cdt = compute_dtype(param.dtype)
+    g = grad.to(cdt)
+    if first_step:
+        m = g.clone() if g is grad else g
+    else:
+        m = dequantize_blockwise(codes, absmax, code, blocksize, dtype=cdt).lerp_(g, 1.0 - momentum)
+    p = param if param.dtype == cdt else param.to(cdt)
+    decay = 1.0 - lr * weight_decay
+    if decay != 1.0:
+        p.mul_(decay)
+    p.add_(m, alpha=(lr * scale) if maximize else -(lr * scale))
+    if p is not param:
+        param.copy_(p)
+    new_codes, new_absmax = quantize_blockwise(m, code, blocksize)
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)

@@ -70,6 +70,8 @@ def _add_enum_member(enum_cls, value: str):
 def _handler_for(name: str):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
         cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args)
+        if kwargs.get("state_bits") == 8 and ctx.model is not None:
+            _keep_embeddings_32bit(ctx.model)
         hint = getattr(cls, "LR_HINT", None)
         if hint and ctx.args.learning_rate == _TRAINER_DEFAULT_LR:
             logger.warning(
@@ -81,6 +83,22 @@ def _handler_for(name: str):
     handler.__name__ = f"memopt_{name}_handler"
     handler.memopt_name = name
     return handler
+
+
+def _keep_embeddings_32bit(model) -> None:
+    """Embeddings keep 32-bit state under 8-bit optimizers (the 8-bit paper's "stable embedding" lesson; the
+    Trainer does the same for bitsandbytes). A tied LM head is the same tensor, so it follows."""
+    import torch
+
+    from memopt.optim import keep_32bit_state
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            keep_32bit_state(module.weight)
+            n += module.weight.numel()
+    if n:
+        logger.info("memopt: %d embedding parameters keep 32-bit optimizer state", n)
 
 
 def _patch_training_args(module) -> None:

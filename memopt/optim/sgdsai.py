@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.functional.sgdsai import compute_dtype, gsnr, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.sgdsai import (
+    compute_dtype,
+    gsnr,
+    sgdsai_update_,
+    sgdsai_update_8bit_,
+    sgdsai_update_foreach_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +24,25 @@ SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float64": torch.float64}
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_STATE_KEYS = {"momentum_buffer", "gsnr"}
+_STATE_KEYS = {"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr"}
+_STATE_BITS = (8, 32)
+_OVERRIDE_ATTR = "_memopt_state_bits"
+
+
+def keep_32bit_state(params, bits: int = 32) -> None:
+    """Per-parameter override of ``state_bits`` (e.g. keep embeddings in 32-bit state under ``state_bits=8``).
+
+    Accepts a tensor, an iterable of tensors or an ``nn.Module`` (all its parameters). The mark lives on the
+    tensor, so it must be set before the parameter's first step; a tensor's state format never changes later.
+    """
+    if bits not in _STATE_BITS:
+        raise ValueError(f"bits={bits!r} is not one of {_STATE_BITS}")
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    elif isinstance(params, Tensor):
+        params = [params]
+    for p in params:
+        setattr(p, _OVERRIDE_ATTR, bits)
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
 DEFAULT_SCALE = "gsnr_max"
@@ -82,6 +106,11 @@ class SGDSaI(Optimizer):
             unchanged, a warning is logged and ``nonfinite_skips`` counts it). Costs one extra read of the
             gradients and one host sync per step. With ``False``, non-finite gradients propagate.
 
+        state_bits: ``8`` holds the momentum as blockwise 8-bit codes (uint8) + one fp32 absmax per block of
+            ``blocksize`` elements (1.0156 B/param at 256) for tensors with at least ``min_8bit_size`` (4096)
+            elements; smaller tensors and those marked with :func:`keep_32bit_state` keep a full-precision buffer.
+            The dequantized momentum is exact fp32 within the step; it is re-quantized against the new absmax.
+
     Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, or LoRA (with a larger lr).
     Not for: sparse gradients or complex parameters (refused).
 
@@ -106,10 +135,14 @@ class SGDSaI(Optimizer):
         foreach: Optional[bool] = None,
         state_dtype: Union[None, str, torch.dtype] = None,
         check_finite: bool = True,
+        state_bits: int = 32,
+        blocksize: int = 256,
+        min_8bit_size: int = 4096,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, scale=scale, maximize=maximize,
-            foreach=foreach, state_dtype=state_dtype, check_finite=check_finite,
+            foreach=foreach, state_dtype=state_dtype, check_finite=check_finite, state_bits=state_bits,
+            blocksize=blocksize, min_8bit_size=min_8bit_size,
         )
         self._validate_group(defaults)
         defaults["state_dtype"] = _dtype_name(state_dtype)
@@ -133,6 +166,15 @@ class SGDSaI(Optimizer):
                 raise ValueError(f"{flag}={group[flag]!r} must be a bool")
         if group["foreach"] is not None and not isinstance(group["foreach"], bool):
             raise ValueError(f"foreach={group['foreach']!r} must be None or a bool")
+        if group["state_bits"] not in _STATE_BITS or isinstance(group["state_bits"], bool):
+            raise ValueError(f"state_bits={group['state_bits']!r} is not one of {_STATE_BITS}")
+        for key in ("blocksize", "min_8bit_size"):
+            v = group[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{key}={v!r} must be a positive int")
+        if group["state_bits"] == 8 and not group["check_finite"]:
+            raise ValueError("check_finite=False is not supported with state_bits=8: a non-finite value would "
+                             "poison a whole quantization block")
         _dtype_name(group["state_dtype"])
 
     def add_param_group(self, param_group: dict) -> None:
@@ -189,6 +231,12 @@ class SGDSaI(Optimizer):
             return None
         return s / gsnr_max if mode == "gsnr_max" else s
 
+    @staticmethod
+    def _wants_8bit(group: dict, p: Tensor) -> bool:
+        # Small tensors (biases, norms) save almost nothing in 8-bit and are the most sensitive: keep 32-bit.
+        bits = getattr(p, _OVERRIDE_ATTR, group["state_bits"])
+        return bits == 8 and p.numel() >= group["min_8bit_size"]
+
     def _running_gsnr_max(self) -> float:
         values = [
             self.state[p]["gsnr"]
@@ -240,6 +288,7 @@ class SGDSaI(Optimizer):
         for group, params, grads in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
             state_dtype = group["state_dtype"]
+            common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"])
             active_p, active_g, bufs, scales, firsts = [], [], [], [], []
             for p, g in zip(params, grads):
                 scale = self._scale_of(group, p, gsnr_max)
@@ -249,7 +298,17 @@ class SGDSaI(Optimizer):
                         p.mul_(1.0 - lr * wd)
                     continue
                 state = self.state[p]
-                first = "momentum_buffer" not in state
+                first = "momentum_buffer" not in state and "momentum_codes" not in state
+                if beta != 0.0 and first and self._wants_8bit(group, p):
+                    n_blocks = -(-p.numel() // group["blocksize"])
+                    state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+                if "momentum_codes" in state:
+                    sgdsai_update_8bit_(
+                        p, g, state["momentum_codes"], state["momentum_absmax"], scale=scale, first_step=first,
+                        blocksize=group["blocksize"], **common,
+                    )
+                    continue
                 if beta != 0.0:
                     if first:
                         dtype = _STATE_DTYPES[state_dtype] if state_dtype else p.dtype
@@ -261,7 +320,6 @@ class SGDSaI(Optimizer):
                 firsts.append(first)
             if not active_p:
                 continue
-            common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"])
             if group["foreach"] is False:
                 for i, (p, g) in enumerate(zip(active_p, active_g)):
                     sgdsai_update_(p, g, bufs[i] if bufs else None, scale=scales[i], first_step=firsts[i], **common)
@@ -288,9 +346,6 @@ class SGDSaI(Optimizer):
                 raise ValueError(
                     f"this state dict was not written by SGDSaI: state of param {pid} has keys {sorted(unknown)}"
                 )
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; the buffer keeps the dtype it was saved with
-        # (state_dtype may differ from the param dtype), only the device follows the param.
         id_to_param = {
             pid: p
             for saved, group in zip(groups, self.param_groups)
@@ -298,12 +353,22 @@ class SGDSaI(Optimizer):
         }
         for pid, st in state_dict["state"].items():
             p = id_to_param.get(pid)
-            buf = st.get("momentum_buffer")
-            if p is None or buf is None:
+            for key in ("momentum_buffer", "momentum_codes"):
+                if p is not None and key in st and st[key].shape != p.shape:
+                    raise ValueError(
+                        f"{key} of param {pid} has shape {tuple(st[key].shape)}, the parameter has "
+                        f"{tuple(p.shape)}: the checkpoint belongs to another model"
+                    )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # keys added after a checkpoint was written take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        # torch casts floating state to the param dtype; every state tensor keeps the dtype it was saved with
+        # (state_dtype may differ from the param dtype; the 8-bit absmax is fp32), only the device follows.
+        for pid, st in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
                 continue
-            if buf.shape != p.shape:
-                raise ValueError(
-                    f"momentum_buffer of param {pid} has shape {tuple(buf.shape)}, the parameter has "
-                    f"{tuple(p.shape)}: the checkpoint belongs to another model"
-                )
-            self.state[p]["momentum_buffer"] = buf.to(device=p.device, copy=True)
+            for key, value in st.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
