@@ -2,7 +2,6 @@
 
 import math
 
-import torch
 
 
 def reference_sgdsai(params, grads_per_step, *, lr, momentum, weight_decay, eps, scale, maximize=False):

@@ -1,7 +1,6 @@
 """Every edge case of spec §1, each with a test that fails on the reference implementations' behaviour."""
 
 import io
-import math
 
 import pytest
 import torch

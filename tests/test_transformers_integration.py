@@ -1,7 +1,6 @@
 """optim="sgdsai" inside the Hugging Face Trainer, the CLI parser, optim_args, resume, PEFT and TRL."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """memopt optimizers: one algorithm family per module."""
 
-from memopt.optim.sgdsai import SGDSaI, keep_32bit_state
+from memopt.optim._base import keep_32bit_state
+from memopt.optim.sgdsai import SGDSaI
 
 __all__ = ["SGDSaI", "keep_32bit_state"]

@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from memopt.functional.sgdsai import (
-    compute_dtype,
-    gsnr,
-    sgdsai_update_,
-    sgdsai_update_8bit_,
-    sgdsai_update_foreach_,
-)
-
-logger = logging.getLogger(__name__)
+from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_8bit_, sgdsai_update_foreach_
+from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
 
 SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float64": torch.float64}
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_STATE_KEYS = {"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr"}
-_STATE_BITS = (8, 32)
-_OVERRIDE_ATTR = "_memopt_state_bits"
-
-
-def keep_32bit_state(params, bits: int = 32) -> None:
-    """Per-parameter override of ``state_bits`` (e.g. keep embeddings in 32-bit state under ``state_bits=8``).
-
-    Accepts a tensor, an iterable of tensors or an ``nn.Module`` (all its parameters). The mark lives on the
-    tensor, so it must be set before the parameter's first step; a tensor's state format never changes later.
-    """
-    if bits not in _STATE_BITS:
-        raise ValueError(f"bits={bits!r} is not one of {_STATE_BITS}")
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    elif isinstance(params, Tensor):
-        params = [params]
-    for p in params:
-        setattr(p, _OVERRIDE_ATTR, bits)
+_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr"})
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
 DEFAULT_SCALE = "gsnr_max"
@@ -66,18 +38,7 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     raise ValueError(f"state_dtype={dtype!r} is not supported; use one of {sorted(_STATE_DTYPES)} or None")
 
 
-def _check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True):
-    if isinstance(value, Tensor):
-        raise ValueError(f"{name}={value!r}: a tensor is not supported here, pass a Python float")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name}={value!r} is out of range {lo}{low}, {high}{hi}")
-
-
-class SGDSaI(Optimizer):
+class SGDSaI(MemoptOptimizer):
     """SGD with momentum and Scaling at Initialization (SGD-SaI, arXiv 2412.11768).
 
     Per parameter tensor, at its first step with a non-zero gradient the optimizer records the gradient
@@ -119,6 +80,10 @@ class SGDSaI(Optimizer):
     with ``m = g``); the scales live in ``state_dict()`` and are never recomputed on resume.
     """
 
+    STATE_KEYS = _STATE_KEYS
+    SHAPED_STATE_KEYS = ("momentum_buffer", "momentum_codes")
+    REQUIRED_GROUP_KEYS = frozenset({"scale", "momentum", "check_finite"})
+
     LR_HINT = ("SGD-SaI (scale=gsnr_max) wants learning_rate ~3e-2 for full fine-tuning and ~1.0 for LoRA "
                "(docs/sgdsai.md).")
 
@@ -144,14 +109,8 @@ class SGDSaI(Optimizer):
             foreach=foreach, state_dtype=state_dtype, check_finite=check_finite, state_bits=state_bits,
             blocksize=blocksize, min_8bit_size=min_8bit_size,
         )
-        self._validate_group(defaults)
-        defaults["state_dtype"] = _dtype_name(state_dtype)
-        self.nonfinite_skips = 0
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite_skips", 0)
+        self.defaults["state_dtype"] = _dtype_name(state_dtype)
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -161,66 +120,13 @@ class SGDSaI(Optimizer):
         _check_float("eps", group["eps"], 0.0, low_open=True)
         if group["scale"] not in SCALE_MODES:
             raise ValueError(f"scale={group['scale']!r} is not one of {SCALE_MODES}")
-        for flag in ("maximize", "check_finite"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
         if group["foreach"] is not None and not isinstance(group["foreach"], bool):
             raise ValueError(f"foreach={group['foreach']!r} must be None or a bool")
-        if group["state_bits"] not in _STATE_BITS or isinstance(group["state_bits"], bool):
-            raise ValueError(f"state_bits={group['state_bits']!r} is not one of {_STATE_BITS}")
-        for key in ("blocksize", "min_8bit_size"):
-            v = group[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{key}={v!r} must be a positive int")
-        if group["state_bits"] == 8 and not group["check_finite"]:
-            raise ValueError("check_finite=False is not supported with state_bits=8: a non-finite value would "
-                             "poison a whole quantization block")
+        check_8bit_args(group)
         _dtype_name(group["state_dtype"])
 
-    def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("a parameter appears more than once in the same parameter group")
-        for p in params:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
-            if p.is_complex():
-                raise ValueError("SGDSaI does not support complex parameters (view them as real first)")
-            if p.dtype not in _PARAM_DTYPES:
-                raise ValueError(f"SGDSaI supports float32/bfloat16/float16/float64 params, got {p.dtype}")
-        param_group = dict(param_group, params=params)
-        for key, value in self.defaults.items():
-            param_group.setdefault(key, value)
-        self._validate_group(param_group)
-        param_group["state_dtype"] = _dtype_name(param_group["state_dtype"])
-        super().add_param_group(param_group)
-
-    # ---------------------------------------------------------------------------------------------- step
-    def _grad(self, p: Tensor) -> Optional[Tensor]:
-        g = p.grad
-        if g is None:
-            return None
-        if g.is_sparse:
-            raise RuntimeError("SGDSaI does not support sparse gradients")
-        if g.shape != p.shape:
-            raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
-        return g
-
-    def _finite_mask(self, grads: list[Tensor]) -> list[bool]:
-        """One host sync for all gradients of a step: which tensors are entirely finite."""
-        if not grads:
-            return []
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, g in enumerate(grads):
-            by_kind.setdefault((g.device, compute_dtype(g.dtype)), []).append(i)
-        mask = [True] * len(grads)
-        for (_, dtype), idx in by_kind.items():
-            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)
-            flags = torch.isfinite(torch.stack(norms)).tolist()
-            for i, ok in zip(idx, flags):
-                mask[i] = ok
-        return mask
+    def _normalize_group(self, group: dict) -> None:
+        group["state_dtype"] = _dtype_name(group["state_dtype"])
 
     def _scale_of(self, group: dict, p: Tensor, gsnr_max: float) -> Optional[float]:
         mode = group["scale"]
@@ -230,12 +136,6 @@ class SGDSaI(Optimizer):
         if s is None:
             return None
         return s / gsnr_max if mode == "gsnr_max" else s
-
-    @staticmethod
-    def _wants_8bit(group: dict, p: Tensor) -> bool:
-        # Small tensors (biases, norms) save almost nothing in 8-bit and are the most sensitive: keep 32-bit.
-        bits = getattr(p, _OVERRIDE_ATTR, group["state_bits"])
-        return bits == 8 and p.numel() >= group["min_8bit_size"]
 
     def _running_gsnr_max(self) -> float:
         values = [
@@ -255,24 +155,7 @@ class SGDSaI(Optimizer):
         # Pass 1: collect work, drop non-finite gradients, record missing g-SNRs (before the max is taken).
         work = []
         for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                g = self._grad(p)
-                if g is None or p.numel() == 0:
-                    continue
-                params.append(p)
-                grads.append(g)
-            if group["check_finite"]:
-                mask = self._finite_mask(grads)
-                if not all(mask):
-                    skipped = mask.count(False)
-                    self.nonfinite_skips += skipped
-                    logger.warning(
-                        "SGDSaI: skipped %d tensor(s) with non-finite gradients this step (param and state "
-                        "unchanged; %d skips in total)", skipped, self.nonfinite_skips,
-                    )
-                    params = [p for p, ok in zip(params, mask) if ok]
-                    grads = [g for g, ok in zip(grads, mask) if ok]
+            params, grads = self._collect(group)
             if group["scale"] != "sqrt_numel":
                 for p, g in zip(params, grads):
                     state = self.state[p]
@@ -328,47 +211,3 @@ class SGDSaI(Optimizer):
                     active_p, active_g, bufs if beta != 0.0 else None, scales=scales, first_steps=firsts, **common
                 )
         return loss
-
-    # --------------------------------------------------------------------------------------- state dict
-    def load_state_dict(self, state_dict: dict) -> None:
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or "state" not in state_dict:
-            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        for i, group in enumerate(groups):
-            missing = {"scale", "momentum", "check_finite"} - set(group)
-            if missing:
-                raise ValueError(
-                    f"this state dict was not written by SGDSaI: param group {i} lacks {sorted(missing)}"
-                )
-        for pid, st in state_dict["state"].items():
-            unknown = set(st) - _STATE_KEYS
-            if unknown:
-                raise ValueError(
-                    f"this state dict was not written by SGDSaI: state of param {pid} has keys {sorted(unknown)}"
-                )
-        id_to_param = {
-            pid: p
-            for saved, group in zip(groups, self.param_groups)
-            for pid, p in zip(saved["params"], group["params"])
-        }
-        for pid, st in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            for key in ("momentum_buffer", "momentum_codes"):
-                if p is not None and key in st and st[key].shape != p.shape:
-                    raise ValueError(
-                        f"{key} of param {pid} has shape {tuple(st[key].shape)}, the parameter has "
-                        f"{tuple(p.shape)}: the checkpoint belongs to another model"
-                    )
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # keys added after a checkpoint was written take their defaults
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        # torch casts floating state to the param dtype; every state tensor keeps the dtype it was saved with
-        # (state_dtype may differ from the param dtype; the 8-bit absmax is fp32), only the device follows.
-        for pid, st in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            if p is None:
-                continue
-            for key, value in st.items():
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)

@@ -1,0 +1,202 @@
+"""What every memopt optimizer shares: argument checks, non-finite gradient handling, 8-bit state choice,
+and a ``load_state_dict`` that refuses foreign checkpoints and keeps state dtypes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from memopt.functional.sgdsai import compute_dtype
+
+logger = logging.getLogger("memopt")
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+STATE_BITS = (8, 32)
+_OVERRIDE_ATTR = "_memopt_state_bits"
+
+
+def keep_32bit_state(params, bits: int = 32) -> None:
+    """Per-parameter override of ``state_bits`` (e.g. keep embeddings in 32-bit state under ``state_bits=8``).
+
+    Accepts a tensor, an iterable of tensors or an ``nn.Module`` (all its parameters). The mark lives on the
+    tensor, so it must be set before the parameter's first step; a tensor's state format never changes later.
+    """
+    if bits not in STATE_BITS:
+        raise ValueError(f"bits={bits!r} is not one of {STATE_BITS}")
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    elif isinstance(params, Tensor):
+        params = [params]
+    for p in params:
+        setattr(p, _OVERRIDE_ATTR, bits)
+
+
+def check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True):
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name}={value!r}: a tensor is not supported here, pass a Python float")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name}={value!r} is out of range {lo}{low}, {high}{hi}")
+
+
+def check_8bit_args(group: dict) -> None:
+    for flag in ("maximize", "check_finite"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+    if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):
+        raise ValueError(f"state_bits={group['state_bits']!r} is not one of {STATE_BITS}")
+    for key in ("blocksize", "min_8bit_size"):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{key}={v!r} must be a positive int")
+    if group["state_bits"] == 8 and not group["check_finite"]:
+        raise ValueError("check_finite=False is not supported with state_bits=8: a non-finite value would "
+                         "poison a whole quantization block")
+
+
+class MemoptOptimizer(Optimizer):
+    """Base class. Subclasses set ``STATE_KEYS`` (allowed per-param state keys), ``SHAPED_STATE_KEYS`` (state
+    tensors shaped like the param), ``REQUIRED_GROUP_KEYS`` (how a checkpoint is recognised) and implement
+    ``_validate_group``."""
+
+    STATE_KEYS: frozenset = frozenset()
+    SHAPED_STATE_KEYS: tuple = ()
+    REQUIRED_GROUP_KEYS: frozenset = frozenset()
+
+    def __init__(self, params, defaults: dict):
+        self._validate_group(defaults)
+        self.nonfinite_skips = 0
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_skips", 0)
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        raise NotImplementedError
+
+    def _normalize_group(self, group: dict) -> None:
+        """Hook to canonicalise values (e.g. dtype names) after validation."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        name = type(self).__name__
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears more than once in the same parameter group")
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError(f"{name} does not support complex parameters (view them as real first)")
+            if p.dtype not in PARAM_DTYPES:
+                raise ValueError(f"{name} supports float32/bfloat16/float16/float64 params, got {p.dtype}")
+        param_group = dict(param_group, params=params)
+        for key, value in self.defaults.items():
+            param_group.setdefault(key, value)
+        self._validate_group(param_group)
+        self._normalize_group(param_group)
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _grad(self, p: Tensor) -> Optional[Tensor]:
+        g = p.grad
+        if g is None:
+            return None
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
+        return g
+
+    @staticmethod
+    def _finite_mask(grads: list[Tensor]) -> list[bool]:
+        """One host sync per (device, dtype) for all gradients of a step: which tensors are entirely finite."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            by_kind.setdefault((g.device, compute_dtype(g.dtype)), []).append(i)
+        mask = [True] * len(grads)
+        for (_, dtype), idx in by_kind.items():
+            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)
+            for i, ok in zip(idx, torch.isfinite(torch.stack(norms)).tolist()):
+                mask[i] = ok
+        return mask
+
+    def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's (param, grad) pairs to update: grad present, non-empty, and finite if checked."""
+        params, grads = [], []
+        for p in group["params"]:
+            g = self._grad(p)
+            if g is None or p.numel() == 0:
+                continue
+            params.append(p)
+            grads.append(g)
+        if group["check_finite"] and grads:
+            mask = self._finite_mask(grads)
+            if not all(mask):
+                skipped = mask.count(False)
+                self.nonfinite_skips += skipped
+                logger.warning(
+                    "%s: skipped %d tensor(s) with non-finite gradients this step (param and state unchanged; "
+                    "%d skips in total)", type(self).__name__, skipped, self.nonfinite_skips,
+                )
+                params = [p for p, ok in zip(params, mask) if ok]
+                grads = [g for g, ok in zip(grads, mask) if ok]
+        return params, grads
+
+    @staticmethod
+    def _wants_8bit(group: dict, p: Tensor) -> bool:
+        # Small tensors (biases, norms) save almost nothing in 8-bit and are the most sensitive: keep 32-bit.
+        bits = getattr(p, _OVERRIDE_ATTR, group["state_bits"])
+        return bits == 8 and p.numel() >= group["min_8bit_size"]
+
+    # --------------------------------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        name = type(self).__name__
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+        for i, group in enumerate(groups):
+            missing = self.REQUIRED_GROUP_KEYS - set(group)
+            if missing:
+                raise ValueError(f"this state dict was not written by {name}: param group {i} lacks {sorted(missing)}")
+        for pid, st in state_dict["state"].items():
+            unknown = set(st) - self.STATE_KEYS
+            if unknown:
+                raise ValueError(f"this state dict was not written by {name}: state of param {pid} has keys "
+                                 f"{sorted(unknown)}")
+        id_to_param = {
+            pid: p
+            for saved, group in zip(groups, self.param_groups)
+            for pid, p in zip(saved["params"], group["params"])
+        }
+        for pid, st in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            for key in self.SHAPED_STATE_KEYS:
+                if p is not None and key in st and st[key].shape != p.shape:
+                    raise ValueError(
+                        f"{key} of param {pid} has shape {tuple(st[key].shape)}, the parameter has "
+                        f"{tuple(p.shape)}: the checkpoint belongs to another model"
+                    )
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # keys added after a checkpoint was written take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        # torch casts floating state to the param dtype; every state tensor keeps the dtype it was saved with
+        # (a state dtype may differ from the param dtype; 8-bit absmax is fp32), only the device follows.
+        for pid, st in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
+                continue
+            for key, value in st.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
