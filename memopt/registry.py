@@ -29,6 +29,8 @@ class OptimizerSpec:
     arg_types: Mapping[str, str]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    # kwargs taken from transformers' TrainingArguments (e.g. Adam betas), given the args object
+    from_training_args: Optional[Callable[[Any], dict]] = None
 
     def parse_optim_args(self, optim_args: Union[None, str, Mapping[str, Any]]) -> dict[str, Any]:
         """Turn ``"k=v,k2=v2"`` (or a dict of strings/values) into typed keyword arguments.
@@ -109,6 +111,7 @@ def register_optimizer(
     arg_types: Mapping[str, str],
     defaults: Optional[Mapping[str, Any]] = None,
     description: str = "",
+    from_training_args: Optional[Callable[[Any], dict]] = None,
 ) -> OptimizerSpec:
     """Register ``name``. Registering the same name with the same factory and arguments again is a no-op."""
     if not _NAME_RE.match(name):
@@ -116,7 +119,7 @@ def register_optimizer(
     for key, kind in arg_types.items():
         if kind not in _ARG_TYPES:
             raise ValueError(f"arg type {kind!r} of {key!r} is not one of {_ARG_TYPES}")
-    spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description)
+    spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description, from_training_args)
     existing = _REGISTRY.get(name)
     if existing is not None and existing != spec:
         raise ValueError(f"optimizer name {name!r} is already registered with a different factory")
@@ -142,7 +145,12 @@ def create_optimizer(name: str, params, optim_args: Union[None, str, Mapping[str
     return spec.create(params, **{**spec.parse_optim_args(optim_args), **kwargs})
 
 
+def _adam_training_args(args) -> dict:
+    return {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+
+
 def _register_builtin() -> None:
+    from memopt.optim.adamw import AdamW8bit
     from memopt.optim.sgdsai import SGDSaI
 
     sgdsai_args = {
@@ -162,6 +170,16 @@ def _register_builtin() -> None:
         arg_types=sgdsai_args,
         defaults={"state_bits": 8},
         description="SGD-SaI with blockwise 8-bit momentum (~1.02 B/param; small tensors keep 32-bit state)",
+    )
+    # Not "adamw_8bit": that name is Transformers' alias for bitsandbytes' AdamW8bit.
+    register_optimizer(
+        "memopt_adamw_8bit",
+        AdamW8bit,
+        arg_types={"eps": "float", "maximize": "bool", "check_finite": "bool", "state_bits": "int",
+                   "blocksize": "int", "min_8bit_size": "int"},
+        defaults={"state_bits": 8},
+        description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
+        from_training_args=_adam_training_args,
     )
 
 

@@ -183,7 +183,8 @@ def optimizer_cls_and_kwargs(
     if not (isinstance(spec.factory, type) and issubclass(spec.factory, Optimizer)):
         raise TypeError(f"memopt optimizer {name!r} is not an Optimizer class and cannot be built by the Trainer")
     raw = optim_args if optim_args is not None else getattr(args, "optim_args", None)
-    kwargs: dict[str, Any] = {**spec.defaults, **spec.parse_optim_args(raw)}
+    from_args = spec.from_training_args(args) if (args is not None and spec.from_training_args) else {}
+    kwargs: dict[str, Any] = {**spec.defaults, **from_args, **spec.parse_optim_args(raw)}
     if lr is not None:
         kwargs["lr"] = lr
     elif args is not None:

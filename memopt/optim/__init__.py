@@ -1,6 +1,7 @@
 """memopt optimizers: one algorithm family per module."""
 
 from memopt.optim._base import keep_32bit_state
+from memopt.optim.adamw import AdamW8bit
 from memopt.optim.sgdsai import SGDSaI
 
-__all__ = ["SGDSaI", "keep_32bit_state"]
+__all__ = ["AdamW8bit", "SGDSaI", "keep_32bit_state"]

@@ -1,0 +1,80 @@
+"""AdamW math as plain functions, with full-precision or blockwise 8-bit moments (arXiv 2110.02861 for the
+8-bit form). Same operation order as torch's single-tensor AdamW, so the 32-bit form matches it bit for bit."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from torch import Tensor
+
+from memopt.functional.quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from memopt.functional.sgdsai import compute_dtype
+
+
+def _adamw_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step,
+                 maximize) -> None:
+    if maximize:
+        g = -g
+    p.mul_(1.0 - lr * weight_decay)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False) -> None:
+    """One AdamW step of one tensor with full-precision moments, in place (math in fp32 for low precision)."""
+    cdt = compute_dtype(param.dtype)
+    if param.dtype == cdt and grad.dtype == cdt and exp_avg.dtype == cdt and exp_avg_sq.dtype == cdt:
+        _adamw_math_(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, step=step, maximize=maximize)
+        return
+    p, m, v = param.to(cdt), exp_avg.to(cdt), exp_avg_sq.to(cdt)
+    _adamw_math_(p, grad.to(cdt), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 step=step, maximize=maximize)
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def adamw_update_8bit_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg_codes: Tensor,
+    exp_avg_absmax: Tensor,
+    exp_avg_sq_codes: Tensor,
+    exp_avg_sq_absmax: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    maximize: bool = False,
+    blocksize: int = 256,
+    signed_code: Optional[Tensor] = None,
+    unsigned_code: Optional[Tensor] = None,
+) -> None:
+    """AdamW with both moments as blockwise 8-bit codes: ``exp_avg`` on the signed dynamic map,
+    ``exp_avg_sq`` (non-negative) on the unsigned one. Dequantize to fp32, update, re-quantize against the new
+    block absmax (nearest code). Zero-initialised codes with absmax 0 dequantize to exact zeros (step 1)."""
+    signed_code = create_dynamic_map(True) if signed_code is None else signed_code
+    unsigned_code = create_dynamic_map(False) if unsigned_code is None else unsigned_code
+    cdt = compute_dtype(param.dtype)
+    m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
+    v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
+    p = param if param.dtype == cdt else param.to(cdt)
+    _adamw_math_(p, grad.to(cdt), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 step=step, maximize=maximize)
+    if p is not param:
+        param.copy_(p)
+    for codes, absmax, value, code in ((exp_avg_codes, exp_avg_absmax, m, signed_code),
+                                       (exp_avg_sq_codes, exp_avg_sq_absmax, v, unsigned_code)):
+        new_codes, new_absmax = quantize_blockwise(value, code, blocksize)
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)
