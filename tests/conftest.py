@@ -8,3 +8,6 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Triton kernels run on CPU tensors in the interpreter; must be set before any @triton.jit function runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -103,11 +103,15 @@ def quantize_blockwise(
     return codes, absmax
 
 
+def code_midpoints(code: Tensor) -> Tensor:
+    """The 255 decision boundaries between neighbouring codes (fp32), shared with the Triton kernels."""
+    return (code[1:] + code[:-1]) / 2.0
+
+
 def _nearest_code(normed: Tensor, code: Tensor) -> Tensor:
-    # Decision boundaries are the midpoints between neighbouring codes; a value exactly on a midpoint goes
-    # to the upper code (bucketize with right=False counts boundaries strictly below the value).
-    mids = (code[1:] + code[:-1]) / 2.0
-    return torch.bucketize(normed, mids, right=False)
+    # Decision boundaries are the midpoints between neighbouring codes; the index is the number of midpoints
+    # strictly below the value, so a value exactly on a midpoint goes to the lower code.
+    return torch.bucketize(normed, code_midpoints(code), right=False)
 
 
 def _stochastic_round(normed: Tensor, code: Tensor, nearest: Tensor, generator) -> Tensor:

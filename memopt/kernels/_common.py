@@ -1,0 +1,53 @@
+"""Device functions shared by the kernels (Triton only)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def nearest_code_index(v, mids_ptr):
+    """Index of the nearest code for each value: the number of the 255 sorted midpoints strictly below it
+    (binary lifting, 8 gathers). Ties go to the lower code, as in the PyTorch reference."""
+    pos = tl.zeros_like(v).to(tl.int32)
+    for k in tl.static_range(8):
+        step: tl.constexpr = 128 >> k
+        cand = pos + step
+        ok = cand <= 255
+        mid = tl.load(mids_ptr + cand - 1, mask=ok, other=float("inf"))
+        pos = tl.where(ok & (mid < v), cand, pos)
+    return pos
+
+
+@triton.jit
+def quantize_block(m, mids_ptr):
+    """Absmax of a block (a 1-D tensor, padding lanes zero) and its codes against that absmax."""
+    amax = tl.max(tl.abs(m), axis=0)
+    safe = tl.where(amax > 0, amax, 1.0)
+    normed = tl.minimum(tl.maximum(m / safe, -1.0), 1.0)
+    return nearest_code_index(normed, mids_ptr).to(tl.uint8), amax
+
+
+@triton.jit
+def torch_lerp(start, end, weight):
+    """torch.lerp's formula (two branches on the weight), so results match the reference's lerp_."""
+    if weight < 0.5:
+        out = start + weight * (end - start)
+    else:
+        out = end - (end - start) * (1.0 - weight)
+    return out
+
+
+@triton.jit
+def to_bf16_rne(x):
+    """fp32 -> bf16 with round-to-nearest-even through integer bits (the interpreter's cast truncates)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_param(ptr, offs, x, mask, P_DTYPE: tl.constexpr):
+    if P_DTYPE == 1:
+        tl.store(ptr + offs, to_bf16_rne(x), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
