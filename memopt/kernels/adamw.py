@@ -1,0 +1,69 @@
+"""Fused AdamW with blockwise 8-bit moments in Triton. Twin: memopt.functional.adamw.adamw_update_8bit_."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from memopt.functional.quantize import code_midpoints, create_dynamic_map
+from memopt.kernels._common import quantize_block, store_param, torch_lerp
+from memopt.kernels.quantize import check_blocksize, dtype_kind
+from memopt.kernels.sgdsai import _check
+
+
+@triton.jit
+def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, smids_ptr, ucode_ptr, umids_ptr,
+                       n, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, SIGN: tl.constexpr,
+                       P_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
+    mi = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    vi = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
+    m = tl.load(scode_ptr + mi, mask=mask, other=0.0) * tl.load(ma_ptr + pid)
+    v = tl.load(ucode_ptr + vi, mask=mask, other=0.0) * tl.load(va_ptr + pid)
+    m = torch_lerp(m, g, beta1w)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    store_param(p_ptr, offs, p + step_size * (m / denom), mask, P_KIND)
+    m_codes, m_amax = quantize_block(tl.where(mask, m, 0.0), smids_ptr)
+    v_codes, v_amax = quantize_block(tl.where(mask, v, 0.0), umids_ptr)
+    tl.store(mc_ptr + offs, m_codes, mask=mask)
+    tl.store(ma_ptr + pid, m_amax)
+    tl.store(vc_ptr + offs, v_codes, mask=mask)
+    tl.store(va_ptr + pid, v_amax)
+
+
+def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_avg_absmax: Tensor,
+                       exp_avg_sq_codes: Tensor, exp_avg_sq_absmax: Tensor, *, lr: float, beta1: float,
+                       beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
+                       blocksize: int = 256, signed_code: Optional[Tensor] = None,
+                       unsigned_code: Optional[Tensor] = None) -> None:
+    """Fused twin of :func:`memopt.functional.adamw.adamw_update_8bit_`."""
+    check_blocksize(blocksize)
+    _check(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    n = param.numel()
+    n_blocks = -(-n // blocksize)
+    for codes, absmax in ((exp_avg_codes, exp_avg_absmax), (exp_avg_sq_codes, exp_avg_sq_absmax)):
+        if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
+            raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
+        if codes.numel() != n or absmax.numel() != n_blocks:
+            raise ValueError("codes/absmax do not match the parameter's size and blocksize")
+    if n == 0:
+        return
+    dev = param.device
+    scode = (create_dynamic_map(True) if signed_code is None else signed_code).to(dev, torch.float32).contiguous()
+    ucode = (create_dynamic_map(False) if unsigned_code is None else unsigned_code).to(dev, torch.float32).contiguous()
+    _adamw_8bit_kernel[(n_blocks,)](
+        param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+        scode, code_midpoints(scode).contiguous(), ucode, code_midpoints(ucode).contiguous(), n,
+        1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
+        -lr / (1.0 - beta1**step), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype), BLOCK=blocksize,
+    )

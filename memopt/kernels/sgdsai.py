@@ -1,0 +1,107 @@
+"""Fused SGD-SaI updates in Triton: each element of param, grad and state is read once and written once.
+Twins (same signatures): memopt.functional.sgdsai.sgdsai_update_ and sgdsai_update_8bit_."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from memopt.functional.quantize import code_midpoints, create_dynamic_map
+from memopt.kernels._common import quantize_block, store_param, torch_lerp
+from memopt.kernels.quantize import check_blocksize, dtype_kind
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_BLOCK = 1024
+
+
+@triton.jit
+def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, HAS_M: tl.constexpr, FIRST: tl.constexpr,
+                   P_KIND: tl.constexpr, M_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    upd = g
+    if HAS_M:
+        if not FIRST:  # on the first step the buffer already holds g; the exact g is used for this step
+            upd = torch_lerp(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, weight)
+            store_param(m_ptr, offs, upd, mask, M_KIND)
+    store_param(p_ptr, offs, p + alpha * upd, mask, P_KIND)
+
+
+@triton.jit
+def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, n, alpha, decay, weight,
+                        FIRST: tl.constexpr, P_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        m = g
+    else:
+        idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        m = tl.load(code_ptr + idx, mask=mask, other=0.0) * tl.load(absmax_ptr + pid)
+        m = torch_lerp(m, g, weight)
+    store_param(p_ptr, offs, p + alpha * m, mask, P_KIND)
+    codes, amax = quantize_block(m, mids_ptr)  # padding lanes are 0 and do not move the absmax
+    tl.store(codes_ptr + offs, codes, mask=mask)
+    tl.store(absmax_ptr + pid, amax)
+
+
+def _check(param: Tensor, grad: Tensor, *state: Tensor) -> None:
+    if param.dtype not in _FLOATS:
+        raise ValueError(f"fused SGD-SaI supports fp32/bf16/fp16 params, got {param.dtype}")
+    if grad.dtype != param.dtype or grad.shape != param.shape:
+        raise ValueError("grad must have the param's dtype and shape")
+    for t in (param, grad, *state):
+        if t.device != param.device:
+            raise ValueError(f"all tensors must be on {param.device}, got one on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError("fused SGD-SaI needs contiguous param, grad and state")
+
+
+def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], *, lr: float, scale: float,
+                   momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False) -> None:
+    """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_` (full-precision momentum)."""
+    _check(param, grad, *([] if momentum_buffer is None else [momentum_buffer]))
+    if momentum_buffer is not None and momentum_buffer.dtype not in _FLOATS:
+        raise ValueError(f"momentum buffer dtype {momentum_buffer.dtype} is not supported")
+    n = param.numel()
+    if n == 0:
+        return
+    alpha = (lr * scale) if maximize else -(lr * scale)
+    m = grad if momentum_buffer is None else momentum_buffer
+    _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
+        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        HAS_M=momentum_buffer is not None, FIRST=first_step, P_KIND=dtype_kind(param.dtype),
+        M_KIND=dtype_kind(m.dtype), BLOCK=_FP32_BLOCK,
+    )
+
+
+def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, *, lr: float, scale: float,
+                        momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False,
+                        blocksize: int = 256, code: Optional[Tensor] = None) -> None:
+    """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_8bit_`: per block, dequantize → fp32 EMA →
+    param update → new absmax → re-quantize, in registers."""
+    check_blocksize(blocksize)
+    _check(param, grad, codes, absmax)
+    if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
+        raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
+    n = param.numel()
+    n_blocks = -(-n // blocksize)
+    if codes.numel() != n or absmax.numel() != n_blocks:
+        raise ValueError("codes/absmax do not match the parameter's size and blocksize")
+    if n == 0:
+        return
+    code = (create_dynamic_map(True) if code is None else code).to(device=param.device, dtype=torch.float32)
+    mids = code_midpoints(code).contiguous()
+    alpha = (lr * scale) if maximize else -(lr * scale)
+    _sgdsai_8bit_kernel[(n_blocks,)](
+        param, grad, codes, absmax, code.contiguous(), mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        FIRST=first_step, P_KIND=dtype_kind(param.dtype), BLOCK=blocksize,
+    )
