@@ -106,10 +106,11 @@ class DeviceMemory:
     state_saving_bytes: int
     peak_kind: str
     peak_bytes: int
+    update_path: str = "-"  # tensors updated per path in the last step, e.g. "triton:270 torch:2"
 
     def as_log(self, prefix: str = "memory/") -> dict[str, Any]:
         """Flat numeric metrics for Trainer logs (tensorboard / W&B pick them up)."""
-        skip = {"rank", "device", "optimizer", "peak_kind"}
+        skip = {"rank", "device", "optimizer", "peak_kind", "update_path"}
         out = {f"{prefix}{f.name}": getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out[f"{prefix}{self.peak_kind}_bytes"] = out.pop(f"{prefix}peak_bytes")
         return out
@@ -144,6 +145,7 @@ def measure(model: torch.nn.Module, optimizer=None, *, rank: int = 0, grads_byte
         state_saving_bytes=baseline - opt_bytes,
         peak_kind=kind,
         peak_bytes=peak,
+        update_path=" ".join(f"{k}:{v}" for k, v in getattr(inner, "update_paths", {}).items()) or "-",
     )
 
 
@@ -169,18 +171,18 @@ def _fmt(n: int) -> str:
 
 def format_table(rows: list[DeviceMemory]) -> str:
     """A table a person can read: one row per rank/device."""
-    headers = ["rank", "device", "optimizer", "params trainable", "params frozen", "grads", "optim state",
+    headers = ["rank", "device", "optimizer", "path", "params trainable", "params frozen", "grads", "optim state",
                "AdamW state", "saving", "peak"]
     body = []
     for r in rows:
         saving = f"{_fmt(r.state_saving_bytes)}"
         if r.adamw_state_bytes:
             saving += f" ({100.0 * r.state_saving_bytes / r.adamw_state_bytes:.0f}%)"
-        body.append([str(r.rank), r.device, r.optimizer, _fmt(r.params_trainable_bytes),
+        body.append([str(r.rank), r.device, r.optimizer, r.update_path, _fmt(r.params_trainable_bytes),
                      _fmt(r.params_frozen_bytes), _fmt(r.grads_bytes), _fmt(r.optimizer_state_bytes),
                      _fmt(r.adamw_state_bytes), saving, f"{_fmt(r.peak_bytes)} ({r.peak_kind})"])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: " | ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     sep = "-+-".join("-" * w for w in widths)
     return "\n".join(["memopt memory report (optimizer state vs a torch AdamW baseline on the same trainable "
                       "params)", line(headers), sep, *(line(b) for b in body)])

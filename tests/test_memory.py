@@ -45,3 +45,13 @@ def test_measure_and_table():
     lines = text.splitlines()
     assert len(lines) == 5 and lines[3].startswith("0 ") and lines[4].startswith("1 ")
     assert "cpu_peak_rss" in text and "SGDSaI" in text
+
+
+def test_report_shows_the_update_path():
+    model = torch.nn.Linear(4, 4)
+    opt = memopt.SGDSaI(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    row = measure(model, opt)
+    assert row.update_path == "torch:2"
+    assert "torch:2" in format_table([row])

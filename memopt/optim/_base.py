@@ -48,6 +48,8 @@ def check_float(name: str, value: Any, low: float, high: float = math.inf, *, lo
 
 
 def check_8bit_args(group: dict) -> None:
+    if group["use_triton"] is not None and not isinstance(group["use_triton"], bool):
+        raise ValueError(f"use_triton={group['use_triton']!r} must be None or a bool")
     for flag in ("maximize", "check_finite"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{flag}={group[flag]!r} must be a bool")
@@ -74,11 +76,40 @@ class MemoptOptimizer(Optimizer):
     def __init__(self, params, defaults: dict):
         self._validate_group(defaults)
         self.nonfinite_skips = 0
+        self.update_paths: dict[str, int] = {}
+        self._logged_paths: set = set()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_skips", 0)
+        self.__dict__.setdefault("update_paths", {})
+        self.__dict__.setdefault("_logged_paths", set())
+
+    def _use_triton(self, group: dict, p: Tensor) -> bool:
+        """Whether this tensor's update runs the fused Triton kernel. ``use_triton=None`` (default): on CUDA
+        when triton is installed; ``True``: required (CPU only under TRITON_INTERPRET=1), else RuntimeError;
+        ``False``: the PyTorch reference. The choice is logged once and counted in ``update_paths``."""
+        from memopt.kernels import triton_status
+
+        flag = group["use_triton"]
+        if flag is False:
+            ok, reason = False, "use_triton=False"
+        else:
+            ok, reason = triton_status(p.device, allow_interpreter=flag is True)
+            if ok and not p.is_contiguous():
+                ok, reason = False, "non-contiguous parameter"
+            if flag is True and not ok:
+                raise RuntimeError(f"{type(self).__name__}: use_triton=True but {reason}")
+        path = reason if ok else f"torch reference ({reason})"
+        if path not in self._logged_paths:
+            self._logged_paths.add(path)
+            logger.info("%s update path: %s", type(self).__name__, path)
+        return ok
+
+    def _record_paths(self, n_triton: int, n_torch: int) -> None:
+        """Tensors updated by each path in the last step (shown by the memory report)."""
+        self.update_paths = {k: v for k, v in (("triton", n_triton), ("torch", n_torch)) if v}
 
     @staticmethod
     def _validate_group(group: dict) -> None:

@@ -8,7 +8,9 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_8bit_, sgdsai_update_foreach_
+from memopt.functional import sgdsai as _reference
+from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
+from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
 
 SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
@@ -71,6 +73,10 @@ class SGDSaI(MemoptOptimizer):
             ``blocksize`` elements (1.0156 B/param at 256) for tensors with at least ``min_8bit_size`` (4096)
             elements; smaller tensors and those marked with :func:`keep_32bit_state` keep a full-precision buffer.
             The dequantized momentum is exact fp32 within the step; it is re-quantized against the new absmax.
+        use_triton: fused Triton update per tensor (one read and one write of param, grad and state). ``None``
+            (default): on CUDA tensors when triton is installed; ``True``: required (on CPU only under
+            ``TRITON_INTERPRET=1``, for tests); ``False``: PyTorch reference. Logged once; counted per step in
+            ``optimizer.update_paths`` and shown by the memory report.
 
     Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, or LoRA (with a larger lr).
     Not for: sparse gradients or complex parameters (refused).
@@ -103,11 +109,12 @@ class SGDSaI(MemoptOptimizer):
         state_bits: int = 32,
         blocksize: int = 256,
         min_8bit_size: int = 4096,
+        use_triton: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, scale=scale, maximize=maximize,
             foreach=foreach, state_dtype=state_dtype, check_finite=check_finite, state_bits=state_bits,
-            blocksize=blocksize, min_8bit_size=min_8bit_size,
+            blocksize=blocksize, min_8bit_size=min_8bit_size, use_triton=use_triton,
         )
         super().__init__(params, defaults)
         self.defaults["state_dtype"] = _dtype_name(state_dtype)
@@ -168,6 +175,7 @@ class SGDSaI(MemoptOptimizer):
         gsnr_max = self._running_gsnr_max()
 
         # Pass 2: the update.
+        n_triton = n_torch = 0
         for group, params, grads in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
             state_dtype = group["state_dtype"]
@@ -186,16 +194,26 @@ class SGDSaI(MemoptOptimizer):
                     n_blocks = -(-p.numel() // group["blocksize"])
                     state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
                     state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+                fused = self._use_triton(group, p)
+                if fused:
+                    n_triton += 1
+                    kernels = load_kernels("sgdsai")
+                else:
+                    n_torch += 1
                 if "momentum_codes" in state:
-                    sgdsai_update_8bit_(
+                    (kernels if fused else _reference).sgdsai_update_8bit_(
                         p, g, state["momentum_codes"], state["momentum_absmax"], scale=scale, first_step=first,
                         blocksize=group["blocksize"], **common,
                     )
                     continue
+                if beta != 0.0 and first:
+                    dtype = _STATE_DTYPES[state_dtype] if state_dtype else p.dtype
+                    state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
+                if fused:
+                    kernels.sgdsai_update_(p, g, state.get("momentum_buffer"), scale=scale, first_step=first,
+                                           **common)
+                    continue
                 if beta != 0.0:
-                    if first:
-                        dtype = _STATE_DTYPES[state_dtype] if state_dtype else p.dtype
-                        state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
                     bufs.append(state["momentum_buffer"])
                 active_p.append(p)
                 active_g.append(g)
@@ -210,4 +228,5 @@ class SGDSaI(MemoptOptimizer):
                 sgdsai_update_foreach_(
                     active_p, active_g, bufs if beta != 0.0 else None, scales=scales, first_steps=firsts, **common
                 )
+        self._record_paths(n_triton, n_torch)
         return loss

@@ -1,0 +1,65 @@
+"""Optimizers on the Triton path (CPU interpreter) agree with the reference path; the path is visible."""
+
+import pytest
+import torch
+
+from memopt import AdamW8bit, SGDSaI
+from memopt.kernels import _STATUS, triton_status
+
+
+def _setup(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64, 80), (300,), (7, 7)]
+    params = [torch.nn.Parameter((0.1 * torch.randn(s, generator=g)).to(dtype)) for s in shapes]
+    grads = [[(torch.randn(s, generator=g) * 1e-2).to(dtype) for s in shapes] for _ in range(4)]
+    return params, grads
+
+
+def _run(make, use_triton, dtype=torch.float32):
+    params, grads = _setup(dtype=dtype)
+    opt = make(params, use_triton)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+MAKERS = {
+    "sgdsai_fp32": lambda ps, t: SGDSaI(ps, lr=0.05, use_triton=t),
+    "sgdsai_8bit": lambda ps, t: SGDSaI(ps, lr=0.05, state_bits=8, min_8bit_size=256, use_triton=t),
+    "adamw_8bit": lambda ps, t: AdamW8bit(ps, lr=1e-3, min_8bit_size=256, use_triton=t),
+}
+
+
+@pytest.mark.parametrize("name", MAKERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_path_matches_reference_path(name, dtype):
+    ref, ref_opt = _run(MAKERS[name], False, dtype)
+    tri, tri_opt = _run(MAKERS[name], True, dtype)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for a, b in zip(ref, tri):
+        torch.testing.assert_close(b, a, **tol)
+    assert ref_opt.update_paths == {"torch": 3}
+    assert tri_opt.update_paths.get("triton", 0) >= (2 if name == "adamw_8bit" else 3)
+
+
+def test_use_triton_true_without_a_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _STATUS.clear()
+    try:
+        assert triton_status(torch.device("cpu"), allow_interpreter=True)[0] is False
+        p = torch.nn.Parameter(torch.randn(10))
+        opt = SGDSaI([p], use_triton=True)
+        p.grad = torch.randn(10)
+        with pytest.raises(RuntimeError, match="use_triton=True but no Triton backend for cpu"):
+            opt.step()
+        with pytest.raises(ValueError, match="use_triton"):
+            SGDSaI([p], use_triton="yes")
+    finally:
+        _STATUS.clear()
+
+
+def test_auto_mode_uses_the_reference_on_cpu():
+    _, opt = _run(MAKERS["sgdsai_8bit"], None)
+    assert opt.update_paths == {"torch": 3}
