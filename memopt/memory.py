@@ -54,12 +54,19 @@ def state_bytes_by_kind(optimizer) -> dict[str, int]:
     """
     optimizer = _unwrap(optimizer)
     out: dict[str, int] = {}
+    seen: set = set()  # a tensor shared by several params' state (e.g. a quantization map) counts once
     for st in optimizer.state.values():
         for key, value in st.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out["host_scalars"] = out.get("host_scalars", 0) + 8
                 continue
-            n = sum(tensor_bytes(t) for t in _walk_tensors(value))
+            n = 0
+            for t in _walk_tensors(value):
+                local = _local(t)
+                ident = (local.device, local.data_ptr(), local.numel(), local.dtype) if local.numel() else id(t)
+                if ident not in seen:
+                    seen.add(ident)
+                    n += tensor_bytes(t)
             if n:
                 out[str(key)] = out.get(str(key), 0) + n
     return out
