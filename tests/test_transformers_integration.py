@@ -140,18 +140,24 @@ def test_memory_report_is_off_for_other_optimizers_unless_asked(tmp_path):
         MemoryReportCallback("sometimes")
 
 
-def test_resume_from_checkpoint_continues_the_exact_loss_trajectory(tmp_path):
+@pytest.mark.parametrize("optim,optim_args", [("sgdsai", None), ("sgdsai_8bit", "min_8bit_size=256"),
+                                              ("memopt_adamw_8bit", "min_8bit_size=256")])
+def test_resume_from_checkpoint_continues_the_exact_loss_trajectory(tmp_path, optim, optim_args):
     n = 6
+    kw = dict(optim=optim, optim_args=optim_args, learning_rate=0.05 if "sgdsai" in optim else 3e-3)
     straight = Trainer(model=tiny_llama(), args=_args(tmp_path / "a", max_steps=2 * n, save_strategy="steps",
-                                                      save_steps=n), train_dataset=PatternDataset())
+                                                      save_steps=n, **kw), train_dataset=PatternDataset())
     straight.train()
     want = {h["step"]: h["loss"] for h in straight.state.log_history if "loss" in h}
-    resumed = Trainer(model=tiny_llama(seed=123), args=_args(tmp_path / "a", max_steps=2 * n),
+    resumed = Trainer(model=tiny_llama(seed=123), args=_args(tmp_path / "a", max_steps=2 * n, **kw),
                       train_dataset=PatternDataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
     got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
     assert sorted(got) == list(range(n + 1, 2 * n + 1))
     assert all(got[s] == want[s] for s in got), (got, want)
+    if optim != "sgdsai":
+        assert any(t.dtype == torch.uint8 for st in resumed.optimizer.optimizer.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor))
 
 
 def test_peft_lora_every_adapter_matrix_trains(tmp_path):
