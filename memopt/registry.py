@@ -156,7 +156,7 @@ def _register_builtin() -> None:
     sgdsai_args = {
         "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool", "foreach": "optional_bool",
         "state_dtype": "str", "check_finite": "bool", "state_bits": "int", "blocksize": "int",
-        "min_8bit_size": "int", "use_triton": "optional_bool",
+        "min_8bit_size": "int", "use_triton": "optional_bool", "stochastic_rounding": "bool",
     }
     register_optimizer(
         "sgdsai",
@@ -176,7 +176,8 @@ def _register_builtin() -> None:
         "memopt_adamw_8bit",
         AdamW8bit,
         arg_types={"eps": "float", "maximize": "bool", "check_finite": "bool", "state_bits": "int",
-                   "blocksize": "int", "min_8bit_size": "int", "use_triton": "optional_bool"},
+                   "blocksize": "int", "min_8bit_size": "int", "use_triton": "optional_bool",
+                   "stochastic_rounding": "bool"},
         defaults={"state_bits": 8},
         description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
         from_training_args=_adam_training_args,

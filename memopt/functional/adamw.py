@@ -9,6 +9,7 @@ from typing import Optional
 from torch import Tensor
 
 from memopt.functional.quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
 
@@ -26,7 +27,8 @@ def _adamw_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2
 
 
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False) -> None:
+                  beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
+                  stochastic_rounding: bool = False) -> None:
     """One AdamW step of one tensor with full-precision moments, in place (math in fp32 for low precision)."""
     cdt = compute_dtype(param.dtype)
     if param.dtype == cdt and grad.dtype == cdt and exp_avg.dtype == cdt and exp_avg_sq.dtype == cdt:
@@ -36,7 +38,7 @@ def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
     p, m, v = param.to(cdt), exp_avg.to(cdt), exp_avg_sq.to(cdt)
     _adamw_math_(p, grad.to(cdt), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  step=step, maximize=maximize)
-    param.copy_(p)
+    write_param_(param, p, stochastic_rounding)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
 
@@ -59,6 +61,7 @@ def adamw_update_8bit_(
     blocksize: int = 256,
     signed_code: Optional[Tensor] = None,
     unsigned_code: Optional[Tensor] = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """AdamW with both moments as blockwise 8-bit codes: ``exp_avg`` on the signed dynamic map,
     ``exp_avg_sq`` (non-negative) on the unsigned one. Dequantize to fp32, update, re-quantize against the new
@@ -72,7 +75,7 @@ def adamw_update_8bit_(
     _adamw_math_(p, grad.to(cdt), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  step=step, maximize=maximize)
     if p is not param:
-        param.copy_(p)
+        write_param_(param, p, stochastic_rounding)
     for codes, absmax, value, code in ((exp_avg_codes, exp_avg_absmax, m, signed_code),
                                        (exp_avg_sq_codes, exp_avg_sq_absmax, v, unsigned_code)):
         new_codes, new_absmax = quantize_blockwise(value, code, blocksize)

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from memopt.functional.rounding import write_param_
+
 # An all-equal gradient has std == 0 in exact arithmetic, but fp32 reductions leave a residue of about
 # 1e-7 * rms. Below this relative floor the g-SNR is meaningless (it would be ~1e7 and explode the tensor),
 # so we fall back to sqrt(numel), the value the g-SNR takes for a zero-mean gradient.
@@ -65,6 +67,7 @@ def _update_low_precision_(
     decay: float,
     momentum: float,
     first_step: bool,
+    stochastic_rounding: bool = False,
 ) -> None:
     cdt = compute_dtype(param.dtype)
     p = param.to(cdt)
@@ -80,7 +83,7 @@ def _update_low_precision_(
             upd = momentum_buffer.to(cdt, copy=True).lerp_(g, 1.0 - momentum)
             momentum_buffer.copy_(upd)
     p.add_(upd, alpha=alpha)
-    param.copy_(p)
+    write_param_(param, p, stochastic_rounding)
 
 
 def sgdsai_update_(
@@ -94,6 +97,7 @@ def sgdsai_update_(
     weight_decay: float,
     maximize: bool = False,
     first_step: bool = False,
+    stochastic_rounding: bool = False,
 ) -> None:
     """One SGD-SaI step of one tensor, in place.
 
@@ -107,6 +111,7 @@ def sgdsai_update_(
         lr, scale, momentum, weight_decay: as in the spec; ``scale`` is the final per-tensor factor.
         maximize: ascend instead of descend. The buffer keeps the momentum of the raw gradient and the sign is
             applied to the update, which is exact (negation commutes with lerp) and needs no temporary.
+        stochastic_rounding: round the bf16 parameter write stochastically (no effect on other dtypes).
     """
     alpha = (lr * scale) if maximize else -(lr * scale)
     decay = 1.0 - lr * weight_decay
@@ -115,7 +120,8 @@ def sgdsai_update_(
         same = same and momentum_buffer.dtype == param.dtype
     if not same:
         _update_low_precision_(
-            param, grad, momentum_buffer, alpha=alpha, decay=decay, momentum=momentum, first_step=first_step
+            param, grad, momentum_buffer, alpha=alpha, decay=decay, momentum=momentum, first_step=first_step,
+            stochastic_rounding=stochastic_rounding,
         )
         return
     if decay != 1.0:
@@ -139,6 +145,7 @@ def sgdsai_update_foreach_(
     weight_decay: float,
     maximize: bool = False,
     first_steps: Sequence[bool],
+    stochastic_rounding: bool = False,
 ) -> None:
     """Multi-tensor form of :func:`sgdsai_update_`; gives bit-identical results.
 
@@ -163,7 +170,7 @@ def sgdsai_update_foreach_(
         else:
             sgdsai_update_(
                 p, g, m, lr=lr, scale=scales[i], momentum=momentum, weight_decay=weight_decay,
-                maximize=maximize, first_step=first_steps[i],
+                maximize=maximize, first_step=first_steps[i], stochastic_rounding=stochastic_rounding,
             )
     for idx in fast.values():
         ps = [params[i] for i in idx]
@@ -197,6 +204,7 @@ def sgdsai_update_8bit_(
     first_step: bool = False,
     blocksize: int = 256,
     code: Optional[Tensor] = None,
+    stochastic_rounding: bool = False,
 ) -> None:
     """:func:`sgdsai_update_` with the momentum held as blockwise 8-bit codes + one fp32 absmax per block.
 
@@ -219,7 +227,7 @@ def sgdsai_update_8bit_(
         p.mul_(decay)
     p.add_(m, alpha=(lr * scale) if maximize else -(lr * scale))
     if p is not param:
-        param.copy_(p)
+        write_param_(param, p, stochastic_rounding)
     new_codes, new_absmax = quantize_blockwise(m, code, blocksize)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)

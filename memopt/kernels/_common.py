@@ -51,3 +51,15 @@ def store_param(ptr, offs, x, mask, P_DTYPE: tl.constexpr):
         tl.store(ptr + offs, to_bf16_rne(x), mask=mask)
     else:
         tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, seed):
+    """Parameter store; with SR and a bf16 parameter, stochastic rounding: 16 random bits are added below
+    the bf16 mantissa before truncation (unbiased in expectation)."""
+    if SR and P_KIND == 1:
+        noise = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+        bits = x.to(tl.int32, bitcast=True) + noise
+        tl.store(ptr + offs, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        store_param(ptr, offs, x, mask, P_KIND)

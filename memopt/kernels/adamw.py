@@ -11,15 +11,15 @@ import triton.language as tl
 from torch import Tensor
 
 from memopt.functional.quantize import code_midpoints, create_dynamic_map
-from memopt.kernels._common import quantize_block, store_param, torch_lerp
+from memopt.kernels._common import quantize_block, store_param_sr, torch_lerp
 from memopt.kernels.quantize import check_blocksize, dtype_kind
-from memopt.kernels.sgdsai import _check
+from memopt.kernels.sgdsai import _check, random_seed
 
 
 @triton.jit
 def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, smids_ptr, ucode_ptr, umids_ptr,
-                       n, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, SIGN: tl.constexpr,
-                       P_KIND: tl.constexpr, BLOCK: tl.constexpr):
+                       n, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
+                       P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -32,7 +32,7 @@ def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, 
     m = torch_lerp(m, g, beta1w)
     v = v * beta2 + one_minus_beta2 * (g * g)
     denom = tl.sqrt(v) / bc2_sqrt + eps
-    store_param(p_ptr, offs, p + step_size * (m / denom), mask, P_KIND)
+    store_param_sr(p_ptr, offs, p + step_size * (m / denom), mask, P_KIND, SR, seed)
     m_codes, m_amax = quantize_block(tl.where(mask, m, 0.0), smids_ptr)
     v_codes, v_amax = quantize_block(tl.where(mask, v, 0.0), umids_ptr)
     tl.store(mc_ptr + offs, m_codes, mask=mask)
@@ -45,7 +45,7 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
                        exp_avg_sq_codes: Tensor, exp_avg_sq_absmax: Tensor, *, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
                        blocksize: int = 256, signed_code: Optional[Tensor] = None,
-                       unsigned_code: Optional[Tensor] = None) -> None:
+                       unsigned_code: Optional[Tensor] = None, stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.adamw.adamw_update_8bit_`."""
     check_blocksize(blocksize)
     _check(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
@@ -65,5 +65,6 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
         param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
         scode, code_midpoints(scode).contiguous(), ucode, code_midpoints(ucode).contiguous(), n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
-        -lr / (1.0 - beta1**step), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype), BLOCK=blocksize,
+        -lr / (1.0 - beta1**step), random_seed(), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype),
+        SR=stochastic_rounding, BLOCK=blocksize,
     )

@@ -11,7 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from memopt.functional.quantize import code_midpoints, create_dynamic_map
-from memopt.kernels._common import quantize_block, store_param, torch_lerp
+from memopt.kernels._common import quantize_block, store_param, store_param_sr, torch_lerp
 from memopt.kernels.quantize import check_blocksize, dtype_kind
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -19,8 +19,8 @@ _FP32_BLOCK = 1024
 
 
 @triton.jit
-def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, HAS_M: tl.constexpr, FIRST: tl.constexpr,
-                   P_KIND: tl.constexpr, M_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, seed, HAS_M: tl.constexpr, FIRST: tl.constexpr,
+                   P_KIND: tl.constexpr, M_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
@@ -30,12 +30,12 @@ def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, HAS_M: tl.const
         if not FIRST:  # on the first step the buffer already holds g; the exact g is used for this step
             upd = torch_lerp(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, weight)
             store_param(m_ptr, offs, upd, mask, M_KIND)
-    store_param(p_ptr, offs, p + alpha * upd, mask, P_KIND)
+    store_param_sr(p_ptr, offs, p + alpha * upd, mask, P_KIND, SR, seed)
 
 
 @triton.jit
-def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, n, alpha, decay, weight,
-                        FIRST: tl.constexpr, P_KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, n, alpha, decay, weight, seed,
+                        FIRST: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -47,10 +47,16 @@ def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr,
         idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
         m = tl.load(code_ptr + idx, mask=mask, other=0.0) * tl.load(absmax_ptr + pid)
         m = torch_lerp(m, g, weight)
-    store_param(p_ptr, offs, p + alpha * m, mask, P_KIND)
+    store_param_sr(p_ptr, offs, p + alpha * m, mask, P_KIND, SR, seed)
     codes, amax = quantize_block(m, mids_ptr)  # padding lanes are 0 and do not move the absmax
     tl.store(codes_ptr + offs, codes, mask=mask)
     tl.store(absmax_ptr + pid, amax)
+
+
+def random_seed() -> int:
+    """Seed for a kernel's stochastic rounding, drawn from torch's global CPU RNG (no device sync; restored
+    with the RNG state on Trainer resume)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def _check(param: Tensor, grad: Tensor, *state: Tensor) -> None:
@@ -66,7 +72,8 @@ def _check(param: Tensor, grad: Tensor, *state: Tensor) -> None:
 
 
 def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], *, lr: float, scale: float,
-                   momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False) -> None:
+                   momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False,
+                   stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_` (full-precision momentum)."""
     _check(param, grad, *([] if momentum_buffer is None else [momentum_buffer]))
     if momentum_buffer is not None and momentum_buffer.dtype not in _FLOATS:
@@ -77,15 +84,16 @@ def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor
     alpha = (lr * scale) if maximize else -(lr * scale)
     m = grad if momentum_buffer is None else momentum_buffer
     _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
-        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum, random_seed(),
         HAS_M=momentum_buffer is not None, FIRST=first_step, P_KIND=dtype_kind(param.dtype),
-        M_KIND=dtype_kind(m.dtype), BLOCK=_FP32_BLOCK,
+        M_KIND=dtype_kind(m.dtype), SR=stochastic_rounding, BLOCK=_FP32_BLOCK,
     )
 
 
 def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, *, lr: float, scale: float,
                         momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False,
-                        blocksize: int = 256, code: Optional[Tensor] = None) -> None:
+                        blocksize: int = 256, code: Optional[Tensor] = None,
+                        stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_8bit_`: per block, dequantize → fp32 EMA →
     param update → new absmax → re-quantize, in registers."""
     check_blocksize(blocksize)
@@ -103,5 +111,5 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     alpha = (lr * scale) if maximize else -(lr * scale)
     _sgdsai_8bit_kernel[(n_blocks,)](
         param, grad, codes, absmax, code.contiguous(), mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
-        FIRST=first_step, P_KIND=dtype_kind(param.dtype), BLOCK=blocksize,
+        random_seed(), FIRST=first_step, P_KIND=dtype_kind(param.dtype), SR=stochastic_rounding, BLOCK=blocksize,
     )

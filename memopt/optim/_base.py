@@ -50,7 +50,7 @@ def check_float(name: str, value: Any, low: float, high: float = math.inf, *, lo
 def check_8bit_args(group: dict) -> None:
     if group["use_triton"] is not None and not isinstance(group["use_triton"], bool):
         raise ValueError(f"use_triton={group['use_triton']!r} must be None or a bool")
-    for flag in ("maximize", "check_finite"):
+    for flag in ("maximize", "check_finite", "stochastic_rounding"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{flag}={group[flag]!r} must be a bool")
     if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):

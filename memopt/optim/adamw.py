@@ -32,6 +32,7 @@ class AdamW8bit(MemoptOptimizer):
         min_8bit_size: smaller tensors keep 32-bit moments (4096).
         use_triton: fused Triton kernel for 8-bit tensors (``None``: on CUDA when available; ``True``: required,
             CPU only under ``TRITON_INTERPRET=1``; ``False``: PyTorch reference). Counted in ``update_paths``.
+        stochastic_rounding: round bf16 parameter writes stochastically (default False).
 
     Use for: a 4× smaller AdamW state; the inner optimizer of FRUGAL / GaLore-style methods.
     Not for: sparse gradients, complex params (refused).
@@ -55,10 +56,12 @@ class AdamW8bit(MemoptOptimizer):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
         use_triton: Optional[bool] = None,
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         check_finite=check_finite, state_bits=state_bits, blocksize=blocksize,
-                        min_8bit_size=min_8bit_size, use_triton=use_triton)
+                        min_8bit_size=min_8bit_size, use_triton=use_triton,
+                        stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -88,7 +91,8 @@ class AdamW8bit(MemoptOptimizer):
             params, grads = self._collect(group)
             beta1, beta2 = group["betas"]
             common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], maximize=group["maximize"])
+                          weight_decay=group["weight_decay"], maximize=group["maximize"],
+                          stochastic_rounding=group["stochastic_rounding"])
             for p, g in zip(params, grads):
                 state = self.state[p]
                 if "step" not in state:

@@ -77,6 +77,8 @@ class SGDSaI(MemoptOptimizer):
             (default): on CUDA tensors when triton is installed; ``True``: required (on CPU only under
             ``TRITON_INTERPRET=1``, for tests); ``False``: PyTorch reference. Logged once; counted per step in
             ``optimizer.update_paths`` and shown by the memory report.
+        stochastic_rounding: round bf16 parameter writes stochastically (default False), so updates smaller
+            than half a bf16 ulp still move the weights on average.
 
     Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, or LoRA (with a larger lr).
     Not for: sparse gradients or complex parameters (refused).
@@ -110,11 +112,13 @@ class SGDSaI(MemoptOptimizer):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
         use_triton: Optional[bool] = None,
+        stochastic_rounding: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, scale=scale, maximize=maximize,
             foreach=foreach, state_dtype=state_dtype, check_finite=check_finite, state_bits=state_bits,
             blocksize=blocksize, min_8bit_size=min_8bit_size, use_triton=use_triton,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
         self.defaults["state_dtype"] = _dtype_name(state_dtype)
@@ -179,7 +183,8 @@ class SGDSaI(MemoptOptimizer):
         for group, params, grads in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
             state_dtype = group["state_dtype"]
-            common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"])
+            common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"],
+                          stochastic_rounding=group["stochastic_rounding"])
             active_p, active_g, bufs, scales, firsts = [], [], [], [], []
             for p, g in zip(params, grads):
                 scale = self._scale_of(group, p, gsnr_max)
