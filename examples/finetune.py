@@ -32,6 +32,10 @@ from demo_task import DEFAULT_MODEL, resolve_model_path, text_splits  # noqa: E4
 RECOMMENDED_LR = {
     ("sgdsai", False): 3e-2,
     ("sgdsai", True): 1.0,
+    ("sgdsai_8bit", False): 3e-2,
+    ("sgdsai_8bit", True): 1.0,
+    ("memopt_adamw_8bit", False): 1e-4,
+    ("memopt_adamw_8bit", True): 3e-3,
     ("adamw_torch", False): 1e-4,
     ("adamw_torch", True): 3e-3,
     ("adamw_torch_fused", False): 1e-4,
