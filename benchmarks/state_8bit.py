@@ -2,9 +2,9 @@
 
 Question: on the demo model's real parameter set (SmolLM2-135M, 134.5M params, fp32), how many bytes of state
 does each optimizer hold, and what does a step cost relative to 32-bit SGD-SaI and torch AdamW, run side by
-side in one process? Embeddings keep 32-bit state in every 8-bit optimizer (what the Trainer does for
-bitsandbytes and memopt alike); their bytes are reported separately. torchao's 8-bit AdamW needs CUDA and is not
-run here. On CPU memopt's 8-bit path is the PyTorch reference (Triton runs on CUDA only), so the CPU step times
+side in one process? Embeddings keep 32-bit state in the memopt and bitsandbytes 8-bit optimizers (what the
+Trainer does for both); their bytes are reported separately. torchao's AdamW8bit (optional: pip install torchao)
+runs on CPU through torch.compile and has no per-parameter override, so its embedding state is 8-bit. On CPU memopt's 8-bit path is the PyTorch reference (Triton runs on CUDA only), so the CPU step times
 say nothing about the fused kernels: benchmarks/kernels_gpu.py measures those.
 
     python benchmarks/state_8bit.py [--rounds 3] [--out benchmarks/results/state_8bit]
@@ -46,22 +46,30 @@ BASELINES = {
     "torch_adamw": lambda ps, emb: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0, foreach=True),
     "bnb_adamw8bit": _bnb("AdamW8bit", lr=1e-3, weight_decay=0.0),
     "bnb_sgd8bit": _bnb("SGD8bit", lr=1e-3, momentum=0.9),
+    # torchao compiles its step with torch.compile (inductor, CPU); it has no per-module 32-bit override, so
+    # its embedding state is 8-bit too (block 256, tensors >= 4096 elements quantized).
+    "torchao_adamw8bit": lambda ps, emb: __import__("torchao.optim", fromlist=["AdamW8bit"]).AdamW8bit(
+        ps, lr=1e-3, weight_decay=0.0),
 }
+
+
+def _leaves(opt, p):
+    for t in opt.state.get(p, {}).values():
+        if isinstance(t, torch.Tensor):
+            yield from memopt.memory._leaves(t)
 
 
 def _shared_ptrs(opt) -> set:
     """Storage shared between params' state (bitsandbytes keeps one quantization map per state key)."""
     seen, shared = set(), set()
-    for st in opt.state.values():
-        for t in st.values():
-            if isinstance(t, torch.Tensor):
-                (shared if t.data_ptr() in seen else seen).add(t.data_ptr())
+    for p in opt.state:
+        for leaf in _leaves(opt, p):
+            (shared if leaf.data_ptr() in seen else seen).add(leaf.data_ptr())
     return shared
 
 
 def _state_bytes_of(opt, p, shared: set) -> int:
-    return sum(t.numel() * t.element_size() for t in opt.state.get(p, {}).values()
-               if isinstance(t, torch.Tensor) and t.data_ptr() not in shared)
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(opt, p) if leaf.data_ptr() not in shared)
 
 
 def main():
@@ -101,8 +109,7 @@ def main():
         total = memopt.state_bytes(opt)
         shared = _shared_ptrs(opt)
         per_param = {p: _state_bytes_of(opt, p, shared) for p in params}
-        is_8bit = {p: any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in opt.state.get(p, {}).values())
-                   for p in params}
+        is_8bit = {p: any(leaf.dtype == torch.uint8 for leaf in _leaves(opt, p)) for p in params}
         emb_bytes = per_param[emb.weight]
         small = sum(b for p, b in per_param.items() if p is not emb.weight and not is_8bit[p])
         quantized_params = sum(p.numel() for p in params if is_8bit[p])

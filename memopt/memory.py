@@ -20,9 +20,19 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _leaves(t: Tensor):
+    """The plain tensors holding a tensor's data: a wrapper subclass (torchao's 8-bit optimizer state,
+    DTensor) is counted by its inner tensors, not by its logical shape and dtype."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__") and not isinstance(t, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def tensor_bytes(t: Tensor) -> int:
-    t = _local(t)
-    return t.numel() * t.element_size()
+    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(_local(t)))
 
 
 def _walk_tensors(value: Any) -> Iterable[Tensor]:
@@ -62,11 +72,11 @@ def state_bytes_by_kind(optimizer) -> dict[str, int]:
                 continue
             n = 0
             for t in _walk_tensors(value):
-                local = _local(t)
-                ident = (local.device, local.data_ptr(), local.numel(), local.dtype) if local.numel() else id(t)
-                if ident not in seen:
-                    seen.add(ident)
-                    n += tensor_bytes(t)
+                for leaf in _leaves(_local(t)):
+                    ident = (leaf.device, leaf.data_ptr(), leaf.numel(), leaf.dtype) if leaf.numel() else id(leaf)
+                    if ident not in seen:
+                        seen.add(ident)
+                        n += leaf.numel() * leaf.element_size()
             if n:
                 out[str(key)] = out.get(str(key), 0) + n
     return out
