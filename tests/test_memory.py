@@ -55,3 +55,26 @@ def test_report_shows_the_update_path():
     row = measure(model, opt)
     assert row.update_path == "torch:2"
     assert "torch:2" in format_table([row])
+
+
+class _Wrapped(torch.Tensor):
+    """A wrapper tensor subclass like torchao's 8-bit optimizer state: fp32 outside, uint8 + scales inside."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32, device=codes.device)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    def __tensor_flatten__(self):
+        return ["codes", "scale"], None
+
+
+def test_tensor_subclasses_are_counted_by_their_inner_tensors():
+    from types import SimpleNamespace
+
+    w = _Wrapped(torch.zeros(1000, dtype=torch.uint8), torch.zeros(4))
+    assert memopt.memory.tensor_bytes(w) == 1000 + 16
+    fake = SimpleNamespace(state={0: {"exp_avg": w, "step": torch.tensor(1.0)}})
+    assert memopt.state_bytes(fake) == 1000 + 16 + 4
