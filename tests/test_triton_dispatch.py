@@ -63,3 +63,14 @@ def test_use_triton_true_without_a_backend_is_a_clear_error(monkeypatch):
 def test_auto_mode_uses_the_reference_on_cpu():
     _, opt = _run(MAKERS["sgdsai_8bit"], None)
     assert opt.update_paths == {"torch": 3}
+
+
+def test_forced_triton_falls_back_for_tensors_the_kernels_do_not_take():
+    p64 = torch.nn.Parameter(torch.randn(300, dtype=torch.float64))
+    nc = torch.nn.Parameter(torch.randn(30, 20).t())
+    ok = torch.nn.Parameter(torch.randn(300))
+    opt = SGDSaI([p64, nc, ok], use_triton=True)
+    for p in (p64, nc, ok):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.update_paths == {"triton": 1, "torch": 2}

@@ -16,6 +16,7 @@ from memopt.functional.sgdsai import compute_dtype
 logger = logging.getLogger("memopt")
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_BITS = (8, 32)
 _OVERRIDE_ATTR = "_memopt_state_bits"
 
@@ -86,10 +87,11 @@ class MemoptOptimizer(Optimizer):
         self.__dict__.setdefault("update_paths", {})
         self.__dict__.setdefault("_logged_paths", set())
 
-    def _use_triton(self, group: dict, p: Tensor) -> bool:
+    def _use_triton(self, group: dict, p: Tensor, g: Tensor) -> bool:
         """Whether this tensor's update runs the fused Triton kernel. ``use_triton=None`` (default): on CUDA
         when triton is installed; ``True``: required (CPU only under TRITON_INTERPRET=1), else RuntimeError;
-        ``False``: the PyTorch reference. The choice is logged once and counted in ``update_paths``."""
+        ``False``: the PyTorch reference. Tensors the kernels do not take (fp64, non-contiguous) always use
+        the reference. The choice is logged once and counted in ``update_paths``."""
         from memopt.kernels import triton_status
 
         flag = group["use_triton"]
@@ -97,10 +99,13 @@ class MemoptOptimizer(Optimizer):
             ok, reason = False, "use_triton=False"
         else:
             ok, reason = triton_status(p.device, allow_interpreter=flag is True)
-            if ok and not p.is_contiguous():
-                ok, reason = False, "non-contiguous parameter"
             if flag is True and not ok:
                 raise RuntimeError(f"{type(self).__name__}: use_triton=True but {reason}")
+            # tensors the kernels do not take fall back to the reference, one log line per reason
+            if ok and not (p.is_contiguous() and g.is_contiguous()):
+                ok, reason = False, "non-contiguous parameter or gradient"
+            elif ok and (p.dtype not in _KERNEL_DTYPES or g.dtype != p.dtype or group.get("state_dtype") == "float64"):
+                ok, reason = False, f"the kernels take fp32/bf16/fp16 params, grads and state (got {p.dtype})"
         path = reason if ok else f"torch reference ({reason})"
         if path not in self._logged_paths:
             self._logged_paths.add(path)

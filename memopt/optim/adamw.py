@@ -111,7 +111,7 @@ class AdamW8bit(MemoptOptimizer):
                         maps[p.device] = (create_dynamic_map(True).to(p.device),
                                           create_dynamic_map(False).to(p.device))
                     signed, unsigned = maps[p.device]
-                    fused = self._use_triton(group, p)
+                    fused = self._use_triton(group, p, g)
                     n_triton += fused
                     n_torch += not fused
                     update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
