@@ -13,7 +13,6 @@ per element are written formulas (read + write, one pass), listed in BYTES.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -24,8 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import memopt  # noqa: E402
+from _common import write_csv  # noqa: E402
 
 # bytes moved per element (read + write), bf16 param and grad unless stated
 BYTES = {
@@ -149,16 +150,10 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter dry run)"
     for r in rows:
         r.update(device=name, torch=torch.__version__, machine=platform.machine())
-    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    out = Path(cli.out + ("_dryrun" if cli.dry_run else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    path = write_csv(Path(cli.out + ("_dryrun" if cli.dry_run else "")), rows)
     for r in rows:
         print({k: r[k] for k in r if k not in ("torch", "machine", "device")})
-    print(f"wrote {out.with_suffix('.csv')}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ say nothing about the fused kernels: benchmarks/kernels_gpu.py measures those.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -22,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
 import memopt  # noqa: E402
+from _common import write_csv  # noqa: E402
 
 
 def _bnb(cls_name, **kw):
@@ -129,13 +130,7 @@ def main():
         })
         print(f"{name:<20} {total / n_params:6.3f} B/param  quantized {rows[-1]['bytes_per_quantized_param']} "
               f"B/param  {med:9.1f} ms")
-    out = Path(cli.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out.with_suffix('.csv')}")
+    print(f"wrote {write_csv(Path(cli.out), rows)}")
 
 
 if __name__ == "__main__":

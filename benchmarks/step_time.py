@@ -11,7 +11,6 @@ parameters and fixed random gradients, interleaved round-robin so drift affects 
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -20,10 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
 import memopt  # noqa: E402
+from _common import write_csv  # noqa: E402
 
 BASELINES = {
     "torch_sgd_momentum_foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, dampening=0.9, foreach=True),
@@ -84,15 +85,12 @@ def main():
             "state_bytes_per_param": round(sb / n_params, 4), "step_ms_median": round(med, 2),
             "step_ms_min": round(min(times[name]), 2), "ratio_vs_torch_sgd_momentum": round(med / ref_sgd, 3),
             "ratio_vs_torch_adamw": round(med / ref_adamw, 3), "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
             "rounds_x_steps": f"{cli.rounds}x{cli.steps}",
         })
     out = Path(cli.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out, rows)
     for r in rows:
         print(f"{r['optimizer']:<32} {r['state_bytes_per_param']:>6.3f} B/param {r['step_ms_median']:>9.1f} ms "
               f"x{r['ratio_vs_torch_sgd_momentum']:.3f} vs SGD  x{r['ratio_vs_torch_adamw']:.3f} vs AdamW")
