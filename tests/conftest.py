@@ -9,5 +9,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-# Triton kernels run on CPU tensors in the interpreter; must be set before any @triton.jit function runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the Triton kernels run on CPU tensors in the interpreter (set before any @triton.jit runs);
+# with one, the same parity tests run the compiled kernels on CUDA tensors (see KERNEL_DEVICE).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

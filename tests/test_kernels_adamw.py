@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE as DEV
 from memopt.functional import adamw as ref
 from memopt.kernels import adamw as tri
 
@@ -14,14 +15,14 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_adamw_8bit_matches_reference(n, dtype):
     g = torch.Generator().manual_seed(n)
-    p0 = (torch.randn(n, generator=g) * 0.5).to(dtype)
-    grads = [(torch.randn(n, generator=g) * 1e-2).to(dtype) for _ in range(4)]
+    p0 = (torch.randn(n, generator=g) * 0.5).to(DEV, dtype)
+    grads = [(torch.randn(n, generator=g) * 1e-2).to(DEV, dtype) for _ in range(4)]
     n_blocks = -(-n // 256)
     out = []
     for impl in (ref, tri):
         p = p0.clone()
-        state = [torch.zeros(n, dtype=torch.uint8), torch.zeros(n_blocks), torch.zeros(n, dtype=torch.uint8),
-                 torch.zeros(n_blocks)]
+        state = [torch.zeros(n, dtype=torch.uint8, device=DEV), torch.zeros(n_blocks, device=DEV),
+                 torch.zeros(n, dtype=torch.uint8, device=DEV), torch.zeros(n_blocks, device=DEV)]
         for t, gr in enumerate(grads):
             impl.adamw_update_8bit_(p, gr, *state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                                     step=t + 1)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE as DEV
 from memopt.functional import quantize as ref
 from memopt.kernels import quantize as tri
 
@@ -14,7 +15,7 @@ SIZES = [1, 255, 257, 4097, 2 * 2048 + 3]
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantize_matches_reference(n, dtype, signed):
     g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, generator=g).to(dtype)
+    x = torch.randn(n, generator=g).to(DEV, dtype)
     if not signed:
         x = x.abs()
     code = ref.create_dynamic_map(signed)
@@ -29,14 +30,14 @@ def test_quantize_matches_reference(n, dtype, signed):
 
 
 def test_blocksize_2048_and_adversarial_blocks():
-    x = torch.zeros(3 * 2048)
+    x = torch.zeros(3 * 2048, device=DEV)
     x[2048:4096] = torch.randn(2048) * 1e-3
     x[2048] = 1e4  # one huge outlier
     c_ref, a_ref = ref.quantize_blockwise(x, blocksize=2048)
     c_tri, a_tri = tri.quantize_blockwise(x, blocksize=2048)
     assert torch.equal(a_tri, a_ref)
     assert (c_tri.int() - c_ref.int()).abs().max() <= 1
-    assert torch.equal(tri.dequantize_blockwise(c_tri[:2048], a_tri[:1], blocksize=2048), torch.zeros(2048))
+    assert torch.equal(tri.dequantize_blockwise(c_tri[:2048], a_tri[:1], blocksize=2048), torch.zeros(2048, device=DEV))
 
 
 def test_launcher_validation():
@@ -45,4 +46,4 @@ def test_launcher_validation():
     with pytest.raises(ValueError, match="contiguous"):
         tri.quantize_blockwise(torch.randn(64, 64).t())
     with pytest.raises(ValueError, match="NaN or Inf"):
-        tri.quantize_blockwise(torch.tensor([1.0, float("nan")]))
+        tri.quantize_blockwise(torch.tensor([1.0, float("nan")], device=DEV))

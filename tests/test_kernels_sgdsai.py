@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE as DEV
 from memopt.functional import sgdsai as ref
 from memopt.kernels import sgdsai as tri
 
@@ -13,8 +14,8 @@ TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2
 
 def _case(n, dtype, seed=0):
     g = torch.Generator().manual_seed(seed + n)
-    p = (torch.randn(n, generator=g) * 0.5).to(dtype)
-    grads = [(torch.randn(n, generator=g) * 1e-1).to(dtype) for _ in range(4)]
+    p = (torch.randn(n, generator=g) * 0.5).to(DEV, dtype)
+    grads = [(torch.randn(n, generator=g) * 1e-1).to(DEV, dtype) for _ in range(4)]
     return p, grads
 
 
@@ -46,8 +47,8 @@ def test_fused_8bit_matches_reference(n, dtype, maximize):
     results = []
     for impl in (ref, tri):
         p = p0.clone()
-        codes = torch.zeros(n, dtype=torch.uint8)
-        absmax = torch.zeros(n_blocks)
+        codes = torch.zeros(n, dtype=torch.uint8, device=DEV)
+        absmax = torch.zeros(n_blocks, device=DEV)
         for t, g in enumerate(grads):
             impl.sgdsai_update_8bit_(p, g, codes, absmax, first_step=(t == 0), **kw)
         results.append((p, codes, absmax))

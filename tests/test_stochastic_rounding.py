@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE as DEV
 from memopt import AdamW8bit, SGDSaI
 from memopt.functional.rounding import stochastic_round_to_bf16
 
@@ -41,10 +42,10 @@ MAKERS = {
 def test_tiny_updates_move_bf16_weights_only_with_stochastic_rounding(name):
     # every step moves each weight by ~1/40-1/80 of a bf16 ulp at 1.0: round-to-nearest loses it, SR keeps it
     def drift(dtype, sr):
-        p = torch.nn.Parameter(torch.ones(1024, dtype=dtype))
+        p = torch.nn.Parameter(torch.ones(1024, dtype=dtype, device=DEV))
         opt = MAKERS[name]([p], sr)
         for _ in range(64):
-            p.grad = torch.full((1024,), -1.0 / 32, dtype=dtype)
+            p.grad = torch.full((1024,), -1.0 / 32, dtype=dtype, device=DEV)
             opt.step()
         return p.detach().float().mean().item() - 1.0
 

@@ -10,8 +10,7 @@ def nearest_code_index(v, mids_ptr):
     (binary lifting, 8 gathers). Ties go to the lower code, as in the PyTorch reference."""
     pos = tl.zeros_like(v).to(tl.int32)
     for k in tl.static_range(8):
-        step: tl.constexpr = 128 >> k
-        cand = pos + step
+        cand = pos + (128 >> k)
         ok = cand <= 255
         mid = tl.load(mids_ptr + cand - 1, mask=ok, other=float("inf"))
         pos = tl.where(ok & (mid < v), cand, pos)
