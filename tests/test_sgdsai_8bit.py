@@ -138,3 +138,55 @@ def test_trainer_sgdsai_8bit_keeps_embeddings_32bit(tmp_path):
     assert "momentum_codes" in opt.state[model.model.layers[0].mlp.up_proj.weight]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_review_fixes_blocksize_overrides_fp32_exceptions_and_dtensor_refusal():
+    with pytest.raises(ValueError, match="power of two"):
+        SGDSaI(_params((4,)), state_bits=8, blocksize=100)
+    big, small = _params((64, 128), (10,), dtype=torch.bfloat16)
+    keep_32bit_state(small, bits=8)  # an explicit mark wins over min_8bit_size
+    emb = _params((70, 70), dtype=torch.bfloat16)[0]
+    keep_32bit_state(emb)
+    opt = SGDSaI([big, small, emb], state_bits=8)
+    _run(opt, [big, small, emb], _grads([big, small, emb], 2))
+    assert "momentum_codes" in opt.state[small]
+    assert opt.state[emb]["momentum_buffer"].dtype == torch.float32  # 32-bit exceptions are fp32, not bf16
+    adam = memopt.AdamW8bit([emb])
+    emb.grad = torch.randn_like(emb)
+    adam.step()
+    assert adam.state[emb]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_nonfinite_first_gradient_without_check_never_stores_a_nan_scale():
+    p, q = _params((8, 8), (8, 8))
+    opt = SGDSaI([p, q], check_finite=False)
+    bad = torch.randn(8, 8)
+    bad[0, 0] = float("nan")
+    p.grad, q.grad = bad, torch.randn(8, 8)
+    opt.step()
+    assert "gsnr" not in opt.state[p]
+    q0 = q.detach().clone()
+    p.grad, q.grad = torch.randn(8, 8), torch.randn(8, 8)
+    opt.step()
+    assert torch.isfinite(q).all() and not torch.equal(q.detach(), q0)
+
+
+def test_dtensor_params_are_refused_clearly():
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="FSDP2"):
+            SGDSaI([p])
+        with pytest.raises(NotImplementedError, match="FSDP2"):
+            memopt.AdamW8bit([p])
+    finally:
+        dist.destroy_process_group()

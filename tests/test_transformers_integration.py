@@ -198,3 +198,15 @@ def test_trainer_default_lr_gets_a_hint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="memopt"):
         trainer.create_optimizer()
     assert "default learning_rate" in caplog.text and "LoRA" in caplog.text
+
+
+def test_no_patch_route_with_model_keeps_embeddings_32bit(tmp_path):
+    model = tiny_llama()
+    args = _args(tmp_path, optim="adamw_torch", max_steps=2)
+    cls_kwargs = hf_integration.optimizer_cls_and_kwargs("sgdsai_8bit", args, optim_args="min_8bit_size=256",
+                                                         model=model)
+    trainer = Trainer(model=model, args=args, train_dataset=PatternDataset(), optimizer_cls_and_kwargs=cls_kwargs)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert "momentum_buffer" in opt.state[model.get_input_embeddings().weight]
+    assert "momentum_codes" in opt.state[model.model.layers[0].mlp.up_proj.weight]

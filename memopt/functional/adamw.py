@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from memopt.functional.quantize import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from memopt.functional.quantize import default_code, dequantize_blockwise, quantize_blockwise
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
@@ -66,8 +66,8 @@ def adamw_update_8bit_(
     """AdamW with both moments as blockwise 8-bit codes: ``exp_avg`` on the signed dynamic map,
     ``exp_avg_sq`` (non-negative) on the unsigned one. Dequantize to fp32, update, re-quantize against the new
     block absmax (nearest code). Zero-initialised codes with absmax 0 dequantize to exact zeros (step 1)."""
-    signed_code = create_dynamic_map(True) if signed_code is None else signed_code
-    unsigned_code = create_dynamic_map(False) if unsigned_code is None else unsigned_code
+    signed_code = default_code(True, param.device) if signed_code is None else signed_code
+    unsigned_code = default_code(False, param.device) if unsigned_code is None else unsigned_code
     cdt = compute_dtype(param.dtype)
     m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
     v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)

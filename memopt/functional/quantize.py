@@ -41,7 +41,8 @@ def create_dynamic_map(signed: bool = True) -> Tensor:
     return torch.sort(code).values
 
 
-def _default_code(signed: bool, device: torch.device) -> Tensor:
+def default_code(signed: bool, device: torch.device) -> Tensor:
+    """The dynamic map on ``device``, built and copied once per device."""
     key = (signed, str(device))
     if key not in _MAPS:
         _MAPS[key] = create_dynamic_map(signed).to(device)
@@ -87,7 +88,7 @@ def quantize_blockwise(
     _check_blocksize(blocksize)
     if not x.is_floating_point():
         raise ValueError(f"quantize_blockwise expects a floating-point tensor, got {x.dtype}")
-    code = _default_code(True, x.device) if code is None else code.to(device=x.device, dtype=torch.float32)
+    code = default_code(True, x.device) if code is None else code.to(device=x.device, dtype=torch.float32)
     if code.numel() != 256:
         raise ValueError(f"code must have 256 entries, got {code.numel()}")
     blocks = _blocks(x.detach().float(), blocksize)
@@ -140,6 +141,6 @@ def dequantize_blockwise(
     n_blocks = -(-codes.numel() // blocksize)
     if absmax.numel() != n_blocks:
         raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
-    code = _default_code(True, codes.device) if code is None else code.to(device=codes.device, dtype=torch.float32)
+    code = default_code(True, codes.device) if code is None else code.to(device=codes.device, dtype=torch.float32)
     values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)

@@ -69,9 +69,7 @@ def _add_enum_member(enum_cls, value: str):
 
 def _handler_for(name: str):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
-        cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args)
-        if kwargs.get("state_bits") == 8 and ctx.model is not None:
-            _keep_embeddings_32bit(ctx.model)
+        cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args, model=ctx.model)
         hint = getattr(cls, "LR_HINT", None)
         if hint and ctx.args.learning_rate == _TRAINER_DEFAULT_LR:
             logger.warning(
@@ -168,6 +166,7 @@ def optimizer_cls_and_kwargs(
     *,
     lr: Optional[float] = None,
     optim_args: Union[None, str, Mapping[str, Any]] = None,
+    model=None,
 ) -> tuple[type, dict[str, Any]]:
     """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with no patching.
 
@@ -175,6 +174,8 @@ def optimizer_cls_and_kwargs(
         name: a memopt optimizer name (``memopt.list_optimizers()``).
         args: the ``TrainingArguments``; its ``learning_rate`` and ``optim_args`` are used unless overridden.
         lr, optim_args: overrides. The Trainer still builds its decay / no-decay groups.
+        model: for 8-bit optimizers, its ``nn.Embedding`` weights are marked to keep 32-bit state (what the
+            ``optim="..."`` route does); without it, call ``memopt.keep_32bit_state`` yourself.
 
     Raises:
         ValueError: unknown name, or a bad ``optim_args`` key/value (named in the message).
@@ -189,6 +190,8 @@ def optimizer_cls_and_kwargs(
         kwargs["lr"] = lr
     elif args is not None:
         kwargs["lr"] = args.learning_rate
+    if kwargs.get("state_bits") == 8 and model is not None:
+        _keep_embeddings_32bit(model)
     return spec.factory, kwargs
 
 

@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import code_midpoints, create_dynamic_map
 from memopt.kernels._common import quantize_block, store_param_sr, torch_lerp
-from memopt.kernels.quantize import check_blocksize, dtype_kind
+from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
 from memopt.kernels.sgdsai import _check, random_seed
 
 
@@ -58,13 +57,12 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
             raise ValueError("codes/absmax do not match the parameter's size and blocksize")
     if n == 0:
         return
-    dev = param.device
-    scode = (create_dynamic_map(True) if signed_code is None else signed_code).to(dev, torch.float32).contiguous()
-    ucode = (create_dynamic_map(False) if unsigned_code is None else unsigned_code).to(dev, torch.float32).contiguous()
+    scode, smids = code_and_midpoints(signed_code, True, param.device)
+    ucode, umids = code_and_midpoints(unsigned_code, False, param.device)
     _adamw_8bit_kernel[(n_blocks,)](
         param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-        scode, code_midpoints(scode).contiguous(), ucode, code_midpoints(ucode).contiguous(), n,
+        scode, smids, ucode, umids, n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
-        -lr / (1.0 - beta1**step), random_seed(), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype),
+        -lr / (1.0 - beta1**step), random_seed(stochastic_rounding, param.dtype), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype),
         SR=stochastic_rounding, BLOCK=blocksize,
     )

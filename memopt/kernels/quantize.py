@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import code_midpoints, create_dynamic_map
+from memopt.functional.quantize import code_midpoints, default_code
 from memopt.kernels._common import quantize_block, store_param
 
 
@@ -49,8 +49,20 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize={blocksize!r}: the Triton kernels need a power of two in [16, 8192]")
 
 
-def _code(code: Optional[Tensor], device) -> Tensor:
-    return (create_dynamic_map(True) if code is None else code).to(device=device, dtype=torch.float32).contiguous()
+_MIDS: dict = {}
+
+
+def code_and_midpoints(code: Optional[Tensor], signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The map on ``device`` and its 255 midpoints. The default maps are built and copied once per device: a
+    host-to-device copy per call would synchronise the host on every tensor of every step."""
+    if code is None:
+        key = (signed, str(device))
+        if key not in _MIDS:
+            default = default_code(signed, device)
+            _MIDS[key] = (default, code_midpoints(default).contiguous())
+        return _MIDS[key]
+    code = code.to(device=device, dtype=torch.float32).contiguous()
+    return code, code_midpoints(code).contiguous()
 
 
 def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int = 256) -> tuple[Tensor, Tensor]:
@@ -65,7 +77,7 @@ def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int 
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     if n:
-        mids = code_midpoints(_code(code, x.device)).contiguous()
+        _, mids = code_and_midpoints(code, True, x.device)
         _quantize_blockwise_kernel[(n_blocks,)](x, codes, absmax, mids, n, BLOCK=blocksize)
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
@@ -84,6 +96,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if codes.numel():
         _dequantize_blockwise_kernel[(n_blocks,)](codes.contiguous(), absmax.float().contiguous(),
-                                                  _code(code, codes.device), out, codes.numel(), BLOCK=blocksize,
+                                                  code_and_midpoints(code, True, codes.device)[0], out, codes.numel(),
+                                                  BLOCK=blocksize,
                                                   OUT_KIND=dtype_kind(dtype))
     return out

@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import code_midpoints, create_dynamic_map
 from memopt.kernels._common import quantize_block, store_param, store_param_sr, torch_lerp
-from memopt.kernels.quantize import check_blocksize, dtype_kind
+from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_BLOCK = 1024
@@ -53,9 +52,12 @@ def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr,
     tl.store(absmax_ptr + pid, amax)
 
 
-def random_seed() -> int:
+def random_seed(stochastic_rounding: bool, dtype: torch.dtype) -> int:
     """Seed for a kernel's stochastic rounding, drawn from torch's global CPU RNG (no device sync; restored
-    with the RNG state on Trainer resume)."""
+    with the RNG state on Trainer resume). Drawn only when used, so the RNG stream is the same as on the
+    reference path."""
+    if not (stochastic_rounding and dtype == torch.bfloat16):
+        return 0
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
@@ -84,7 +86,8 @@ def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor
     alpha = (lr * scale) if maximize else -(lr * scale)
     m = grad if momentum_buffer is None else momentum_buffer
     _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
-        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum, random_seed(),
+        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        random_seed(stochastic_rounding, param.dtype),
         HAS_M=momentum_buffer is not None, FIRST=first_step, P_KIND=dtype_kind(param.dtype),
         M_KIND=dtype_kind(m.dtype), SR=stochastic_rounding, BLOCK=_FP32_BLOCK,
     )
@@ -106,10 +109,9 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
         raise ValueError("codes/absmax do not match the parameter's size and blocksize")
     if n == 0:
         return
-    code = (create_dynamic_map(True) if code is None else code).to(device=param.device, dtype=torch.float32)
-    mids = code_midpoints(code).contiguous()
+    code, mids = code_and_midpoints(code, True, param.device)
     alpha = (lr * scale) if maximize else -(lr * scale)
     _sgdsai_8bit_kernel[(n_blocks,)](
-        param, grad, codes, absmax, code.contiguous(), mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
-        random_seed(), FIRST=first_step, P_KIND=dtype_kind(param.dtype), SR=stochastic_rounding, BLOCK=blocksize,
+        param, grad, codes, absmax, code, mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        random_seed(stochastic_rounding, param.dtype), FIRST=first_step, P_KIND=dtype_kind(param.dtype), SR=stochastic_rounding, BLOCK=blocksize,
     )

@@ -37,6 +37,14 @@ def keep_32bit_state(params, bits: int = 32) -> None:
         setattr(p, _OVERRIDE_ATTR, bits)
 
 
+def _refuse_dtensor(name: str, p: Tensor) -> None:
+    if hasattr(p, "placements") and hasattr(p, "device_mesh"):
+        raise NotImplementedError(
+            f"{name} does not support FSDP2 / DTensor-sharded parameters yet: whole-tensor statistics and 8-bit "
+            "blocks would be computed per shard. Use DDP (accelerate launch --multi_gpu) or a single device."
+        )
+
+
 def check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True):
     if isinstance(value, Tensor):
         raise ValueError(f"{name}={value!r}: a tensor is not supported here, pass a Python float")
@@ -60,6 +68,10 @@ def check_8bit_args(group: dict) -> None:
         v = group[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{key}={v!r} must be a positive int")
+    b = group["blocksize"]
+    if b < 16 or b > 8192 or b & (b - 1):
+        # the same layout must work on every path: the Triton kernels take powers of two in [16, 8192]
+        raise ValueError(f"blocksize={b!r} must be a power of two in [16, 8192]")
     if group["state_bits"] == 8 and not group["check_finite"]:
         raise ValueError("check_finite=False is not supported with state_bits=8: a non-finite value would "
                          "poison a whole quantization block")
@@ -132,6 +144,7 @@ class MemoptOptimizer(Optimizer):
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            _refuse_dtensor(name, p)
             if p.is_complex():
                 raise ValueError(f"{name} does not support complex parameters (view them as real first)")
             if p.dtype not in PARAM_DTYPES:
@@ -148,6 +161,7 @@ class MemoptOptimizer(Optimizer):
         g = p.grad
         if g is None:
             return None
+        _refuse_dtensor(type(self).__name__, p)  # accelerate may swap in sharded params after construction
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if g.shape != p.shape:
@@ -191,9 +205,18 @@ class MemoptOptimizer(Optimizer):
 
     @staticmethod
     def _wants_8bit(group: dict, p: Tensor) -> bool:
-        # Small tensors (biases, norms) save almost nothing in 8-bit and are the most sensitive: keep 32-bit.
-        bits = getattr(p, _OVERRIDE_ATTR, group["state_bits"])
-        return bits == 8 and p.numel() >= group["min_8bit_size"]
+        # An explicit per-tensor mark wins. Otherwise small tensors (biases, norms) keep 32-bit state: they
+        # save almost nothing in 8-bit and are the most sensitive.
+        override = getattr(p, _OVERRIDE_ATTR, None)
+        if override is not None:
+            return override == 8
+        return group["state_bits"] == 8 and p.numel() >= group["min_8bit_size"]
+
+    @staticmethod
+    def _full_state_dtype(group: dict, p: Tensor) -> torch.dtype:
+        """dtype of a full-precision state tensor: fp32 for the tensors an 8-bit optimizer keeps in 32-bit
+        (the spec's exceptions), the parameter's dtype otherwise (torch's convention)."""
+        return torch.float32 if group["state_bits"] == 8 else p.dtype
 
     # --------------------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict) -> None:

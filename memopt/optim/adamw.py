@@ -7,7 +7,6 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
-from memopt.functional.quantize import create_dynamic_map
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float
 
@@ -85,7 +84,6 @@ class AdamW8bit(MemoptOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        maps: dict[torch.device, tuple] = {}
         n_triton = n_torch = 0
         for group in self.param_groups:
             params, grads = self._collect(group)
@@ -103,20 +101,17 @@ class AdamW8bit(MemoptOptimizer):
                             state[f"{key}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
                             state[f"{key}_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
                     else:
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        dtype = self._full_state_dtype(group, p)
+                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
                 if "exp_avg_codes" in state:
-                    if p.device not in maps:
-                        maps[p.device] = (create_dynamic_map(True).to(p.device),
-                                          create_dynamic_map(False).to(p.device))
-                    signed, unsigned = maps[p.device]
                     fused = self._use_triton(group, p, g)
                     n_triton += fused
                     n_torch += not fused
                     update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
                     update(p, g, *(state[k] for k in _CODES), step=state["step"], blocksize=group["blocksize"],
-                           signed_code=signed, unsigned_code=unsigned, **common)
+                           **common)
                 else:
                     n_torch += 1
                     adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **common)

@@ -64,7 +64,8 @@ class SGDSaI(MemoptOptimizer):
             ``"sqrt_numel"`` (reference v1.1.0): ``sqrt(numel)``, needs no gradient statistics.
         maximize: maximize the objective instead of minimizing.
         foreach: use ``torch._foreach_*`` ops (default: True). Both paths give bit-identical results.
-        state_dtype: dtype of the momentum buffer (default: the parameter's dtype). Update math is fp32.
+        state_dtype: dtype of the momentum buffer (default: the parameter's dtype; fp32 for the tensors that
+            keep full-precision state under ``state_bits=8``). Update math is fp32.
         check_finite: skip the update of any tensor whose gradient has a NaN/Inf (param and state are left
             unchanged, a warning is logged and ``nonfinite_skips`` counts it). Costs one extra read of the
             gradients and one host sync per step. With ``False``, non-finite gradients propagate.
@@ -172,7 +173,7 @@ class SGDSaI(MemoptOptimizer):
                     state = self.state[p]
                     if "gsnr" not in state:
                         s = gsnr(g, group["eps"])
-                        if s is not None:
+                        if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
                             state["gsnr"] = s
             work.append((group, params, grads))
 
@@ -212,7 +213,7 @@ class SGDSaI(MemoptOptimizer):
                     )
                     continue
                 if beta != 0.0 and first:
-                    dtype = _STATE_DTYPES[state_dtype] if state_dtype else p.dtype
+                    dtype = _STATE_DTYPES[state_dtype] if state_dtype else self._full_state_dtype(group, p)
                     state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
                 if fused:
                     kernels.sgdsai_update_(p, g, state.get("momentum_buffer"), scale=scale, first_step=first,
