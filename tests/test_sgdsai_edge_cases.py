@@ -225,6 +225,8 @@ def test_nonfinite_gradient_skips_only_that_tensor_and_keeps_state_clean():
 def test_nonfinite_check_can_be_disabled():
     p = _param(4, 4)
     opt = SGDSaI([p], check_finite=False)
+    p.grad = torch.randn(4, 4)
+    opt.step()
     g = torch.randn(4, 4)
     g[0, 0] = float("nan")
     p.grad = g

@@ -68,7 +68,8 @@ class SGDSaI(MemoptOptimizer):
             keep full-precision state under ``state_bits=8``). Update math is fp32.
         check_finite: skip the update of any tensor whose gradient has a NaN/Inf (param and state are left
             unchanged, a warning is logged and ``nonfinite_skips`` counts it). Costs one extra read of the
-            gradients and one host sync per step. With ``False``, non-finite gradients propagate.
+            gradients and one host sync per step. With ``False``, non-finite gradients propagate into params and
+            state (only the g-SNR is protected: a non-finite gradient never sets it).
 
         state_bits: ``8`` holds the momentum as blockwise 8-bit codes (uint8) + one fp32 absmax per block of
             ``blocksize`` elements (1.0156 B/param at 256) for tensors with at least ``min_8bit_size`` (4096)
