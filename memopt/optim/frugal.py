@@ -1,0 +1,169 @@
+"""FRUGAL: full-rank updates with gradient splitting (arXiv 2411.07837; spec: algorithms.md §4)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from memopt.functional import projection as proj
+from memopt.optim._base import MemoptOptimizer, check_float
+
+STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
+
+
+class FRUGAL(MemoptOptimizer):
+    """FRUGAL: AdamW on a subspace of each projectable gradient, a state-free update on the rest.
+
+    For a projectable (2-D) parameter with gradient G: ``gd = Down(G)``; AdamW state (m, v, step) lives in the
+    subspace and gives ``u = Up(adam(gd))`` at ``lr``; the residual ``G − Up(gd)`` gets ``−lr·inactive_lr_scale
+    ·sign(res)`` (``sign_sgd``), ``·res`` (``sgd``) or nothing (``none``). Decoupled weight decay applies to
+    every parameter. Non-projectable parameters (groups with ``project=False``: embeddings, LM head, norms,
+    biases) get plain AdamW. Every ``update_gap`` steps the subspace is chosen again (``on_refresh="reset"``:
+    zero m, v and restart the bias correction; ``"keep"``; ``"reproject"`` for svd/random bases).
+
+    Args:
+        params: parameters or groups; a group key ``project`` (default True) marks projectable groups.
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
+        density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))`` or fraction of columns/rows; 0 makes every
+            projectable parameter state-free, 1 with ``columns``/``rows`` is plain AdamW.
+        selection: ``random`` (default, orthogonal), ``svd``, ``randomized_svd``, ``columns``, ``rows``.
+        update_gap: steps between subspace changes (default 200).
+        state_free: ``sign_sgd`` (default), ``sgd`` or ``none``. inactive_lr_scale: its lr factor (1.0).
+        check_finite, maximize: as the other memopt optimizers.
+
+    Use for: fine-tuning or pre-training with ~ρ of AdamW's state on the projectable matrices.
+    Not for: DeepSpeed-flattened or 1-D parameters in projectable groups (refused).
+    """
+
+    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "proj_basis", "proj_indices", "proj_seed", "proj_k",
+                            "proj_refreshed_at", "refreshes", "iteration"})
+    SHAPED_STATE_KEYS = ()
+    REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
+                 update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
+                 inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
+                        update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
+                        inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
+                        project=True)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        check_float("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} must be a pair of floats")
+        check_float("betas[0]", betas[0], 0.0, 1.0)
+        check_float("betas[1]", betas[1], 0.0, 1.0)
+        check_float("eps", group["eps"], 0.0, low_open=True)
+        check_float("weight_decay", group["weight_decay"], 0.0)
+        check_float("density", group["density"], 0.0, 1.0, high_open=False)
+        check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
+        if group["state_free"] not in STATE_FREE_RULES:
+            raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
+        for flag in ("check_finite", "maximize", "project"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+        if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
+            raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
+        # the projector checks selection, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
+        proj.ProjectionConfig(selection=group["selection"], density=group["density"] or 1.0,
+                              update_gap=group["update_gap"], on_refresh=group["on_refresh"]).validate()
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(self.defaults, **param_group)
+        if group.get("project", True):
+            params = param_group["params"]
+            for p in ([params] if isinstance(params, Tensor) else list(params)):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"FRUGAL projects 2-D matrices; a parameter of shape {tuple(p.shape)} is in a projectable "
+                        "group (put 1-D params, or DeepSpeed-flattened partitions, in a group with project=False)"
+                    )
+        super().add_param_group(param_group)
+
+    def _normalize_group(self, group: dict) -> None:
+        group["betas"] = tuple(float(b) for b in group["betas"])
+
+    @staticmethod
+    def _adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
+        """Update the (subspace or full) AdamW moments with ``g`` and return the bias-corrected direction."""
+        if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+            state["step"] = 0
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+        return m / denom / (1.0 - beta1**t)
+
+    def _refresh(self, group: dict, state: dict, g: Tensor, step: int) -> None:
+        cfg = proj.ProjectionConfig(selection=group["selection"], density=group["density"],
+                                    update_gap=group["update_gap"], on_refresh=group["on_refresh"])
+        old = proj.refresh(state, g, step, cfg)
+        state["refreshes"] = state.get("refreshes", 0) + 1
+        side = proj.projection_side(tuple(g.shape))
+        if group["on_refresh"] == "reset" or "exp_avg" not in state:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                state.pop(key, None)
+        elif group["on_refresh"] == "reproject" and old is not None:
+            new = state["proj_basis"]
+            state["exp_avg"] = proj.reproject_linear(state["exp_avg"], old, new, side)
+            state["exp_avg_sq"] = proj.reproject_square(state["exp_avg_sq"], old, new, side)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._collect(group)
+            beta1, beta2 = group["betas"]
+            lr, eps = group["lr"], group["eps"]
+            for p, grad in zip(params, grads):
+                g = (-grad if group["maximize"] else grad).float()
+                state = self.state[p]
+                p32 = p if p.dtype == torch.float32 else p.float()
+                if group["weight_decay"]:
+                    p32.mul_(1.0 - lr * group["weight_decay"])
+                if not group["project"]:
+                    p32.sub_(self._adam_direction(state, g, beta1, beta2, eps), alpha=lr)
+                elif group["density"] == 0:
+                    self._state_free(p32, g, group)
+                else:
+                    self._projected_update(group, state, p32, g)
+                if p32 is not p:
+                    p.copy_(p32)
+        return loss
+
+    def _projected_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+        it = state.get("iteration", 0)
+        cfg = proj.ProjectionConfig(selection=group["selection"], density=group["density"],
+                                    update_gap=group["update_gap"], on_refresh=group["on_refresh"])
+        if proj.refresh_due(state, it, cfg):
+            self._refresh(group, state, g, it)
+        state["iteration"] = it + 1
+        sel, shape = group["selection"], tuple(g.shape)
+        low = proj.down(state, g, sel)
+        beta1, beta2 = group["betas"]
+        direction = self._adam_direction(state, low, beta1, beta2, group["eps"])
+        p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"])
+        if group["state_free"] != "none":
+            self._state_free(p32, g - proj.up(state, low, shape, sel), group)
+
+    @staticmethod
+    def _state_free(p32: Tensor, residual: Tensor, group: dict) -> None:
+        lr_free = group["lr"] * group["inactive_lr_scale"]
+        if group["state_free"] == "sign_sgd":
+            p32.sub_(residual.sign(), alpha=lr_free)
+        elif group["state_free"] == "sgd":
+            p32.sub_(residual, alpha=lr_free)

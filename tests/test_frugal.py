@@ -1,0 +1,115 @@
+"""FRUGAL (issue 4, first part): limits that pin the math, refresh, resume, refusals, state bytes."""
+
+import io
+
+import pytest
+import torch
+
+import memopt
+from memopt.optim.frugal import FRUGAL
+
+
+def _params(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(0.1 * torch.randn(s, generator=g)) for s in shapes]
+
+
+def _grads(shapes, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(steps)]
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def test_density_one_with_columns_equals_adamw():
+    shapes = [(24, 16)]
+    a, b = _params(*shapes), _params(*shapes)
+    grads = _grads(shapes, 6)
+    _run(torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, foreach=False), a, grads)
+    _run(FRUGAL(b, lr=1e-2, weight_decay=0.1, density=1.0, selection="columns"), b, grads)
+    torch.testing.assert_close(b[0], a[0], atol=1e-6, rtol=1e-6)
+
+
+def test_density_zero_is_sign_sgd_with_decoupled_decay():
+    shapes = [(12, 9)]
+    a = _params(*shapes)
+    ref = a[0].detach().clone()
+    grads = _grads(shapes, 4)
+    opt = FRUGAL(a, lr=1e-3, weight_decay=0.1, density=0.0)
+    _run(opt, a, grads)
+    for (g,) in grads:
+        ref = ref * (1 - 1e-3 * 0.1) - 1e-3 * g.sign()
+    torch.testing.assert_close(a[0].detach(), ref, atol=1e-7, rtol=0)
+    assert memopt.state_bytes(opt) == 0
+
+
+def test_state_free_none_leaves_unselected_columns_to_decay_only():
+    (p,) = _params((20, 40))
+    p0 = p.detach().clone()
+    opt = FRUGAL([p], lr=1e-2, weight_decay=0.0, density=0.25, selection="columns", state_free="none")
+    _run(opt, [p], _grads([(20, 40)], 1))
+    idx = opt.state[p]["proj_indices"].long()
+    moved = (p.detach() != p0).any(dim=0)
+    assert moved[idx].all() and moved.sum() == idx.numel()
+
+
+def test_refresh_resets_the_inner_state_and_non_projectable_groups_get_adamw():
+    w, b = _params((16, 8), (8,))
+    opt = FRUGAL([{"params": [w]}, {"params": [b], "project": False}], lr=1e-3, update_gap=3, selection="svd")
+    _run(opt, [w, b], _grads([(16, 8), (8,)], 4))
+    assert opt.state[w]["refreshes"] == 2 and opt.state[w]["step"] == 1  # refreshed at 0 and 3, step restarted
+    assert opt.state[b]["step"] == 4 and opt.state[b]["exp_avg"].shape == (8,)
+
+
+def test_state_bytes_follow_the_formula():
+    (w,) = _params((64, 32))
+    opt = FRUGAL([w], density=0.25, selection="columns")
+    _run(opt, [w], _grads([(64, 32)], 1))
+    k = 8
+    assert memopt.state_bytes(opt) == 2 * 64 * k * 4 + k * 4  # m, v in the subspace + int32 indices
+    (w2,) = _params((64, 32))
+    opt2 = FRUGAL([w2], density=0.25, selection="random")
+    _run(opt2, [w2], _grads([(64, 32)], 1))
+    r = 8
+    assert memopt.state_bytes(opt2) == 2 * r * 64 * 4 + r * 32 * 4  # b(2 r M + r mu)
+
+
+@pytest.mark.parametrize("selection,on_refresh", [("random", "reset"), ("columns", "keep"), ("svd", "reproject")])
+def test_resume_bit_identical(selection, on_refresh):
+    shapes = [(24, 12)]
+    grads = _grads(shapes, 7)
+    kw = dict(lr=1e-2, density=0.5, selection=selection, update_gap=3, on_refresh=on_refresh)
+    torch.manual_seed(0)
+    a = _params(*shapes)
+    _run(FRUGAL(a, **kw), a, grads)
+    torch.manual_seed(0)
+    b = _params(*shapes)
+    ob = FRUGAL(b, **kw)
+    _run(ob, b, grads[:4])
+    buf = io.BytesIO()
+    torch.save(ob.state_dict(), buf)
+    buf.seek(0)
+    rng = torch.get_rng_state()
+    c = [torch.nn.Parameter(t.detach().clone()) for t in b]
+    oc = FRUGAL(c, **kw)
+    oc.load_state_dict(torch.load(buf, weights_only=True))
+    torch.set_rng_state(rng)
+    _run(oc, c, grads[4:])
+    assert torch.equal(a[0], c[0])
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="2-D"):
+        FRUGAL(_params((8,)))
+    FRUGAL([{"params": _params((8,)), "project": False}])
+    with pytest.raises(ValueError, match="density"):
+        FRUGAL(_params((4, 4)), density=1.5)
+    with pytest.raises(ValueError, match="state_free"):
+        FRUGAL(_params((4, 4)), state_free="adam")
+    with pytest.raises(ValueError, match="reproject"):
+        FRUGAL(_params((4, 4)), selection="columns", on_refresh="reproject")
