@@ -31,6 +31,8 @@ class OptimizerSpec:
     description: str = ""
     # kwargs taken from transformers' TrainingArguments (e.g. Adam betas), given the args object
     from_training_args: Optional[Callable[[Any], dict]] = None
+    # builds the parameter groups itself from (model, args, decay_names) (projection methods need the model)
+    build_groups: Optional[Callable[[Any, Any, Optional[set]], list]] = None
 
     def parse_optim_args(self, optim_args: Union[None, str, Mapping[str, Any]]) -> dict[str, Any]:
         """Turn ``"k=v,k2=v2"`` (or a dict of strings/values) into typed keyword arguments.
@@ -112,6 +114,7 @@ def register_optimizer(
     defaults: Optional[Mapping[str, Any]] = None,
     description: str = "",
     from_training_args: Optional[Callable[[Any], dict]] = None,
+    build_groups: Optional[Callable[[Any, Any, Optional[set]], list]] = None,
 ) -> OptimizerSpec:
     """Register ``name``. Registering the same name with the same factory and arguments again is a no-op."""
     if not _NAME_RE.match(name):
@@ -119,7 +122,8 @@ def register_optimizer(
     for key, kind in arg_types.items():
         if kind not in _ARG_TYPES:
             raise ValueError(f"arg type {kind!r} of {key!r} is not one of {_ARG_TYPES}")
-    spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description, from_training_args)
+    spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description, from_training_args,
+                         build_groups)
     existing = _REGISTRY.get(name)
     if existing is not None and existing != spec:
         raise ValueError(f"optimizer name {name!r} is already registered with a different factory")
@@ -149,8 +153,15 @@ def _adam_training_args(args) -> dict:
     return {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
+def _projection_groups(model, args, decay_names):
+    from memopt.targets import projection_groups
+
+    return projection_groups(model, getattr(args, "optim_target_modules", None), args.weight_decay, decay_names)
+
+
 def _register_builtin() -> None:
     from memopt.optim.adamw import AdamW8bit
+    from memopt.optim.frugal import FRUGAL
     from memopt.optim.sgdsai import SGDSaI
 
     sgdsai_args = {
@@ -181,6 +192,16 @@ def _register_builtin() -> None:
         defaults={"state_bits": 8},
         description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
         from_training_args=_adam_training_args,
+    )
+    register_optimizer(
+        "frugal",
+        FRUGAL,
+        arg_types={"density": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
+                   "state_free": "str", "inactive_lr_scale": "float", "eps": "float", "check_finite": "bool",
+                   "maximize": "bool"},
+        description="FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest",
+        from_training_args=_adam_training_args,
+        build_groups=_projection_groups,
     )
 
 

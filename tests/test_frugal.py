@@ -60,7 +60,7 @@ def test_state_free_none_leaves_unselected_columns_to_decay_only():
 
 def test_refresh_resets_the_inner_state_and_non_projectable_groups_get_adamw():
     w, b = _params((16, 8), (8,))
-    opt = FRUGAL([{"params": [w]}, {"params": [b], "project": False}], lr=1e-3, update_gap=3, selection="svd")
+    opt = FRUGAL([w, b], lr=1e-3, update_gap=3, selection="svd")  # "auto": the 1-D bias gets AdamW
     _run(opt, [w, b], _grads([(16, 8), (8,)], 4))
     assert opt.state[w]["refreshes"] == 2 and opt.state[w]["step"] == 1  # refreshed at 0 and 3, step restarted
     assert opt.state[b]["step"] == 4 and opt.state[b]["exp_avg"].shape == (8,)
@@ -105,11 +105,63 @@ def test_resume_bit_identical(selection, on_refresh):
 
 def test_refusals():
     with pytest.raises(ValueError, match="2-D"):
-        FRUGAL(_params((8,)))
+        FRUGAL([{"params": _params((8,)), "project": True}])  # e.g. a DeepSpeed-flattened partition
     FRUGAL([{"params": _params((8,)), "project": False}])
+    with pytest.raises(ValueError, match="project"):
+        FRUGAL([{"params": _params((8, 8)), "project": "yes"}])
     with pytest.raises(ValueError, match="density"):
         FRUGAL(_params((4, 4)), density=1.5)
     with pytest.raises(ValueError, match="state_free"):
         FRUGAL(_params((4, 4)), state_free="adam")
     with pytest.raises(ValueError, match="reproject"):
         FRUGAL(_params((4, 4)), selection="columns", on_refresh="reproject")
+
+
+def _trainer(tmp_path, **kw):
+    from tiny import PatternDataset, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    base = dict(output_dir=str(tmp_path), optim="frugal", learning_rate=3e-3, max_steps=20,
+                per_device_train_batch_size=8, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                seed=0, disable_tqdm=True, lr_scheduler_type="constant", weight_decay=0.01,
+                optim_args="density=0.25,update_gap=5")
+    base.update(kw)
+    model = kw.pop("model", None) or tiny_llama()
+    base.pop("model", None)
+    return model, Trainer(model=model, args=TrainingArguments(**base), train_dataset=PatternDataset())
+
+
+def test_trainer_frugal_groups_follow_optim_target_modules(tmp_path):
+    model, trainer = _trainer(tmp_path)
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = {names[id(p)] for g in opt.param_groups if g["project"] is True for p in g["params"]}
+    assert projected and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj") for n in projected)
+    rest = {names[id(p)] for g in opt.param_groups if g["project"] is False for p in g["params"]}
+    assert "model.embed_tokens.weight" in rest and "lm_head.weight" in rest
+    no_decay = [p for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]]
+    assert no_decay and all("norm" in names[id(p)] for p in no_decay)
+    _, t2 = _trainer(tmp_path, optim_target_modules=r".*\.mlp\.up_proj")
+    projected2 = [p for g in t2.create_optimizer().param_groups if g["project"] is True for p in g["params"]]
+    assert len(projected2) == 2  # one up_proj per layer
+    _, t3 = _trainer(tmp_path, optim_target_modules=["not_a_module"])
+    with pytest.raises(ValueError, match="selects no nn.Linear"):
+        t3.create_optimizer()
+
+
+def test_trainer_frugal_trains_and_resumes_exactly(tmp_path):
+    _, trainer = _trainer(tmp_path)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0]
+    n = 6
+    _, straight = _trainer(tmp_path / "a", max_steps=2 * n, save_strategy="steps", save_steps=n)
+    straight.train()
+    want = {h["step"]: h["loss"] for h in straight.state.log_history if "loss" in h}
+    from tiny import tiny_llama
+
+    _, resumed = _trainer(tmp_path / "a", max_steps=2 * n, model=tiny_llama(seed=9))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
+    got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
+    assert got and all(got[s] == want[s] for s in got), (got, want)

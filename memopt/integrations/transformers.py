@@ -192,7 +192,21 @@ def optimizer_cls_and_kwargs(
         kwargs["lr"] = args.learning_rate
     if kwargs.get("state_bits") == 8 and model is not None:
         _keep_embeddings_32bit(model)
+    if spec.build_groups is not None:
+        if model is None or args is None:
+            raise ValueError(f"{name!r} builds its parameter groups from the model: pass model= and the args")
+        kwargs["params"] = spec.build_groups(model, args, _trainer_decay_names(model))
     return spec.factory, kwargs
+
+
+def _trainer_decay_names(model) -> Optional[set]:
+    """The Trainer's own decay / no-decay rule (its method does not use the Trainer instance)."""
+    try:
+        from transformers import Trainer
+
+        return set(Trainer.get_decay_parameter_names(None, model))
+    except Exception:  # noqa: BLE001  (a transformers version without it: every 2-D param decays)
+        return None
 
 
 def __getattr__(name: str):

@@ -25,7 +25,8 @@ class FRUGAL(MemoptOptimizer):
     zero m, v and restart the bias correction; ``"keep"``; ``"reproject"`` for svd/random bases).
 
     Args:
-        params: parameters or groups; a group key ``project`` (default True) marks projectable groups.
+        params: parameters or groups. Group key ``project``: ``"auto"`` (default: 2-D params projected, others
+            plain AdamW), ``True`` (every param projected; a non-2-D one is refused), ``False`` (plain AdamW).
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
         density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))`` or fraction of columns/rows; 0 makes every
             projectable parameter state-free, 1 with ``columns``/``rows`` is plain AdamW.
@@ -35,7 +36,7 @@ class FRUGAL(MemoptOptimizer):
         check_finite, maximize: as the other memopt optimizers.
 
     Use for: fine-tuning or pre-training with ~ρ of AdamW's state on the projectable matrices.
-    Not for: DeepSpeed-flattened or 1-D parameters in projectable groups (refused).
+    Not for: DeepSpeed-flattened (1-D) partitions, which lose the matrix shape: ``project=True`` refuses them.
     """
 
     STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "proj_basis", "proj_indices", "proj_seed", "proj_k",
@@ -50,7 +51,7 @@ class FRUGAL(MemoptOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
                         update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
-                        project=True)
+                        project="auto")
         super().__init__(params, defaults)
 
     @staticmethod
@@ -67,9 +68,11 @@ class FRUGAL(MemoptOptimizer):
         check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
         if group["state_free"] not in STATE_FREE_RULES:
             raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
-        for flag in ("check_finite", "maximize", "project"):
+        for flag in ("check_finite", "maximize"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+        if group["project"] not in ("auto", True, False):
+            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
         if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
             raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
         # the projector checks selection, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
@@ -78,7 +81,7 @@ class FRUGAL(MemoptOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         group = dict(self.defaults, **param_group)
-        if group.get("project", True):
+        if group["project"] is True:
             params = param_group["params"]
             for p in ([params] if isinstance(params, Tensor) else list(params)):
                 if p.dim() != 2:
@@ -135,7 +138,7 @@ class FRUGAL(MemoptOptimizer):
                 p32 = p if p.dtype == torch.float32 else p.float()
                 if group["weight_decay"]:
                     p32.mul_(1.0 - lr * group["weight_decay"])
-                if not group["project"]:
+                if not group["project"] or (group["project"] == "auto" and p.dim() != 2):
                     p32.sub_(self._adam_direction(state, g, beta1, beta2, eps), alpha=lr)
                 elif group["density"] == 0:
                     self._state_free(p32, g, group)
