@@ -5,7 +5,7 @@ modules load; it imports neither transformers nor triton itself).
 """
 
 from memopt.memory import adamw_state_bytes, state_bytes, state_bytes_by_kind
-from memopt.optim import FRUGAL, AdamW8bit, SGDSaI, keep_32bit_state
+from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, SGDSaI, keep_32bit_state
 from memopt.registry import create_optimizer, get_optimizer_spec, list_optimizers, register_optimizer
 from memopt.integrations import install_transformers_hooks as _install_transformers_hooks
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW8bit",
     "FRUGAL",
+    "GaLoreAdamW",
     "SGDSaI",
     "adamw_state_bytes",
     "create_optimizer",

@@ -161,7 +161,7 @@ def _projection_groups(model, args, decay_names):
 
 def _register_builtin() -> None:
     from memopt.optim.adamw import AdamW8bit
-    from memopt.optim.frugal import FRUGAL
+    from memopt.optim.frugal import FRUGAL, GaLoreAdamW
     from memopt.optim.sgdsai import SGDSaI
 
     sgdsai_args = {
@@ -200,6 +200,16 @@ def _register_builtin() -> None:
                    "state_free": "str", "inactive_lr_scale": "float", "eps": "float", "check_finite": "bool",
                    "maximize": "bool"},
         description="FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest",
+        from_training_args=_adam_training_args,
+        build_groups=_projection_groups,
+    )
+    # Not "galore_adamw": Transformers has its own galore_* names (galore-torch).
+    register_optimizer(
+        "memopt_galore",
+        GaLoreAdamW,
+        arg_types={"rank": "int", "scale": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
+                   "eps": "float", "check_finite": "bool", "maximize": "bool"},
+        description="GaLore-style AdamW: rank-r gradient projection, refreshed every update_gap steps",
         from_training_args=_adam_training_args,
         build_groups=_projection_groups,
     )

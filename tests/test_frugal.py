@@ -165,3 +165,29 @@ def test_trainer_frugal_trains_and_resumes_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
     got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
     assert got and all(got[s] == want[s] for s in got), (got, want)
+
+
+def test_galore_full_rank_alpha_one_is_adamw_in_the_rotated_basis():
+    from memopt import GaLoreAdamW
+
+    shapes = [(6, 4)]
+    (w,) = _params(*shapes)
+    w0 = w.detach().clone()
+    grads = _grads(shapes, 5)
+    opt = GaLoreAdamW([w], lr=1e-2, weight_decay=0.1, rank=4, scale=1.0, update_gap=1000)
+    _run(opt, [w], grads)
+    P = opt.state[w]["proj_basis"]  # 4x4 orthogonal (right side), fixed after the first step
+    rotated = torch.nn.Parameter(w0 @ P.t())
+    adam = torch.optim.AdamW([rotated], lr=1e-2, weight_decay=0.1, foreach=False)
+    for (g,) in grads:
+        rotated.grad = g @ P.t()
+        adam.step()
+    torch.testing.assert_close(w.detach(), rotated.detach() @ P, atol=1e-5, rtol=1e-5)
+    assert memopt.state_bytes(opt) == 2 * 4 * 6 * 4 + 4 * 4 * 4  # b(2 r M + r mu)
+
+
+def test_trainer_memopt_galore_trains(tmp_path):
+    _, trainer = _trainer(tmp_path, optim="memopt_galore", optim_args="rank=4,scale=1.0,update_gap=5")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.8 * losses[0]

@@ -2,7 +2,7 @@
 
 from memopt.optim._base import keep_32bit_state
 from memopt.optim.adamw import AdamW8bit
-from memopt.optim.frugal import FRUGAL
+from memopt.optim.frugal import FRUGAL, GaLoreAdamW
 from memopt.optim.sgdsai import SGDSaI
 
-__all__ = ["AdamW8bit", "FRUGAL", "SGDSaI", "keep_32bit_state"]
+__all__ = ["AdamW8bit", "FRUGAL", "GaLoreAdamW", "SGDSaI", "keep_32bit_state"]

@@ -14,6 +14,11 @@ from memopt.optim._base import MemoptOptimizer, check_float
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 
 
+def _config(group: dict) -> proj.ProjectionConfig:
+    return proj.ProjectionConfig(selection=group["selection"], rank=group["rank"], density=group["density"],
+                                 update_gap=group["update_gap"], on_refresh=group["on_refresh"])
+
+
 class FRUGAL(MemoptOptimizer):
     """FRUGAL: AdamW on a subspace of each projectable gradient, a state-free update on the rest.
 
@@ -31,6 +36,8 @@ class FRUGAL(MemoptOptimizer):
         density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))`` or fraction of columns/rows; 0 makes every
             projectable parameter state-free, 1 with ``columns``/``rows`` is plain AdamW.
         selection: ``random`` (default, orthogonal), ``svd``, ``randomized_svd``, ``columns``, ``rows``.
+        rank: a fixed subspace rank instead of ``density`` (for ``columns``/``rows``: a number of columns/rows).
+        active_scale: factor on the state-full update (GaLore's α; default 1).
         update_gap: steps between subspace changes (default 200).
         state_free: ``sign_sgd`` (default), ``sgd`` or ``none``. inactive_lr_scale: its lr factor (1.0).
         check_finite, maximize: as the other memopt optimizers.
@@ -47,11 +54,14 @@ class FRUGAL(MemoptOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
                  update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
-                 inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False):
+                 inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
+                 rank: Optional[int] = None, active_scale: float = 1.0):
+        if rank is not None:
+            density = None  # a fixed rank replaces the density
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
                         update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
-                        project="auto")
+                        project="auto", rank=rank, active_scale=active_scale)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -64,8 +74,10 @@ class FRUGAL(MemoptOptimizer):
         check_float("betas[1]", betas[1], 0.0, 1.0)
         check_float("eps", group["eps"], 0.0, low_open=True)
         check_float("weight_decay", group["weight_decay"], 0.0)
-        check_float("density", group["density"], 0.0, 1.0, high_open=False)
+        if group["density"] is not None:
+            check_float("density", group["density"], 0.0, 1.0, high_open=False)
         check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
+        check_float("active_scale", group["active_scale"], 0.0)
         if group["state_free"] not in STATE_FREE_RULES:
             raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
         for flag in ("check_finite", "maximize"):
@@ -75,9 +87,8 @@ class FRUGAL(MemoptOptimizer):
             raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
         if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
             raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
-        # the projector checks selection, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
-        proj.ProjectionConfig(selection=group["selection"], density=group["density"] or 1.0,
-                              update_gap=group["update_gap"], on_refresh=group["on_refresh"]).validate()
+        # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
+        _config(dict(group, density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
 
     def add_param_group(self, param_group: dict) -> None:
         group = dict(self.defaults, **param_group)
@@ -109,9 +120,7 @@ class FRUGAL(MemoptOptimizer):
         return m / denom / (1.0 - beta1**t)
 
     def _refresh(self, group: dict, state: dict, g: Tensor, step: int) -> None:
-        cfg = proj.ProjectionConfig(selection=group["selection"], density=group["density"],
-                                    update_gap=group["update_gap"], on_refresh=group["on_refresh"])
-        old = proj.refresh(state, g, step, cfg)
+        old = proj.refresh(state, g, step, _config(group))
         state["refreshes"] = state.get("refreshes", 0) + 1
         side = proj.projection_side(tuple(g.shape))
         if group["on_refresh"] == "reset" or "exp_avg" not in state:
@@ -140,7 +149,7 @@ class FRUGAL(MemoptOptimizer):
                     p32.mul_(1.0 - lr * group["weight_decay"])
                 if not group["project"] or (group["project"] == "auto" and p.dim() != 2):
                     p32.sub_(self._adam_direction(state, g, beta1, beta2, eps), alpha=lr)
-                elif group["density"] == 0:
+                elif group["density"] == 0 and group["rank"] is None:
                     self._state_free(p32, g, group)
                 else:
                     self._projected_update(group, state, p32, g)
@@ -150,16 +159,14 @@ class FRUGAL(MemoptOptimizer):
 
     def _projected_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
         it = state.get("iteration", 0)
-        cfg = proj.ProjectionConfig(selection=group["selection"], density=group["density"],
-                                    update_gap=group["update_gap"], on_refresh=group["on_refresh"])
-        if proj.refresh_due(state, it, cfg):
+        if proj.refresh_due(state, it, _config(group)):
             self._refresh(group, state, g, it)
         state["iteration"] = it + 1
         sel, shape = group["selection"], tuple(g.shape)
         low = proj.down(state, g, sel)
         beta1, beta2 = group["betas"]
         direction = self._adam_direction(state, low, beta1, beta2, group["eps"])
-        p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"])
+        p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"] * group["active_scale"])
         if group["state_free"] != "none":
             self._state_free(p32, g - proj.up(state, low, shape, sel), group)
 
@@ -170,3 +177,21 @@ class FRUGAL(MemoptOptimizer):
             p32.sub_(residual.sign(), alpha=lr_free)
         elif group["state_free"] == "sgd":
             p32.sub_(residual, alpha=lr_free)
+
+
+class GaLoreAdamW(FRUGAL):
+    """GaLore-style AdamW (arXiv 2403.03507): AdamW on ``R = Down(G)`` for a rank-r subspace chosen from the
+    gradient every ``update_gap`` steps, the update projected back and scaled by ``scale`` (α); no update
+    outside the subspace. It is FRUGAL with ``state_free="none"``; memopt's defaults follow GaLore: ``svd``
+    selection, ``on_refresh="keep"`` (the reference behaviour; ``reset``/``reproject`` fix its known flaw).
+
+    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``scale`` (α, default 0.25).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: Optional[int] = 128,
+                 density: Optional[float] = None, scale: float = 0.25, selection: str = "svd",
+                 update_gap: int = 200, on_refresh: str = "keep", check_finite: bool = True, maximize: bool = False):
+        super().__init__(params, lr, betas, eps, weight_decay, density=density if rank is None else 0.25,
+                         selection=selection, update_gap=update_gap, on_refresh=on_refresh, state_free="none",
+                         check_finite=check_finite, maximize=maximize, rank=rank, active_scale=scale)
