@@ -5,7 +5,7 @@ modules load; it imports neither transformers nor triton itself).
 """
 
 from memopt.memory import adamw_state_bytes, state_bytes, state_bytes_by_kind
-from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, SGDSaI, keep_32bit_state
+from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, SGDSaI, SubsetNormSM, keep_32bit_state
 from memopt.registry import create_optimizer, get_optimizer_spec, list_optimizers, register_optimizer
 from memopt.integrations import install_transformers_hooks as _install_transformers_hooks
 
@@ -15,6 +15,7 @@ __all__ = [
     "FRUGAL",
     "GaLoreAdamW",
     "SGDSaI",
+    "SubsetNormSM",
     "adamw_state_bytes",
     "create_optimizer",
     "get_optimizer_spec",

@@ -159,9 +159,18 @@ def _projection_groups(model, args, decay_names):
     return projection_groups(model, getattr(args, "optim_target_modules", None), args.weight_decay, decay_names)
 
 
+def _snsm_groups(model, args, decay_names):
+    # SN-SM (spec §5): every nn.Linear including an untied LM head; embeddings and norms get plain Adam
+    from memopt.targets import projection_groups
+
+    targets = getattr(args, "optim_target_modules", None) or "all-linear"
+    return projection_groups(model, targets, args.weight_decay, decay_names, include_output=True)
+
+
 def _register_builtin() -> None:
     from memopt.optim.adamw import AdamW8bit
     from memopt.optim.frugal import FRUGAL, GaLoreAdamW
+    from memopt.optim.snsm import SubsetNormSM
     from memopt.optim.sgdsai import SGDSaI
 
     sgdsai_args = {
@@ -213,6 +222,13 @@ def _register_builtin() -> None:
         from_training_args=_adam_training_args,
         build_groups=_projection_groups,
     )
+    snsm_args = {"rank": "int", "update_gap": "int", "eps": "float", "check_finite": "bool", "maximize": "bool"}
+    for name, sn, sm, what in (("adamsn", True, False, "Adam with Subset-Norm (one 2nd-moment scalar per row/col)"),
+                               ("adamsnsm", True, True, "AdamSN + Subspace-Momentum (rank-r momentum)"),
+                               ("sgdsm", False, True, "SGD with Subspace-Momentum")):
+        register_optimizer(name, SubsetNormSM, arg_types=snsm_args, defaults={"subset_norm": sn,
+                           "subspace_momentum": sm}, description=what, build_groups=_snsm_groups,
+                           from_training_args=lambda args: {"betas": (args.adam_beta1, args.adam_beta2)})
 
 
 _register_builtin()

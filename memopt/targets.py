@@ -28,9 +28,15 @@ def module_matches(name: str, targets: Union[None, str, list]) -> bool:
     return name in targets or any(t in name for t in targets) or any(re.fullmatch(t, name) for t in targets)
 
 
-def target_weights(model: nn.Module, targets: Union[None, str, list] = None) -> dict[int, str]:
-    """``{id(weight): parameter name}`` of the selected ``nn.Linear`` weights that require grad."""
+def target_weights(model: nn.Module, targets: Union[None, str, list] = None, *,
+                   include_output: bool = False) -> dict[int, str]:
+    """``{id(weight): parameter name}`` of the selected ``nn.Linear`` weights that require grad. The output
+    (LM-head) layer is excluded unless ``include_output`` and it is not tied to the input embedding."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if include_output and output is not None:
+        inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if inputs is None or output.weight is not inputs.weight:
+            output = None
     selected: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not output and module.weight.requires_grad \
@@ -40,7 +46,7 @@ def target_weights(model: nn.Module, targets: Union[None, str, list] = None) -> 
 
 
 def projection_groups(model: nn.Module, targets: Union[None, str, list], weight_decay: float,
-                      decay_names: Optional[set] = None) -> list[dict]:
+                      decay_names: Optional[set] = None, *, include_output: bool = False) -> list[dict]:
     """Parameter groups for a projection method: projectable weights (``project=True``) and the rest, each
     split into decay / no-decay as the Trainer would (``decay_names``; default: every 2-D parameter decays).
 
@@ -48,7 +54,7 @@ def projection_groups(model: nn.Module, targets: Union[None, str, list], weight_
         ValueError: when the selection matches no weight (a typo in ``optim_target_modules`` must not
             silently turn the method into plain AdamW).
     """
-    chosen = target_weights(model, targets)
+    chosen = target_weights(model, targets, include_output=include_output)
     if not chosen:
         raise ValueError(f"optim_target_modules={targets!r} selects no nn.Linear weight of this model")
     groups = {(proj, decay): [] for proj in (True, False) for decay in (True, False)}

@@ -4,5 +4,6 @@ from memopt.optim._base import keep_32bit_state
 from memopt.optim.adamw import AdamW8bit
 from memopt.optim.frugal import FRUGAL, GaLoreAdamW
 from memopt.optim.sgdsai import SGDSaI
+from memopt.optim.snsm import SubsetNormSM
 
-__all__ = ["AdamW8bit", "FRUGAL", "GaLoreAdamW", "SGDSaI", "keep_32bit_state"]
+__all__ = ["AdamW8bit", "FRUGAL", "GaLoreAdamW", "SGDSaI", "SubsetNormSM", "keep_32bit_state"]

@@ -1,0 +1,155 @@
+"""Subset-Norm + Subspace-Momentum (arXiv 2411.07120; spec: algorithms.md §5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from memopt.functional import projection as proj
+from memopt.optim._base import MemoptOptimizer, check_float
+
+
+def subset_sum_sq(g: Tensor) -> Tensor:
+    """Heuristic partition: one subset per row if m ≥ n (state (m, 1)), else one per column (state (1, n)); the
+    statistic is the SUM of squares over the subset (so the lr is ~10x Adam's)."""
+    m, n = g.shape
+    return (g * g).sum(dim=1, keepdim=True) if m >= n else (g * g).sum(dim=0, keepdim=True)
+
+
+class SubsetNormSM(MemoptOptimizer):
+    """AdamSN, AdamSNSM and SGD-SM (Nguyen et al. 2024) for 2-D weights; plain AdamW for everything else.
+
+    For a projectable matrix with gradient G:
+
+    - Subset-Norm (``subset_norm=True``): ``v ← β2 v + (1 − β2) Σ_subset g²`` with one scalar per row (m ≥ n) or
+      column, and the step is divided by ``sqrt(v / (1 − β2^t)) + eps``.
+    - Subspace-Momentum (``subspace_momentum=True``): every ``update_gap`` steps P = top-``rank`` SVD of G
+      (side rule as GaLore) and the momentum restarts at 0; ``R = Down(G)``, ``m ← β1 m + (1 − β1) R``,
+      numerator ``Up(m̂) + (G − Up(R))`` (SGD in the complement). Otherwise the numerator is Adam's full ``m̂``.
+      ``m̂`` is bias-corrected (steps since the last refresh) when ``subset_norm`` is on; SGD-SM uses raw ``m``,
+      so with ``rank = min(m, n)`` it equals SGD with EMA momentum.
+
+    Args:
+        params: parameters or groups (group key ``project``: "auto" = 2-D params, True, False).
+        lr (1e-2), betas ((0.9, 0.999)), eps (1e-6), weight_decay (decoupled, 0).
+        rank (128), update_gap (200), subset_norm (True), subspace_momentum (True), check_finite, maximize.
+
+    State per m×n matrix: M = max(m, n) (SN) + r·M (momentum) + r·min(m, n) (projector) elements.
+    """
+
+    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "sn", "sm", "sm_step", "proj_basis",
+                            "proj_refreshed_at", "iteration"})
+    REQUIRED_GROUP_KEYS = frozenset({"subset_norm", "subspace_momentum", "rank"})
+
+    def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 128, update_gap: int = 200,
+                 subset_norm: bool = True, subspace_momentum: bool = True, check_finite: bool = True,
+                 maximize: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap,
+                        subset_norm=subset_norm, subspace_momentum=subspace_momentum, check_finite=check_finite,
+                        maximize=maximize, project="auto")
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _validate_group(group: dict) -> None:
+        check_float("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} must be a pair of floats")
+        check_float("betas[0]", betas[0], 0.0, 1.0)
+        check_float("betas[1]", betas[1], 0.0, 1.0)
+        check_float("eps", group["eps"], 0.0, low_open=True)
+        check_float("weight_decay", group["weight_decay"], 0.0)
+        for flag in ("subset_norm", "subspace_momentum", "check_finite", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+        if group["project"] not in ("auto", True, False):
+            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
+        proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
+                              update_gap=group["update_gap"]).validate()
+
+    def _normalize_group(self, group: dict) -> None:
+        group["betas"] = tuple(float(b) for b in group["betas"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("project") is True:
+            params = param_group["params"]
+            for p in ([params] if isinstance(params, Tensor) else list(params)):
+                if p.dim() != 2:
+                    raise ValueError(f"Subset-Norm/Subspace-Momentum need 2-D matrices, got shape {tuple(p.shape)} "
+                                     "in a group with project=True (e.g. a DeepSpeed-flattened partition)")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._collect(group)
+            beta1, beta2 = group["betas"]
+            lr, eps = group["lr"], group["eps"]
+            for p, grad in zip(params, grads):
+                g = (-grad if group["maximize"] else grad).float()
+                state = self.state[p]
+                p32 = p if p.dtype == torch.float32 else p.float()
+                if group["weight_decay"]:
+                    p32.mul_(1.0 - lr * group["weight_decay"])
+                projectable = group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
+                if projectable:
+                    self._matrix_update(group, state, p32, g)
+                else:
+                    self._adam_update(state, p32, g, lr, beta1, beta2, eps)
+                if p32 is not p:
+                    p.copy_(p32)
+        return loss
+
+    @staticmethod
+    def _adam_update(state: dict, p32: Tensor, g: Tensor, lr: float, beta1: float, beta2: float, eps: float):
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"], state["step"] = torch.zeros_like(g), torch.zeros_like(g), 0
+        state["step"] += 1
+        t = state["step"]
+        state["exp_avg"].lerp_(g, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+        p32.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**t))
+
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        it = state.get("iteration", 0)
+        state["iteration"] = it + 1
+        shape = tuple(g.shape)
+        if group["subspace_momentum"]:
+            cfg = proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
+                                        update_gap=group["update_gap"])
+            if proj.refresh_due(state, it, cfg):
+                proj.refresh(state, g, it, cfg)
+                state.pop("sm", None)  # momentum restarts in the new subspace
+            low = proj.down(state, g, "svd")
+            if "sm" not in state:
+                state["sm"], state["sm_step"] = torch.zeros_like(low), 0
+            state["sm_step"] += 1
+            state["sm"].lerp_(low, 1.0 - beta1)
+            m = state["sm"] / (1.0 - beta1 ** state["sm_step"]) if group["subset_norm"] else state["sm"]
+            numerator = proj.up(state, m, shape, "svd") + (g - proj.up(state, low, shape, "svd"))
+        else:
+            if "exp_avg" not in state:
+                state["exp_avg"], state["sm_step"] = torch.zeros_like(g), 0
+            state["sm_step"] += 1
+            state["exp_avg"].lerp_(g, 1.0 - beta1)
+            numerator = state["exp_avg"] / (1.0 - beta1 ** state["sm_step"])
+        if group["subset_norm"]:
+            s = subset_sum_sq(g)
+            if "sn" not in state:
+                state["sn"], state["step"] = torch.zeros_like(s), 0
+            state["step"] += 1
+            state["sn"].mul_(beta2).add_(s, alpha=1.0 - beta2)
+            denom = (state["sn"] / (1.0 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+            p32.sub_(numerator / denom, alpha=group["lr"])
+        else:
+            p32.sub_(numerator, alpha=group["lr"])
