@@ -9,10 +9,13 @@ Only ``nn.Linear`` weights (2-D) are ever selected; biases and 1-D parameters ne
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Optional, Union
 
 from torch import nn
+
+logger = logging.getLogger("memopt")
 
 DEFAULT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key",
                         "value", "fc1", "fc2", "c_attn", "c_proj", "c_fc", "w1", "w2", "w3")
@@ -56,7 +59,13 @@ def projection_groups(model: nn.Module, targets: Union[None, str, list], weight_
     """
     chosen = target_weights(model, targets, include_output=include_output)
     if not chosen:
-        raise ValueError(f"optim_target_modules={targets!r} selects no nn.Linear weight of this model")
+        if hasattr(model, "peft_config"):
+            # LoRA adapters are already rank-r: projecting an 8 x 576 matrix saves nothing. Documented behaviour:
+            # every trainable parameter gets the method's unprojected inner optimizer.
+            logger.warning("memopt: no trainable nn.Linear matches optim_target_modules=%r in this PEFT model; "
+                           "the adapters get the unprojected inner optimizer", targets)
+        else:
+            raise ValueError(f"optim_target_modules={targets!r} selects no nn.Linear weight of this model")
     groups = {(proj, decay): [] for proj in (True, False) for decay in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:

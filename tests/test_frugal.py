@@ -191,3 +191,23 @@ def test_trainer_memopt_galore_trains(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("optim", ["frugal", "memopt_galore", "adamsnsm"])
+def test_peft_lora_adapters_train_with_documented_projection(tmp_path, optim):
+    import peft
+    from tiny import tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _, trainer = _trainer(tmp_path, model=model, optim=optim, optim_args=None, learning_rate=1e-2, max_steps=4)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    projected = [p for g in opt.param_groups if g["project"] is True for p in g["params"]]
+    if optim == "adamsnsm":  # SN-SM's default is every linear: the adapters are linears (full rank at r=4)
+        assert len(projected) == len(before)
+    else:  # attention/MLP targets match no trainable weight: the adapters get the inner optimizer unprojected
+        assert not projected
+    after = dict(model.named_parameters())
+    assert not [n for n, p in before.items() if torch.equal(after[n].detach(), p)]
