@@ -6,25 +6,12 @@ import pytest
 import torch
 
 import memopt
+from tiny import make_grads, make_params, run_steps
 from memopt import SubsetNormSM
 from memopt.optim.snsm import subset_sum_sq
 
 
-def _params(*shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(0.1 * torch.randn(s, generator=g)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(steps)]
-
-
-def _run(opt, params, grads):
-    for gs in grads:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
+_params, _grads, _run = make_params, make_grads, run_steps
 
 
 def test_sgd_sm_at_full_rank_equals_sgd_momentum():

@@ -49,3 +49,23 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def make_params(*shapes, seed: int = 0):
+    """fp32 parameters of the given shapes, 0.1 x normal, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(0.1 * torch.randn(s, generator=g)) for s in shapes]
+
+
+def make_grads(shapes, steps: int, seed: int = 1):
+    """``steps`` lists of gradients (1e-2 x normal) for parameters of ``shapes``."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(steps)]
+
+
+def run_steps(opt, params, grads):
+    """Set each step's gradients and step the optimizer."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()

@@ -56,6 +56,18 @@ def check_float(name: str, value: Any, low: float, high: float = math.inf, *, lo
         raise ValueError(f"{name}={value!r} is out of range {lo}{low}, {high}{hi}")
 
 
+def check_adam_args(group: dict) -> None:
+    """lr, betas, eps and weight_decay of an Adam-family group."""
+    check_float("lr", group["lr"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas={betas!r} must be a pair of floats")
+    check_float("betas[0]", betas[0], 0.0, 1.0)
+    check_float("betas[1]", betas[1], 0.0, 1.0)
+    check_float("eps", group["eps"], 0.0, low_open=True)
+    check_float("weight_decay", group["weight_decay"], 0.0)
+
+
 def check_8bit_args(group: dict) -> None:
     if group["use_triton"] is not None and not isinstance(group["use_triton"], bool):
         raise ValueError(f"use_triton={group['use_triton']!r} must be None or a bool")
@@ -259,3 +271,74 @@ class MemoptOptimizer(Optimizer):
             for key, value in st.items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+class MatrixOptimizer(MemoptOptimizer):
+    """Base for the projection methods: per-parameter math in fp32 with decoupled weight decay, and a group key
+    ``project`` ("auto": 2-D params take the matrix update, others plain AdamW; True: every param, a non-2-D
+    one is refused, e.g. a DeepSpeed-flattened partition; False: plain AdamW). Subclasses implement
+    ``_matrix_update(group, state, p32, g)``."""
+
+    def _normalize_group(self, group: dict) -> None:
+        group["betas"] = tuple(float(b) for b in group["betas"])
+
+    @staticmethod
+    def _check_project(group: dict) -> None:
+        if group["project"] not in ("auto", True, False):
+            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
+        for flag in ("check_finite", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("project", self.defaults.get("project")) is True:
+            params = param_group["params"]
+            for p in ([params] if isinstance(params, Tensor) else list(params)):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"{type(self).__name__} projects 2-D matrices; a parameter of shape {tuple(p.shape)} is in "
+                        "a group with project=True (put 1-D params, or DeepSpeed-flattened partitions, in a group "
+                        "with project=False)"
+                    )
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
+        """Update AdamW moments (``exp_avg``, ``exp_avg_sq``, ``step``; created or re-created when ``g``'s shape
+        changes) and return the bias-corrected direction ``m̂ / (sqrt(v̂) + eps)``."""
+        if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+            state["step"] = 0
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+        return m / denom / (1.0 - beta1**t)
+
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._collect(group)
+            beta1, beta2 = group["betas"]
+            for p, grad in zip(params, grads):
+                g = (-grad if group["maximize"] else grad).float()
+                state = self.state[p]
+                p32 = p if p.dtype == torch.float32 else p.float()
+                if group["weight_decay"]:
+                    p32.mul_(1.0 - group["lr"] * group["weight_decay"])
+                if group["project"] is True or (group["project"] == "auto" and p.dim() == 2):
+                    self._matrix_update(group, state, p32, g)
+                else:
+                    p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
+                if p32 is not p:
+                    p.copy_(p32)
+        return loss

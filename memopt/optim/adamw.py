@@ -8,7 +8,7 @@ import torch
 
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
 from memopt.kernels import load as load_kernels
-from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float
+from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_adam_args
 
 _CODES = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 
@@ -65,14 +65,7 @@ class AdamW8bit(MemoptOptimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        check_float("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas={betas!r} must be a pair of floats")
-        check_float("betas[0]", betas[0], 0.0, 1.0)
-        check_float("betas[1]", betas[1], 0.0, 1.0)
-        check_float("eps", group["eps"], 0.0, low_open=True)
-        check_float("weight_decay", group["weight_decay"], 0.0)
+        check_adam_args(group)
         check_8bit_args(group)
 
     def _normalize_group(self, group: dict) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
-import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
-from memopt.optim._base import MemoptOptimizer, check_float
+from memopt.optim._base import MatrixOptimizer, check_adam_args, check_float
 
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 
@@ -19,7 +17,7 @@ def _config(group: dict) -> proj.ProjectionConfig:
                                  update_gap=group["update_gap"], on_refresh=group["on_refresh"])
 
 
-class FRUGAL(MemoptOptimizer):
+class FRUGAL(MatrixOptimizer):
     """FRUGAL: AdamW on a subspace of each projectable gradient, a state-free update on the rest.
 
     For a projectable (2-D) parameter with gradient G: ``gd = Down(G)``; AdamW state (m, v, step) lives in the
@@ -66,58 +64,18 @@ class FRUGAL(MemoptOptimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        check_float("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas={betas!r} must be a pair of floats")
-        check_float("betas[0]", betas[0], 0.0, 1.0)
-        check_float("betas[1]", betas[1], 0.0, 1.0)
-        check_float("eps", group["eps"], 0.0, low_open=True)
-        check_float("weight_decay", group["weight_decay"], 0.0)
+        check_adam_args(group)
+        MatrixOptimizer._check_project(group)
         if group["density"] is not None:
             check_float("density", group["density"], 0.0, 1.0, high_open=False)
         check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
         check_float("active_scale", group["active_scale"], 0.0)
         if group["state_free"] not in STATE_FREE_RULES:
             raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
-        for flag in ("check_finite", "maximize"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
-        if group["project"] not in ("auto", True, False):
-            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
         if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
             raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
         # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
         _config(dict(group, density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
-
-    def add_param_group(self, param_group: dict) -> None:
-        group = dict(self.defaults, **param_group)
-        if group["project"] is True:
-            params = param_group["params"]
-            for p in ([params] if isinstance(params, Tensor) else list(params)):
-                if p.dim() != 2:
-                    raise ValueError(
-                        f"FRUGAL projects 2-D matrices; a parameter of shape {tuple(p.shape)} is in a projectable "
-                        "group (put 1-D params, or DeepSpeed-flattened partitions, in a group with project=False)"
-                    )
-        super().add_param_group(param_group)
-
-    def _normalize_group(self, group: dict) -> None:
-        group["betas"] = tuple(float(b) for b in group["betas"])
-
-    @staticmethod
-    def _adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
-        """Update the (subspace or full) AdamW moments with ``g`` and return the bias-corrected direction."""
-        if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
-            state["step"] = 0
-        state["step"] += 1
-        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-        return m / denom / (1.0 - beta1**t)
 
     def _refresh(self, group: dict, state: dict, g: Tensor, step: int) -> None:
         old = proj.refresh(state, g, step, _config(group))
@@ -131,33 +89,10 @@ class FRUGAL(MemoptOptimizer):
             state["exp_avg"] = proj.reproject_linear(state["exp_avg"], old, new, side)
             state["exp_avg_sq"] = proj.reproject_square(state["exp_avg_sq"], old, new, side)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = self._collect(group)
-            beta1, beta2 = group["betas"]
-            lr, eps = group["lr"], group["eps"]
-            for p, grad in zip(params, grads):
-                g = (-grad if group["maximize"] else grad).float()
-                state = self.state[p]
-                p32 = p if p.dtype == torch.float32 else p.float()
-                if group["weight_decay"]:
-                    p32.mul_(1.0 - lr * group["weight_decay"])
-                if not group["project"] or (group["project"] == "auto" and p.dim() != 2):
-                    p32.sub_(self._adam_direction(state, g, beta1, beta2, eps), alpha=lr)
-                elif group["density"] == 0 and group["rank"] is None:
-                    self._state_free(p32, g, group)
-                else:
-                    self._projected_update(group, state, p32, g)
-                if p32 is not p:
-                    p.copy_(p32)
-        return loss
-
-    def _projected_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+        if group["density"] == 0 and group["rank"] is None:  # no subspace: every coordinate is state-free
+            self._state_free(p32, g, group)
+            return
         it = state.get("iteration", 0)
         if proj.refresh_due(state, it, _config(group)):
             self._refresh(group, state, g, it)
@@ -165,7 +100,7 @@ class FRUGAL(MemoptOptimizer):
         sel, shape = group["selection"], tuple(g.shape)
         low = proj.down(state, g, sel)
         beta1, beta2 = group["betas"]
-        direction = self._adam_direction(state, low, beta1, beta2, group["eps"])
+        direction = self.adam_direction(state, low, beta1, beta2, group["eps"])
         p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"] * group["active_scale"])
         if group["state_free"] != "none":
             self._state_free(p32, g - proj.up(state, low, shape, sel), group)

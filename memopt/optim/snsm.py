@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
-from memopt.optim._base import MemoptOptimizer, check_float
+from memopt.optim._base import MatrixOptimizer, check_adam_args
 
 
 def subset_sum_sq(g: Tensor) -> Tensor:
@@ -19,7 +18,7 @@ def subset_sum_sq(g: Tensor) -> Tensor:
     return (g * g).sum(dim=1, keepdim=True) if m >= n else (g * g).sum(dim=0, keepdim=True)
 
 
-class SubsetNormSM(MemoptOptimizer):
+class SubsetNormSM(MatrixOptimizer):
     """AdamSN, AdamSNSM and SGD-SM (Nguyen et al. 2024) for 2-D weights; plain AdamW for everything else.
 
     For a projectable matrix with gradient G:
@@ -55,69 +54,13 @@ class SubsetNormSM(MemoptOptimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        check_float("lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas={betas!r} must be a pair of floats")
-        check_float("betas[0]", betas[0], 0.0, 1.0)
-        check_float("betas[1]", betas[1], 0.0, 1.0)
-        check_float("eps", group["eps"], 0.0, low_open=True)
-        check_float("weight_decay", group["weight_decay"], 0.0)
-        for flag in ("subset_norm", "subspace_momentum", "check_finite", "maximize"):
+        check_adam_args(group)
+        MatrixOptimizer._check_project(group)
+        for flag in ("subset_norm", "subspace_momentum"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag}={group[flag]!r} must be a bool")
-        if group["project"] not in ("auto", True, False):
-            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
         proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
                               update_gap=group["update_gap"]).validate()
-
-    def _normalize_group(self, group: dict) -> None:
-        group["betas"] = tuple(float(b) for b in group["betas"])
-
-    def add_param_group(self, param_group: dict) -> None:
-        if param_group.get("project") is True:
-            params = param_group["params"]
-            for p in ([params] if isinstance(params, Tensor) else list(params)):
-                if p.dim() != 2:
-                    raise ValueError(f"Subset-Norm/Subspace-Momentum need 2-D matrices, got shape {tuple(p.shape)} "
-                                     "in a group with project=True (e.g. a DeepSpeed-flattened partition)")
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = self._collect(group)
-            beta1, beta2 = group["betas"]
-            lr, eps = group["lr"], group["eps"]
-            for p, grad in zip(params, grads):
-                g = (-grad if group["maximize"] else grad).float()
-                state = self.state[p]
-                p32 = p if p.dtype == torch.float32 else p.float()
-                if group["weight_decay"]:
-                    p32.mul_(1.0 - lr * group["weight_decay"])
-                projectable = group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
-                if projectable:
-                    self._matrix_update(group, state, p32, g)
-                else:
-                    self._adam_update(state, p32, g, lr, beta1, beta2, eps)
-                if p32 is not p:
-                    p.copy_(p32)
-        return loss
-
-    @staticmethod
-    def _adam_update(state: dict, p32: Tensor, g: Tensor, lr: float, beta1: float, beta2: float, eps: float):
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"], state["step"] = torch.zeros_like(g), torch.zeros_like(g), 0
-        state["step"] += 1
-        t = state["step"]
-        state["exp_avg"].lerp_(g, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-        p32.addcdiv_(state["exp_avg"], denom, value=-lr / (1.0 - beta1**t))
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
         beta1, beta2 = group["betas"]
