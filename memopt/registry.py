@@ -207,7 +207,7 @@ def _register_builtin() -> None:
         FRUGAL,
         arg_types={"density": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
                    "state_free": "str", "inactive_lr_scale": "float", "eps": "float", "check_finite": "bool",
-                   "maximize": "bool"},
+                   "maximize": "bool", "free_scale": "str"},
         description="FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest",
         from_training_args=_adam_training_args,
         build_groups=_projection_groups,

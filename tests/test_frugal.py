@@ -198,3 +198,19 @@ def test_peft_lora_adapters_train_with_documented_projection(tmp_path, optim):
         assert not projected
     after = dict(model.named_parameters())
     assert not [n for n, p in before.items() if torch.equal(after[n].detach(), p)]
+
+
+def test_sai_scaled_state_free_update():
+    from memopt.functional import gsnr
+
+    big, small = _params((32, 32), (8, 4))
+    b0, s0 = big.detach().clone(), small.detach().clone()
+    grads = _grads([(32, 32), (8, 4)], 1)
+    opt = FRUGAL([big, small], lr=1e-2, weight_decay=0.0, density=0.0, free_scale="sai")
+    _run(opt, [big, small], grads)
+    s_big, s_small = gsnr(grads[0][0]), gsnr(grads[0][1])
+    assert s_big > s_small
+    torch.testing.assert_close(big.detach(), b0 - 1e-2 * grads[0][0].sign())  # the max moves at lr
+    torch.testing.assert_close(small.detach(), s0 - 1e-2 * (s_small / s_big) * grads[0][1].sign())
+    with pytest.raises(ValueError, match="free_scale"):
+        FRUGAL(_params((4, 4)), free_scale="adam")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
+import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
+from memopt.functional.sgdsai import gsnr
 from memopt.optim._base import MatrixOptimizer, check_adam_args, check_float
 
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
+FREE_SCALES = ("none", "sai")
 
 
 def _config(group: dict) -> proj.ProjectionConfig:
@@ -38,6 +42,9 @@ class FRUGAL(MatrixOptimizer):
         active_scale: factor on the state-full update (GaLore's α; default 1).
         update_gap: steps between subspace changes (default 200).
         state_free: ``sign_sgd`` (default), ``sgd`` or ``none``. inactive_lr_scale: its lr factor (1.0).
+        free_scale: ``"sai"`` scales each tensor's state-free update by its SGD-SaI scale ``s_i / max_j s_j``
+            (g-SNR at the tensor's first non-zero gradient, running max over the ``sai`` tensors; not in the
+            FRUGAL paper); ``"none"`` (default) leaves it unscaled.
         check_finite, maximize: as the other memopt optimizers.
 
     Use for: fine-tuning or pre-training with ~ρ of AdamW's state on the projectable matrices.
@@ -45,7 +52,7 @@ class FRUGAL(MatrixOptimizer):
     """
 
     STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "proj_basis", "proj_indices", "proj_seed", "proj_k",
-                            "proj_refreshed_at", "refreshes", "iteration"})
+                            "proj_refreshed_at", "refreshes", "iteration", "gsnr"})
     SHAPED_STATE_KEYS = ()
     REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
 
@@ -53,13 +60,13 @@ class FRUGAL(MatrixOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
                  update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
-                 rank: Optional[int] = None, active_scale: float = 1.0):
+                 rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none"):
         if rank is not None:
             density = None  # a fixed rank replaces the density
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
                         update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
-                        project="auto", rank=rank, active_scale=active_scale)
+                        project="auto", rank=rank, active_scale=active_scale, free_scale=free_scale)
         super().__init__(params, defaults)
 
     @staticmethod
@@ -70,6 +77,8 @@ class FRUGAL(MatrixOptimizer):
             check_float("density", group["density"], 0.0, 1.0, high_open=False)
         check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
         check_float("active_scale", group["active_scale"], 0.0)
+        if group["free_scale"] not in FREE_SCALES:
+            raise ValueError(f"free_scale={group['free_scale']!r} is not one of {FREE_SCALES}")
         if group["state_free"] not in STATE_FREE_RULES:
             raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
         if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
@@ -91,7 +100,7 @@ class FRUGAL(MatrixOptimizer):
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
         if group["density"] == 0 and group["rank"] is None:  # no subspace: every coordinate is state-free
-            self._state_free(p32, g, group)
+            self._state_free(p32, g, group, state)
             return
         it = state.get("iteration", 0)
         if proj.refresh_due(state, it, _config(group)):
@@ -103,11 +112,33 @@ class FRUGAL(MatrixOptimizer):
         direction = self.adam_direction(state, low, beta1, beta2, group["eps"])
         p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"] * group["active_scale"])
         if group["state_free"] != "none":
-            self._state_free(p32, g - proj.up(state, low, shape, sel), group)
+            self._state_free(p32, g - proj.up(state, low, shape, sel), group, state)
 
-    @staticmethod
-    def _state_free(p32: Tensor, residual: Tensor, group: dict) -> None:
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # SaI scales of every tensor are recorded before any update, so the max is the same for all of them
+        for group in self.param_groups:
+            if group["free_scale"] != "sai":
+                continue
+            for p in group["params"]:
+                if p.grad is not None and p.dim() == 2 and "gsnr" not in self.state[p]:
+                    s = gsnr(p.grad, 1e-8)
+                    if s is not None and math.isfinite(s):
+                        self.state[p]["gsnr"] = s
+        self._gsnr_max = max((st["gsnr"] for st in self.state.values() if "gsnr" in st), default=1.0)
+        super().step()
+        return loss
+
+    def _state_free(self, p32: Tensor, residual: Tensor, group: dict, state: Optional[dict] = None) -> None:
         lr_free = group["lr"] * group["inactive_lr_scale"]
+        if group["free_scale"] == "sai":
+            s = (state or {}).get("gsnr")
+            if s is None:  # all-zero gradient so far: no scale, no state-free step
+                return
+            lr_free *= s / self._gsnr_max
         if group["state_free"] == "sign_sgd":
             p32.sub_(residual.sign(), alpha=lr_free)
         elif group["state_free"] == "sgd":
