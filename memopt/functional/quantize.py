@@ -127,6 +127,15 @@ def _stochastic_round(normed: Tensor, code: Tensor, nearest: Tensor, generator) 
     return torch.where(u < p_up, upper, lower)
 
 
+def check_codes(codes: Tensor, absmax: Tensor, blocksize: int) -> None:
+    """uint8 codes with one absmax per block: what every dequantize path expects."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    n_blocks = -(-codes.numel() // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
+
+
 def dequantize_blockwise(
     codes: Tensor,
     absmax: Tensor,
@@ -136,11 +145,7 @@ def dequantize_blockwise(
 ) -> Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax[block]``, shaped like ``codes``."""
     _check_blocksize(blocksize)
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
-    n_blocks = -(-codes.numel() // blocksize)
-    if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
+    check_codes(codes, absmax, blocksize)
     code = default_code(True, codes.device) if code is None else code.to(device=codes.device, dtype=torch.float32)
     values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)

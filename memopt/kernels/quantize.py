@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import code_midpoints, default_code
+from memopt.functional.quantize import check_codes, code_midpoints, default_code
 from memopt.kernels._common import quantize_block, store_param
 
 
@@ -88,11 +88,8 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
                          dtype: torch.dtype = torch.float32) -> Tensor:
     """Triton twin of :func:`memopt.functional.dequantize_blockwise`."""
     check_blocksize(blocksize)
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    check_codes(codes, absmax, blocksize)
     n_blocks = -(-codes.numel() // blocksize)
-    if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if codes.numel():
         _dequantize_blockwise_kernel[(n_blocks,)](codes.contiguous(), absmax.float().contiguous(),

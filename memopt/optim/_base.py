@@ -169,6 +169,14 @@ class MemoptOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _evaluate(closure):
+        """The closure's loss (evaluated once, with grad enabled), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def _grad(self, p: Tensor) -> Optional[Tensor]:
         g = p.grad
         if g is None:
@@ -320,12 +328,13 @@ class MatrixOptimizer(MemoptOptimizer):
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
         raise NotImplementedError
 
+    def _before_updates(self) -> None:
+        """Hook run after the closure and before any parameter is updated (whole-step statistics)."""
+
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
+        self._before_updates()
         for group in self.param_groups:
             params, grads = self._collect(group)
             beta1, beta2 = group["betas"]

@@ -73,10 +73,7 @@ class AdamW8bit(MemoptOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         n_triton = n_torch = 0
         for group in self.param_groups:
             params, grads = self._collect(group)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
@@ -114,11 +113,7 @@ class FRUGAL(MatrixOptimizer):
         if group["state_free"] != "none":
             self._state_free(p32, g - proj.up(state, low, shape, sel), group, state)
 
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _before_updates(self) -> None:
         # SaI scales of every tensor are recorded before any update, so the max is the same for all of them
         for group in self.param_groups:
             if group["free_scale"] != "sai":
@@ -129,8 +124,6 @@ class FRUGAL(MatrixOptimizer):
                     if s is not None and math.isfinite(s):
                         self.state[p]["gsnr"] = s
         self._gsnr_max = max((st["gsnr"] for st in self.state.values() if "gsnr" in st), default=1.0)
-        super().step()
-        return loss
 
     def _state_free(self, p32: Tensor, residual: Tensor, group: dict, state: Optional[dict] = None) -> None:
         lr_free = group["lr"] * group["inactive_lr_scale"]

@@ -160,10 +160,7 @@ class SGDSaI(MemoptOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
 
         # Pass 1: collect work, drop non-finite gradients, record missing g-SNRs (before the max is taken).
         work = []
