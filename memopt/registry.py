@@ -202,26 +202,26 @@ def _register_builtin() -> None:
         description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
         from_training_args=_adam_training_args,
     )
-    register_optimizer(
-        "frugal",
-        FRUGAL,
-        arg_types={"density": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
-                   "state_free": "str", "inactive_lr_scale": "float", "eps": "float", "check_finite": "bool",
-                   "maximize": "bool", "free_scale": "str"},
-        description="FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest",
-        from_training_args=_adam_training_args,
-        build_groups=_projection_groups,
-    )
+    layout_8bit = {"state_bits": "int", "blocksize": "int", "min_8bit_size": "int"}
+    frugal_args = {"density": "float", "rank": "int", "selection": "str", "block_order": "str", "update_gap": "int",
+                   "on_refresh": "str", "state_free": "str", "inactive_lr_scale": "float", "active_scale": "float",
+                   "eps": "float", "check_finite": "bool", "maximize": "bool", "free_scale": "str", "inner": "str",
+                   **layout_8bit}
+    for name, defaults, what in (
+            ("frugal", {}, "FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest"),
+            ("frugal_8bit", {"state_bits": 8}, "FRUGAL with the subspace AdamW moments in blockwise 8-bit"),
+            ("frugal_sgdsai", {"inner": "sgdsai", "inactive_lr_scale": 0.03},
+             "FRUGAL with SGD-SaI momentum in the subspace (SGD-SaI's lr; state-free step at 0.03 lr)")):
+        register_optimizer(name, FRUGAL, arg_types=frugal_args, defaults=defaults, description=what,
+                           from_training_args=_adam_training_args, build_groups=_projection_groups)
     # Not "galore_adamw": Transformers has its own galore_* names (galore-torch).
-    register_optimizer(
-        "memopt_galore",
-        GaLoreAdamW,
-        arg_types={"rank": "int", "scale": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
-                   "eps": "float", "check_finite": "bool", "maximize": "bool"},
-        description="GaLore-style AdamW: rank-r gradient projection, refreshed every update_gap steps",
-        from_training_args=_adam_training_args,
-        build_groups=_projection_groups,
-    )
+    galore_args = {"rank": "int", "scale": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
+                   "eps": "float", "check_finite": "bool", "maximize": "bool", **layout_8bit}
+    for name, defaults, what in (
+            ("memopt_galore", {}, "GaLore-style AdamW: rank-r gradient projection, refreshed every update_gap steps"),
+            ("memopt_galore_8bit", {"state_bits": 8}, "GaLore-style AdamW with blockwise 8-bit moments")):
+        register_optimizer(name, GaLoreAdamW, arg_types=galore_args, defaults=defaults, description=what,
+                           from_training_args=_adam_training_args, build_groups=_projection_groups)
     snsm_args = {"rank": "int", "update_gap": "int", "eps": "float", "check_finite": "bool", "maximize": "bool"}
     for name, sn, sm, what in (("adamsn", True, False, "Adam with Subset-Norm (one 2nd-moment scalar per row/col)"),
                                ("adamsnsm", True, True, "AdamSN + Subspace-Momentum (rank-r momentum)"),

@@ -214,3 +214,138 @@ def test_sai_scaled_state_free_update():
     torch.testing.assert_close(small.detach(), s0 - 1e-2 * (s_small / s_big) * grads[0][1].sign())
     with pytest.raises(ValueError, match="free_scale"):
         FRUGAL(_params((4, 4)), free_scale="adam")
+
+
+# ---------------------------------------------------------------------------------------------- inner options
+def test_density_one_with_sgdsai_inner_equals_sgdsai():
+    shapes = [(24, 16), (16,)]
+    a, b = _params(*shapes), _params(*shapes)
+    grads = _grads(shapes, 6)
+    _run(memopt.SGDSaI(a, lr=1e-2, momentum=0.9, weight_decay=0.1), a, grads)
+    _run(FRUGAL(b, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, density=1.0, selection="columns",
+                inner="sgdsai"), b, grads)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=1e-6)
+
+
+def test_density_one_with_8bit_inner_equals_memopt_adamw_8bit():
+    shapes = [(64, 80)]  # 5120 elements >= min_8bit_size: quantized
+    a, b = _params(*shapes), _params(*shapes)
+    grads = _grads(shapes, 5)
+    oa = memopt.AdamW8bit(a, lr=1e-2, weight_decay=0.1, use_triton=False)
+    ob = FRUGAL(b, lr=1e-2, weight_decay=0.1, density=1.0, selection="columns", state_bits=8)
+    _run(oa, a, grads)
+    _run(ob, b, grads)
+    torch.testing.assert_close(b[0], a[0], atol=1e-6, rtol=1e-5)
+    sa, sb = oa.state[a[0]], ob.state[b[0]]
+    assert sb["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in sb
+    for key in ("exp_avg_codes", "exp_avg_sq_codes"):  # the moments are the same codes
+        assert (sa[key].int() - sb[key].int()).abs().max() <= 1
+
+
+def test_8bit_subspace_state_bytes_follow_the_formula():
+    (w,) = _params((256, 64))
+    opt = FRUGAL([w], density=0.5, selection="random", state_bits=8, min_8bit_size=1024)
+    _run(opt, [w], _grads([(256, 64)], 2))
+    r, big, mu = 32, 256, 64
+    blocks = -(-r * big // 256)
+    # two 8-bit moments (r x M codes + fp32 absmax per 256) + the fp32 basis (r x mu)
+    assert memopt.state_bytes(opt) == 2 * (r * big + 4 * blocks) + 4 * r * mu
+    (small,) = _params((16, 8))  # below min_8bit_size: fp32 moments
+    opt2 = FRUGAL([small], density=0.5, selection="random", state_bits=8)
+    _run(opt2, [small], _grads([(16, 8)], 1))
+    assert opt2.state[small]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kw", [dict(state_bits=8, selection="svd", on_refresh="reproject"),
+                                dict(inner="sgdsai", selection="columns", on_refresh="keep"),
+                                dict(selection="blocks", block_order="descending")])
+def test_inner_options_resume_bit_identical(kw):
+    shapes = [(48, 96), (24, 12), (12, 24), (12,)]
+    grads = _grads(shapes, 7)
+    kw = dict(lr=1e-2, density=0.5, update_gap=3, min_8bit_size=256, **kw)
+    torch.manual_seed(0)
+    a = _params(*shapes)
+    _run(FRUGAL(a, **kw), a, grads)
+    torch.manual_seed(0)
+    b = _params(*shapes)
+    ob = FRUGAL(b, **kw)
+    _run(ob, b, grads[:4])
+    buf = io.BytesIO()
+    torch.save(ob.state_dict(), buf)
+    buf.seek(0)
+    rng = torch.get_rng_state()  # index selections draw their seed from torch's RNG (the Trainer restores it)
+    c = [torch.nn.Parameter(t.detach().clone()) for t in b]
+    oc = FRUGAL(c, **kw)
+    oc.load_state_dict(torch.load(buf, weights_only=True))
+    torch.set_rng_state(rng)
+    _run(oc, c, grads[4:])
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+
+
+def test_blocks_selection_keeps_state_only_for_active_tensors():
+    shapes = [(8, 6)] * 4 + [(6,)]
+    ps = _params(*shapes)
+    p0 = [p.detach().clone() for p in ps]
+    grads = _grads(shapes, 1)
+    opt = FRUGAL(ps, lr=1e-2, weight_decay=0.0, density=0.5, selection="blocks", block_order="descending",
+                 update_gap=2)
+    _run(opt, ps, grads)
+    with_state = [i for i, p in enumerate(ps[:4]) if "exp_avg" in opt.state[p]]
+    assert with_state == [2, 3]  # descending: the last tensors first
+    for i in (0, 1):  # inactive: state-free sign-SGD on the whole gradient
+        torch.testing.assert_close(ps[i].detach(), p0[i] - 1e-2 * grads[0][i].sign())
+    assert "exp_avg" in opt.state[ps[4]]  # not projectable: always the inner optimizer
+    assert memopt.state_bytes(opt) == 2 * 2 * 48 * 4 + 2 * 6 * 4  # active tensors only
+    _run(opt, ps, _grads(shapes, 2, seed=5))  # round 1 (steps 2-3): the next two, the old ones freed
+    assert [i for i, p in enumerate(ps[:4]) if "exp_avg" in opt.state[p]] == [0, 1]
+
+
+def test_inner_option_refusals():
+    with pytest.raises(ValueError, match="inner"):
+        FRUGAL(_params((4, 4)), inner="adam")
+    with pytest.raises(ValueError, match="block_order"):
+        FRUGAL(_params((4, 4)), selection="blocks", block_order="ascending")
+    with pytest.raises(ValueError, match="not rank"):
+        FRUGAL(_params((4, 4)), selection="blocks", rank=2)
+    with pytest.raises(ValueError, match="reproject"):
+        FRUGAL(_params((4, 4)), selection="blocks", on_refresh="reproject")
+    with pytest.raises(ValueError, match="state_bits"):
+        FRUGAL(_params((4, 4)), state_bits=4)
+    with pytest.raises(ValueError, match="check_finite"):
+        FRUGAL(_params((4, 4)), state_bits=8, check_finite=False)
+    with pytest.raises(ValueError, match="blocksize"):
+        FRUGAL(_params((4, 4)), state_bits=8, blocksize=100)
+
+
+def test_sgdsai_inner_defers_a_zero_gradient_tensor():
+    w, z = _params((8, 8), (8, 8))
+    z0 = z.detach().clone()
+    opt = FRUGAL([w, z], lr=1e-2, weight_decay=0.0, inner="sgdsai", state_free="none")
+    w.grad, z.grad = torch.randn(8, 8), torch.zeros(8, 8)
+    opt.step()
+    assert torch.equal(z.detach(), z0) and "gsnr" not in opt.state[z]
+    w.grad, z.grad = torch.randn(8, 8), torch.randn(8, 8)
+    opt.step()
+    assert "gsnr" in opt.state[z] and not torch.equal(z.detach(), z0)
+
+
+@pytest.mark.parametrize("optim,args", [("frugal_8bit", "density=0.25,update_gap=5,min_8bit_size=256"),
+                                        ("frugal_sgdsai", "density=0.25,update_gap=5"),
+                                        ("frugal", "selection=blocks,density=0.5,update_gap=5"),
+                                        ("memopt_galore_8bit", "rank=4,scale=1.0,update_gap=5,min_8bit_size=64")])
+def test_trainer_variants_train_and_resume_exactly(tmp_path, optim, args):
+    from tiny import tiny_llama
+
+    lr = 3e-2 if optim == "frugal_sgdsai" else 3e-3
+    kw = dict(optim=optim, optim_args=args, learning_rate=lr)
+    n = 6
+    _, straight = _trainer(tmp_path / "a", max_steps=2 * n, save_strategy="steps", save_steps=n, **kw)
+    straight.train()
+    want = {h["step"]: h["loss"] for h in straight.state.log_history if "loss" in h}
+    assert want[2 * n] < 0.9 * want[1]
+    _, resumed = _trainer(tmp_path / "a", max_steps=2 * n, model=tiny_llama(seed=9), **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
+    got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
+    assert got and all(got[s] == want[s] for s in got), (got, want)

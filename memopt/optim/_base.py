@@ -71,7 +71,14 @@ def check_adam_args(group: dict) -> None:
 def check_8bit_args(group: dict) -> None:
     if group["use_triton"] is not None and not isinstance(group["use_triton"], bool):
         raise ValueError(f"use_triton={group['use_triton']!r} must be None or a bool")
-    for flag in ("maximize", "check_finite", "stochastic_rounding"):
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"stochastic_rounding={group['stochastic_rounding']!r} must be a bool")
+    check_8bit_layout(group)
+
+
+def check_8bit_layout(group: dict) -> None:
+    """state_bits, blocksize and min_8bit_size (and the check_finite/maximize flags) of a group."""
+    for flag in ("maximize", "check_finite"):
         if not isinstance(group[flag], bool):
             raise ValueError(f"{flag}={group[flag]!r} must be a bool")
     if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):
@@ -311,6 +318,10 @@ class MatrixOptimizer(MemoptOptimizer):
         super().add_param_group(param_group)
 
     @staticmethod
+    def _projected(group: dict, p: Tensor) -> bool:
+        return group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
+
+    @staticmethod
     def adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
         """Update AdamW moments (``exp_avg``, ``exp_avg_sq``, ``step``; created or re-created when ``g``'s shape
         changes) and return the bias-corrected direction ``m̂ / (sqrt(v̂) + eps)``."""
@@ -325,8 +336,15 @@ class MatrixOptimizer(MemoptOptimizer):
         denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
         return m / denom / (1.0 - beta1**t)
 
-    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        """Update of a projected parameter: ``p32`` is its fp32 value (updated in place), ``g`` the fp32
+        gradient, ``p`` the parameter itself (for per-tensor marks)."""
         raise NotImplementedError
+
+    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        """Update of a parameter that is not projected: plain AdamW (subclasses may use their inner optimizer)."""
+        beta1, beta2 = group["betas"]
+        p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
 
     def _before_updates(self) -> None:
         """Hook run after the closure and before any parameter is updated (whole-step statistics)."""
@@ -337,17 +355,16 @@ class MatrixOptimizer(MemoptOptimizer):
         self._before_updates()
         for group in self.param_groups:
             params, grads = self._collect(group)
-            beta1, beta2 = group["betas"]
             for p, grad in zip(params, grads):
                 g = (-grad if group["maximize"] else grad).float()
                 state = self.state[p]
                 p32 = p if p.dtype == torch.float32 else p.float()
                 if group["weight_decay"]:
                     p32.mul_(1.0 - group["lr"] * group["weight_decay"])
-                if group["project"] is True or (group["project"] == "auto" and p.dim() == 2):
-                    self._matrix_update(group, state, p32, g)
+                if self._projected(group, p):
+                    self._matrix_update(group, state, p32, g, p)
                 else:
-                    p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
+                    self._dense_update(group, state, p32, g, p)
                 if p32 is not p:
                     p.copy_(p32)
         return loss

@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
+from memopt.functional.quantize import default_code, dequantize_blockwise, quantize_blockwise
 from memopt.functional.sgdsai import gsnr
-from memopt.optim._base import MatrixOptimizer, check_adam_args, check_float
+from memopt.optim._base import MatrixOptimizer, check_8bit_layout, check_adam_args, check_float
 
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 FREE_SCALES = ("none", "sai")
+INNER = ("adamw", "sgdsai")
+# inner-optimizer state: (key, signed map) per moment; a moment is held as fp32 ``key`` or 8-bit ``key_codes`` +
+# ``key_absmax``
+_MOMENTS = {"adamw": (("exp_avg", True), ("exp_avg_sq", False)), "sgdsai": (("momentum_buffer", True),)}
+_INNER_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer",
+               *(f"{k}_{part}" for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") for part in ("codes", "absmax")))
 
 
 def _config(group: dict) -> proj.ProjectionConfig:
@@ -20,37 +28,57 @@ def _config(group: dict) -> proj.ProjectionConfig:
                                  update_gap=group["update_gap"], on_refresh=group["on_refresh"])
 
 
-class FRUGAL(MatrixOptimizer):
-    """FRUGAL: AdamW on a subspace of each projectable gradient, a state-free update on the rest.
+def _clear_inner(state: dict) -> None:
+    for key in _INNER_KEYS:
+        state.pop(key, None)
 
-    For a projectable (2-D) parameter with gradient G: ``gd = Down(G)``; AdamW state (m, v, step) lives in the
-    subspace and gives ``u = Up(adam(gd))`` at ``lr``; the residual ``G − Up(gd)`` gets ``−lr·inactive_lr_scale
-    ·sign(res)`` (``sign_sgd``), ``·res`` (``sgd``) or nothing (``none``). Decoupled weight decay applies to
-    every parameter. Non-projectable parameters (groups with ``project=False``: embeddings, LM head, norms,
-    biases) get plain AdamW. Every ``update_gap`` steps the subspace is chosen again (``on_refresh="reset"``:
-    zero m, v and restart the bias correction; ``"keep"``; ``"reproject"`` for svd/random bases).
+
+class FRUGAL(MatrixOptimizer):
+    """FRUGAL: a state-full inner optimizer on a subspace of each projectable gradient, a state-free update on
+    the rest (Zmushko et al. 2024, arXiv 2411.07837).
+
+    For a projectable (2-D) parameter with gradient G: ``gd = Down(G)``; the inner optimizer's state lives in the
+    subspace and gives ``u = Up(inner(gd))`` at ``lr·active_scale``; the residual ``G − Up(gd)`` gets
+    ``−lr·inactive_lr_scale·sign(res)`` (``sign_sgd``), ``·res`` (``sgd``) or nothing (``none``). Decoupled weight
+    decay applies to every parameter. Non-projectable parameters (groups with ``project=False``: embeddings,
+    LM head, norms, biases) get the inner optimizer on their whole gradient. Every ``update_gap`` steps the
+    subspace is chosen again (``on_refresh="reset"``: zero the inner state and restart its step count;
+    ``"keep"``; ``"reproject"`` for svd/random bases).
 
     Args:
         params: parameters or groups. Group key ``project``: ``"auto"`` (default: 2-D params projected, others
-            plain AdamW), ``True`` (every param projected; a non-2-D one is refused), ``False`` (plain AdamW).
-        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
-        density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))`` or fraction of columns/rows; 0 makes every
-            projectable parameter state-free, 1 with ``columns``/``rows`` is plain AdamW.
-        selection: ``random`` (default, orthogonal), ``svd``, ``randomized_svd``, ``columns``, ``rows``.
+            get the inner optimizer), ``True`` (every param projected; a non-2-D one is refused), ``False``.
+        lr, betas, eps, weight_decay: the inner optimizer's (defaults 1e-3, (0.9, 0.999), 1e-8, 1e-2).
+        inner: ``"adamw"`` (default) or ``"sgdsai"``: SGD-SaI momentum (``m = g`` on the first step after a
+            reset, then ``m ← β1 m + (1 − β1) g``, update ``scale_i·m`` with the tensor's SGD-SaI scale
+            ``s_i / max_j s_j``; ``betas[0]`` is the momentum, ``betas[1]`` and ``eps`` are unused). Its lr is
+            SGD-SaI's (~3e-2 full FT), so lower ``inactive_lr_scale`` to keep the state-free step near AdamW's.
+        state_bits: 32 (default) or 8: inner moments as blockwise 8-bit codes (``blocksize`` 256) for state
+            tensors of at least ``min_8bit_size`` (4096) elements, unless the parameter is marked with
+            :func:`memopt.keep_32bit_state`.
+        density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))``, fraction of columns/rows, or (``blocks``)
+            fraction of the projectable tensors; 0 makes every projectable parameter state-free.
+        selection: ``random`` (default, orthogonal), ``svd``, ``randomized_svd``, ``columns``, ``rows``, or
+            ``blocks``: ``round(ρ·T)`` of the T projectable tensors are state-full (the inner optimizer on the
+            whole gradient), the rest state-free; the active set changes every ``update_gap`` steps in
+            ``block_order`` (``"random"`` or ``"descending"``: last layers first), and an inactive tensor holds
+            no inner state.
         rank: a fixed subspace rank instead of ``density`` (for ``columns``/``rows``: a number of columns/rows).
         active_scale: factor on the state-full update (GaLore's α; default 1).
         update_gap: steps between subspace changes (default 200).
         state_free: ``sign_sgd`` (default), ``sgd`` or ``none``. inactive_lr_scale: its lr factor (1.0).
         free_scale: ``"sai"`` scales each tensor's state-free update by its SGD-SaI scale ``s_i / max_j s_j``
-            (g-SNR at the tensor's first non-zero gradient, running max over the ``sai`` tensors; not in the
-            FRUGAL paper); ``"none"`` (default) leaves it unscaled.
+            (not in the FRUGAL paper); ``"none"`` (default) leaves it unscaled.
         check_finite, maximize: as the other memopt optimizers.
+
+    SGD-SaI scales: the g-SNR of a tensor's first non-zero, finite gradient (whole gradient, before projection),
+    kept in its state; the max runs over every tensor that has one.
 
     Use for: fine-tuning or pre-training with ~ρ of AdamW's state on the projectable matrices.
     Not for: DeepSpeed-flattened (1-D) partitions, which lose the matrix shape: ``project=True`` refuses them.
     """
 
-    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "proj_basis", "proj_indices", "proj_seed", "proj_k",
+    STATE_KEYS = frozenset({*_INNER_KEYS, "proj_basis", "proj_indices", "proj_seed", "proj_k",
                             "proj_refreshed_at", "refreshes", "iteration", "gsnr"})
     SHAPED_STATE_KEYS = ()
     REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
@@ -59,71 +87,169 @@ class FRUGAL(MatrixOptimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
                  update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
-                 rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none"):
+                 rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
+                 inner: str = "adamw", state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
+                 block_order: str = "random"):
         if rank is not None:
             density = None  # a fixed rank replaces the density
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
                         update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
-                        project="auto", rank=rank, active_scale=active_scale, free_scale=free_scale)
+                        project="auto", rank=rank, active_scale=active_scale, free_scale=free_scale, inner=inner,
+                        state_bits=state_bits, blocksize=blocksize, min_8bit_size=min_8bit_size,
+                        block_order=block_order)
+        self._gsnr_max = 1.0
         super().__init__(params, defaults)
 
     @staticmethod
     def _validate_group(group: dict) -> None:
         check_adam_args(group)
         MatrixOptimizer._check_project(group)
+        check_8bit_layout(group)
         if group["density"] is not None:
             check_float("density", group["density"], 0.0, 1.0, high_open=False)
         check_float("inactive_lr_scale", group["inactive_lr_scale"], 0.0)
         check_float("active_scale", group["active_scale"], 0.0)
-        if group["free_scale"] not in FREE_SCALES:
-            raise ValueError(f"free_scale={group['free_scale']!r} is not one of {FREE_SCALES}")
-        if group["state_free"] not in STATE_FREE_RULES:
-            raise ValueError(f"state_free={group['state_free']!r} is not one of {STATE_FREE_RULES}")
-        if group["on_refresh"] == "reproject" and group["selection"] in ("columns", "rows"):
+        for key, allowed in (("free_scale", FREE_SCALES), ("state_free", STATE_FREE_RULES), ("inner", INNER),
+                             ("block_order", proj.BLOCK_ORDERS)):
+            if group[key] not in allowed:
+                raise ValueError(f"{key}={group[key]!r} is not one of {allowed}")
+        sel = group["selection"]
+        if group["on_refresh"] == "reproject" and sel in ("columns", "rows", "blocks"):
             raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
+        if sel == "blocks":
+            if group["rank"] is not None:
+                raise ValueError("selection='blocks' takes density (a fraction of tensors), not rank")
+            sel = "columns"  # validate the shared keys below (update_gap, on_refresh)
         # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
-        _config(dict(group, density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
+        _config(dict(group, selection=sel,
+                     density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
 
-    def _refresh(self, group: dict, state: dict, g: Tensor, step: int) -> None:
+    # ------------------------------------------------------------------------------------ inner optimizer
+    def _moment(self, state: dict, key: str, signed: bool, group: dict) -> Optional[Tensor]:
+        if key in state:
+            return state[key]
+        if f"{key}_codes" in state:
+            codes = state[f"{key}_codes"]
+            return dequantize_blockwise(codes, state[f"{key}_absmax"], default_code(signed, codes.device),
+                                        group["blocksize"])
+        return None
+
+    @staticmethod
+    def _store(state: dict, key: str, value: Tensor, signed: bool, group: dict, eight: bool) -> None:
+        if eight:
+            state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_blockwise(
+                value, default_code(signed, value.device), group["blocksize"])
+        else:
+            state[key] = value
+
+    def inner_direction(self, group: dict, state: dict, x: Tensor, p: Tensor) -> Optional[Tensor]:
+        """Step the inner optimizer on ``x`` (the projected or whole fp32 gradient of ``p``) and return its
+        update direction (to be multiplied by the lr), or ``None`` when SGD-SaI has no scale yet."""
+        beta1, beta2 = group["betas"]
+        eight = self._wants_8bit(group, p) and x.numel() >= group["min_8bit_size"]
+        moments = _MOMENTS[group["inner"]]
+        if group["inner"] == "sgdsai":
+            s = state.get("gsnr")
+            if s is None:  # all-zero gradient so far: the scale (and the step) waits for a non-zero one
+                return None
+            buf = self._moment(state, "momentum_buffer", True, group)
+            if buf is None or buf.shape != x.shape:
+                buf = x.clone()  # first step after a (re)start: m = g
+            else:
+                buf.lerp_(x, 1.0 - beta1)
+            self._store(state, "momentum_buffer", buf, True, group, eight)
+            return buf * (s / self._gsnr_max)
+        m = self._moment(state, "exp_avg", True, group)
+        if m is None or m.shape != x.shape:
+            _clear_inner(state)
+            m, v, state["step"] = torch.zeros_like(x), torch.zeros_like(x), 0
+        else:
+            v = self._moment(state, "exp_avg_sq", False, group)
+        state["step"] += 1
+        t = state["step"]
+        m.lerp_(x, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
+        direction = m / (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(group["eps"]) / (1.0 - beta1**t)
+        for (key, signed), value in zip(moments, (m, v)):
+            self._store(state, key, value, signed, group, eight)
+        return direction
+
+    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        d = self.inner_direction(group, state, g, p)
+        if d is not None:
+            p32.sub_(d, alpha=group["lr"])
+
+    # ------------------------------------------------------------------------------------ projection
+    def _refresh(self, group: dict, state: dict, g: Tensor, step: int, p: Tensor) -> None:
         old = proj.refresh(state, g, step, _config(group))
         state["refreshes"] = state.get("refreshes", 0) + 1
         side = proj.projection_side(tuple(g.shape))
-        if group["on_refresh"] == "reset" or "exp_avg" not in state:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                state.pop(key, None)
+        if group["on_refresh"] == "reset":
+            _clear_inner(state)
         elif group["on_refresh"] == "reproject" and old is not None:
             new = state["proj_basis"]
-            state["exp_avg"] = proj.reproject_linear(state["exp_avg"], old, new, side)
-            state["exp_avg_sq"] = proj.reproject_square(state["exp_avg_sq"], old, new, side)
+            eight = any(f"{key}_codes" in state for key, _ in _MOMENTS[group["inner"]])
+            for key, signed in _MOMENTS[group["inner"]]:
+                value = self._moment(state, key, signed, group)
+                if value is None:
+                    continue
+                move = proj.reproject_square if key == "exp_avg_sq" else proj.reproject_linear
+                self._store(state, key, move(value, old, new, side), signed, group, eight)
 
-    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         if group["density"] == 0 and group["rank"] is None:  # no subspace: every coordinate is state-free
             self._state_free(p32, g, group, state)
             return
+        if group["selection"] == "blocks":
+            self._block_update(group, state, p32, g, p)
+            return
         it = state.get("iteration", 0)
         if proj.refresh_due(state, it, _config(group)):
-            self._refresh(group, state, g, it)
+            self._refresh(group, state, g, it, p)
         state["iteration"] = it + 1
         sel, shape = group["selection"], tuple(g.shape)
         low = proj.down(state, g, sel)
-        beta1, beta2 = group["betas"]
-        direction = self.adam_direction(state, low, beta1, beta2, group["eps"])
-        p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"] * group["active_scale"])
+        direction = self.inner_direction(group, state, low, p)
+        if direction is not None:
+            p32.sub_(proj.up(state, direction, shape, sel), alpha=group["lr"] * group["active_scale"])
         if group["state_free"] != "none":
             self._state_free(p32, g - proj.up(state, low, shape, sel), group, state)
 
+    def _block_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        it = state.get("iteration", 0)
+        state["iteration"] = it + 1
+        gap = group["update_gap"]
+        if it and it % gap == 0 and group["on_refresh"] == "reset":
+            _clear_inner(state)
+        n = len(self._block_params)
+        key = (n, group["density"], group["block_order"], it // gap)
+        if key not in self._active_blocks:
+            self._active_blocks[key] = set(proj.active_blocks(*key))
+        if self._block_params[id(p)] in self._active_blocks[key]:
+            direction = self.inner_direction(group, state, g, p)
+            if direction is not None:
+                p32.sub_(direction, alpha=group["lr"] * group["active_scale"])
+        else:
+            _clear_inner(state)  # an inactive tensor holds no inner state
+            self._state_free(p32, g, group, state)
+
     def _before_updates(self) -> None:
         # SaI scales of every tensor are recorded before any update, so the max is the same for all of them
+        blocks: dict[int, int] = {}
         for group in self.param_groups:
-            if group["free_scale"] != "sai":
-                continue
             for p in group["params"]:
-                if p.grad is not None and p.dim() == 2 and "gsnr" not in self.state[p]:
+                projected = self._projected(group, p)
+                if projected and group["selection"] == "blocks":
+                    blocks[id(p)] = len(blocks)
+                wants = group["inner"] == "sgdsai" or (group["free_scale"] == "sai" and projected)
+                if wants and p.grad is not None and p.numel() and "gsnr" not in self.state[p]:
                     s = gsnr(p.grad, 1e-8)
                     if s is not None and math.isfinite(s):
                         self.state[p]["gsnr"] = s
         self._gsnr_max = max((st["gsnr"] for st in self.state.values() if "gsnr" in st), default=1.0)
+        if blocks != getattr(self, "_block_params", None):
+            self._block_params, self._active_blocks = blocks, {}
 
     def _state_free(self, p32: Tensor, residual: Tensor, group: dict, state: Optional[dict] = None) -> None:
         lr_free = group["lr"] * group["inactive_lr_scale"]
@@ -144,13 +270,16 @@ class GaLoreAdamW(FRUGAL):
     outside the subspace. It is FRUGAL with ``state_free="none"``; memopt's defaults follow GaLore: ``svd``
     selection, ``on_refresh="keep"`` (the reference behaviour; ``reset``/``reproject`` fix its known flaw).
 
-    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``scale`` (α, default 0.25).
+    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``scale`` (α, default 0.25);
+    ``state_bits=8`` holds the inner AdamW moments as blockwise 8-bit codes (GaLore's 8-bit variant).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: Optional[int] = 128,
                  density: Optional[float] = None, scale: float = 0.25, selection: str = "svd",
-                 update_gap: int = 200, on_refresh: str = "keep", check_finite: bool = True, maximize: bool = False):
+                 update_gap: int = 200, on_refresh: str = "keep", check_finite: bool = True, maximize: bool = False,
+                 state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096):
         super().__init__(params, lr, betas, eps, weight_decay, density=density if rank is None else 0.25,
                          selection=selection, update_gap=update_gap, on_refresh=on_refresh, state_free="none",
-                         check_finite=check_finite, maximize=maximize, rank=rank, active_scale=scale)
+                         check_finite=check_finite, maximize=maximize, rank=rank, active_scale=scale,
+                         state_bits=state_bits, blocksize=blocksize, min_8bit_size=min_8bit_size)

@@ -62,7 +62,7 @@ class SubsetNormSM(MatrixOptimizer):
         proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
                               update_gap=group["update_gap"]).validate()
 
-    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor) -> None:
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         beta1, beta2 = group["betas"]
         it = state.get("iteration", 0)
         state["iteration"] = it + 1
