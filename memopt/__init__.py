@@ -4,6 +4,7 @@
 modules load; it imports neither transformers nor triton itself).
 """
 
+from memopt.freeze import FrozenEmbeddings, freeze_embeddings
 from memopt.memory import adamw_state_bytes, state_bytes, state_bytes_by_kind
 from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, SGDSaI, SubsetNormSM, keep_32bit_state
 from memopt.registry import create_optimizer, get_optimizer_spec, list_optimizers, register_optimizer
@@ -13,11 +14,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW8bit",
     "FRUGAL",
+    "FrozenEmbeddings",
     "GaLoreAdamW",
     "SGDSaI",
     "SubsetNormSM",
     "adamw_state_bytes",
     "create_optimizer",
+    "freeze_embeddings",
     "get_optimizer_spec",
     "keep_32bit_state",
     "list_optimizers",

@@ -59,6 +59,11 @@ class OptimizerSpec:
             raise ValueError(f"optim_args must be a 'k=v,...' string or a mapping, got {type(optim_args).__name__}")
         out: dict[str, Any] = {}
         for key, value in items:
+            if key in INTEGRATION_ARGS:
+                if key in out:
+                    raise ValueError(f"optim_args key {key!r} is given twice")
+                out[key] = _convert(key, value, INTEGRATION_ARGS[key])
+                continue
             if key not in self.arg_types:
                 raise ValueError(
                     f"optim_args key {key!r} is not accepted by {self.name!r}; accepted keys: "
@@ -105,6 +110,10 @@ def _convert(key: str, value: Any, kind: str) -> Any:
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
+# optim_args keys every optimizer accepts; the Trainer integration acts on them (they need the model) and removes
+# them before the optimizer is built: freeze_embeddings = true | false | untie (memopt.freeze_embeddings)
+INTEGRATION_ARGS = {"freeze_embeddings": "str"}
+
 
 def register_optimizer(
     name: str,
@@ -146,7 +155,12 @@ def list_optimizers() -> list[str]:
 def create_optimizer(name: str, params, optim_args: Union[None, str, Mapping[str, Any]] = None, **kwargs):
     """Build a registered optimizer: ``create_optimizer("sgdsai", model.parameters(), lr=1e-2)``."""
     spec = get_optimizer_spec(name)
-    return spec.create(params, **{**spec.parse_optim_args(optim_args), **kwargs})
+    parsed = spec.parse_optim_args(optim_args)
+    for key in INTEGRATION_ARGS:
+        if key in parsed:
+            raise ValueError(f"optim_args key {key!r} acts on the model: call memopt.{key}(model) before building "
+                             "the optimizer from params (the Trainer route applies it for you)")
+    return spec.create(params, **{**parsed, **kwargs})
 
 
 def _adam_training_args(args) -> dict:
@@ -176,7 +190,7 @@ def _register_builtin() -> None:
     sgdsai_args = {
         "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool", "foreach": "optional_bool",
         "state_dtype": "str", "check_finite": "bool", "state_bits": "int", "blocksize": "int",
-        "min_8bit_size": "int", "use_triton": "optional_bool", "stochastic_rounding": "bool",
+        "min_8bit_size": "int", "use_triton": "optional_bool", "stochastic_rounding": "bool", "grad_release": "bool",
     }
     register_optimizer(
         "sgdsai",
@@ -197,7 +211,7 @@ def _register_builtin() -> None:
         AdamW8bit,
         arg_types={"eps": "float", "maximize": "bool", "check_finite": "bool", "state_bits": "int",
                    "blocksize": "int", "min_8bit_size": "int", "use_triton": "optional_bool",
-                   "stochastic_rounding": "bool"},
+                   "stochastic_rounding": "bool", "grad_release": "bool"},
         defaults={"state_bits": 8},
         description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
         from_training_args=_adam_training_args,

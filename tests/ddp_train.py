@@ -13,8 +13,10 @@ from tiny import PatternDataset, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 out = sys.argv[1]
+optim_args = sys.argv[2] if len(sys.argv) > 2 else None
 model = tiny_llama()
-args = TrainingArguments(output_dir=out, optim="sgdsai", learning_rate=0.05, max_steps=6,
+args = TrainingArguments(output_dir=out, optim="sgdsai", optim_args=optim_args, learning_rate=0.05, max_steps=6,
+                         max_grad_norm=0.0 if optim_args and "grad_release" in optim_args else 1.0,
                          per_device_train_batch_size=4, logging_steps=2, save_strategy="no", report_to="none",
                          use_cpu=True, seed=0, disable_tqdm=True, lr_scheduler_type="constant")
 trainer = Trainer(model=model, args=args, train_dataset=PatternDataset(n=96))

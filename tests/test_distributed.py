@@ -13,7 +13,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _launch(tmp_path: Path, script: Path, *args, timeout=600):
+def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.fail("accelerate is not installed: pip install -e '.[test]'")
@@ -22,7 +22,7 @@ def _launch(tmp_path: Path, script: Path, *args, timeout=600):
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -43,3 +43,8 @@ def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path):
     assert [r["rank"] for r in rows] == [0, 1]
     assert rows[0]["optimizer_state_bytes"] == rows[1]["optimizer_state_bytes"] > 0
     assert proc.stdout.count("memopt memory report") == 1  # printed once, by the main process
+
+
+def test_gradient_release_under_ddp_is_refused_clearly(tmp_path):
+    proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path), "grad_release=true", expect_ok=False)
+    assert "grad_release=true: distributed training (DDP/FSDP/DeepSpeed) is not supported" in proc.stderr

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional, Union
 
 from torch.optim import Optimizer
 
+from memopt.freeze import freeze_embeddings, parse_freeze_mode
 from memopt.registry import get_optimizer_spec, list_optimizers
 
 TESTED_VERSIONS = "5.x (CI: 5.24)"
@@ -185,18 +186,56 @@ def optimizer_cls_and_kwargs(
         raise TypeError(f"memopt optimizer {name!r} is not an Optimizer class and cannot be built by the Trainer")
     raw = optim_args if optim_args is not None else getattr(args, "optim_args", None)
     from_args = spec.from_training_args(args) if (args is not None and spec.from_training_args) else {}
-    kwargs: dict[str, Any] = {**spec.defaults, **from_args, **spec.parse_optim_args(raw)}
+    parsed = spec.parse_optim_args(raw)
+    freeze = parse_freeze_mode(parsed.pop("freeze_embeddings", "false"))
+    kwargs: dict[str, Any] = {**spec.defaults, **from_args, **parsed}
     if lr is not None:
         kwargs["lr"] = lr
     elif args is not None:
         kwargs["lr"] = args.learning_rate
+    if kwargs.get("grad_release") and args is not None:
+        _check_release_args(name, args)
+    if freeze != "false":
+        if model is None:
+            raise ValueError("optim_args freeze_embeddings needs the model: pass model=")
+        freeze_embeddings(model, untie=freeze == "untie")
     if kwargs.get("state_bits") == 8 and model is not None:
         _keep_embeddings_32bit(model)
     if spec.build_groups is not None:
         if model is None or args is None:
             raise ValueError(f"{name!r} builds its parameter groups from the model: pass model= and the args")
         kwargs["params"] = spec.build_groups(model, args, _trainer_decay_names(model))
+    elif freeze != "false":
+        # the Trainer built its groups before the embedding was frozen: rebuild them without frozen params
+        kwargs["params"] = _trainer_groups(model, args)
     return spec.factory, kwargs
+
+
+def _trainer_groups(model, args) -> list[dict]:
+    """The Trainer's decay / no-decay groups over the trainable parameters."""
+    decay = _trainer_decay_names(model)
+    wd = getattr(args, "weight_decay", 0.0) if args is not None else 0.0
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if decay is None or n in decay], "weight_decay": wd},
+              {"params": [p for n, p in named if decay is not None and n not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _check_release_args(name: str, args) -> None:
+    """Training arguments that gradient release cannot honour are refused, naming the setting to change."""
+    problems = []
+    if getattr(args, "gradient_accumulation_steps", 1) != 1:
+        problems.append("gradient_accumulation_steps must be 1 (each backward is an update; use a larger batch)")
+    if (getattr(args, "max_grad_norm", 0) or 0) > 0:
+        problems.append("max_grad_norm must be 0: global gradient clipping needs every gradient at once, and "
+                        "they are freed during backward")
+    if getattr(args, "fp16", False):
+        problems.append("fp16 (GradScaler) is not supported: use bf16 or fp32")
+    if getattr(args, "world_size", 1) > 1 or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        problems.append("distributed training (DDP/FSDP/DeepSpeed) is not supported: the hook runs before the "
+                        "gradient reduction")
+    if problems:
+        raise ValueError(f"optim={name!r} with grad_release=true: " + "; ".join(problems))
 
 
 def _trainer_decay_names(model) -> Optional[set]:

@@ -96,6 +96,26 @@ def check_8bit_layout(group: dict) -> None:
                          "poison a whole quantization block")
 
 
+def _refuse_distributed_release() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            "gradient release is not supported with more than one process: its hook runs before DDP's all-reduce "
+            "(and FSDP's reduce-scatter), so each rank would update from its own local gradient. Train without "
+            "grad_release under DDP/FSDP, or on one device"
+        )
+
+
+def _accumulating() -> bool:
+    """True inside accelerate (the Trainer) during a backward that is not the last of an accumulation cycle."""
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is None:
+        return False
+    return state.GradientState._shared_state.get("sync_gradients", True) is False
+
+
 class MemoptOptimizer(Optimizer):
     """Base class. Subclasses set ``STATE_KEYS`` (allowed per-param state keys), ``SHAPED_STATE_KEYS`` (state
     tensors shaped like the param), ``REQUIRED_GROUP_KEYS`` (how a checkpoint is recognised) and implement
@@ -110,6 +130,9 @@ class MemoptOptimizer(Optimizer):
         self.nonfinite_skips = 0
         self.update_paths: dict[str, int] = {}
         self._logged_paths: set = set()
+        self._release_handles: list = []
+        self._release_paths = [0, 0]
+        self._group_index: Optional[dict[int, int]] = None
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -117,6 +140,85 @@ class MemoptOptimizer(Optimizer):
         self.__dict__.setdefault("nonfinite_skips", 0)
         self.__dict__.setdefault("update_paths", {})
         self.__dict__.setdefault("_logged_paths", set())
+        self.__dict__.setdefault("_release_handles", [])
+        self.__dict__.setdefault("_release_paths", [0, 0])
+        self.__dict__.setdefault("_group_index", None)
+
+    # --------------------------------------------------------------------------------- gradient release
+    @property
+    def gradient_release(self) -> bool:
+        """Whether parameters are updated inside backward (see :meth:`enable_gradient_release`)."""
+        return bool(self._release_handles)
+
+    def enable_gradient_release(self) -> None:
+        """Update each parameter inside ``backward()`` as soon as its gradient is complete, then free that
+        gradient (``Tensor.register_post_accumulate_grad_hook``), so the full set of gradients never exists.
+
+        Contract: every ``backward()`` is one optimizer update of the parameters it reaches; call ``step()``
+        once after it (it finishes deferred work and updates any parameter whose gradient was set without a
+        backward) and ``zero_grad()`` as usual. The learning rate and other group values are read when the
+        hook runs, so a scheduler stepped after ``step()`` acts on the next backward, as it does normally.
+
+        Refused (RuntimeError): distributed runs with more than one process (the hook fires before DDP's
+        all-reduce and before FSDP's reduce-scatter, so each rank would step on its local gradient), and, inside
+        accelerate / the Trainer, a backward that is not the last of a gradient-accumulation cycle. Global
+        gradient-norm clipping cannot see freed gradients: the Trainer integration refuses ``max_grad_norm > 0``.
+        """
+        if self._release_handles:
+            return
+        if not self._supports_release():
+            raise NotImplementedError(f"{type(self).__name__} does not support gradient release")
+        _refuse_distributed_release()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._release_handles.append(p.register_post_accumulate_grad_hook(self._release_hook))
+
+    def disable_gradient_release(self) -> None:
+        """Remove the backward hooks (``step()`` then updates from ``.grad`` as usual)."""
+        for handle in self._release_handles:
+            handle.remove()
+        self._release_handles = []
+
+    def _supports_release(self) -> bool:
+        return False
+
+    def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        """Update ``p`` from its finite gradient ``g`` inside backward; return True to keep ``p.grad`` for
+        ``step()`` instead of freeing it. Counts the update path in ``self._release_paths``."""
+        raise NotImplementedError
+
+    def _group_of(self, p: Tensor) -> dict:
+        # groups are looked up by index at hook time: load_state_dict replaces the group dicts
+        if self._group_index is None or id(p) not in self._group_index:
+            self._group_index = {id(q): i for i, group in enumerate(self.param_groups) for q in group["params"]}
+        return self.param_groups[self._group_index[id(p)]]
+
+    @torch.no_grad()
+    def _release_hook(self, p: Tensor) -> None:
+        g = self._grad(p)
+        if g is None:
+            return
+        if _accumulating():
+            raise RuntimeError(
+                f"{type(self).__name__} with gradient release updates parameters inside backward and cannot "
+                "accumulate gradients: set gradient_accumulation_steps=1 (use a larger per-device batch instead)"
+            )
+        _refuse_distributed_release()
+        group = self._group_of(p)
+        keep = False
+        if p.numel():
+            if group["check_finite"] and not self._finite_mask([g])[0]:
+                self._count_skips(1)
+            else:
+                keep = self._release_update(group, p, g)
+        if not keep:
+            p.grad = None
+
+    def _finish_release_step(self, n_triton: int, n_torch: int) -> None:
+        """Called by ``step()``: the update paths of this step, released tensors included."""
+        self._record_paths(n_triton + self._release_paths[0], n_torch + self._release_paths[1])
+        self._release_paths = [0, 0]
 
     def _use_triton(self, group: dict, p: Tensor, g: Tensor) -> bool:
         """Whether this tensor's update runs the fused Triton kernel. ``use_triton=None`` (default): on CUDA
@@ -174,6 +276,9 @@ class MemoptOptimizer(Optimizer):
         self._validate_group(param_group)
         self._normalize_group(param_group)
         super().add_param_group(param_group)
+        if self._release_handles:  # parameters added after enable_gradient_release get their hooks too
+            self._release_handles += [p.register_post_accumulate_grad_hook(self._release_hook)
+                                      for p in params if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -220,15 +325,17 @@ class MemoptOptimizer(Optimizer):
         if group["check_finite"] and grads:
             mask = self._finite_mask(grads)
             if not all(mask):
-                skipped = mask.count(False)
-                self.nonfinite_skips += skipped
-                logger.warning(
-                    "%s: skipped %d tensor(s) with non-finite gradients this step (param and state unchanged; "
-                    "%d skips in total)", type(self).__name__, skipped, self.nonfinite_skips,
-                )
+                self._count_skips(mask.count(False))
                 params = [p for p, ok in zip(params, mask) if ok]
                 grads = [g for g, ok in zip(grads, mask) if ok]
         return params, grads
+
+    def _count_skips(self, skipped: int) -> None:
+        self.nonfinite_skips += skipped
+        logger.warning(
+            "%s: skipped %d tensor(s) with non-finite gradients this step (param and state unchanged; "
+            "%d skips in total)", type(self).__name__, skipped, self.nonfinite_skips,
+        )
 
     @staticmethod
     def _wants_8bit(group: dict, p: Tensor) -> bool:
@@ -274,6 +381,7 @@ class MemoptOptimizer(Optimizer):
                         f"{tuple(p.shape)}: the checkpoint belongs to another model"
                     )
         super().load_state_dict(state_dict)
+        self._group_index = None
         for group in self.param_groups:  # keys added after a checkpoint was written take their defaults
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

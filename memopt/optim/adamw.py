@@ -31,7 +31,9 @@ class AdamW8bit(MemoptOptimizer):
         min_8bit_size: smaller tensors keep 32-bit moments (4096).
         use_triton: fused Triton kernel for 8-bit tensors (``None``: on CUDA when available; ``True``: required,
             CPU only under ``TRITON_INTERPRET=1``; ``False``: PyTorch reference). Counted in ``update_paths``.
-        stochastic_rounding: round bf16 parameter writes stochastically (default False).
+        stochastic_rounding: round bf16 parameter writes stochastically (default True; acts on bf16 params only).
+        grad_release: update each tensor inside ``backward()`` and free its gradient (default False; see
+            :meth:`enable_gradient_release`). Every tensor's update is independent, so it equals the normal step.
 
     Use for: a 4× smaller AdamW state; the inner optimizer of FRUGAL / GaLore-style methods.
     Not for: sparse gradients, complex params (refused).
@@ -55,13 +57,18 @@ class AdamW8bit(MemoptOptimizer):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
         use_triton: Optional[bool] = None,
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool = True,
+        grad_release: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         check_finite=check_finite, state_bits=state_bits, blocksize=blocksize,
                         min_8bit_size=min_8bit_size, use_triton=use_triton,
                         stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+        if not isinstance(grad_release, bool):
+            raise ValueError(f"grad_release={grad_release!r} must be a bool")
+        if grad_release:
+            self.enable_gradient_release()
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -71,39 +78,51 @@ class AdamW8bit(MemoptOptimizer):
     def _normalize_group(self, group: dict) -> None:
         group["betas"] = tuple(float(b) for b in group["betas"])
 
+    def _supports_release(self) -> bool:
+        return True
+
+    def _release_update(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
+        self._release_paths[0 if self._update_one(group, p, g) else 1] += 1
+        return False
+
+    def _update_one(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
+        """One tensor's AdamW step; returns whether the fused kernel ran."""
+        beta1, beta2 = group["betas"]
+        common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"])
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            if self._wants_8bit(group, p):
+                n_blocks = -(-p.numel() // group["blocksize"])
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[f"{key}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    state[f"{key}_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+            else:
+                dtype = self._full_state_dtype(group, p)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["step"] += 1
+        if "exp_avg_codes" in state:
+            fused = self._use_triton(group, p, g)
+            update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
+            update(p, g, *(state[k] for k in _CODES), step=state["step"], blocksize=group["blocksize"], **common)
+            return fused
+        adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **common)
+        return False
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = self._evaluate(closure)
         n_triton = n_torch = 0
         for group in self.param_groups:
             params, grads = self._collect(group)
-            beta1, beta2 = group["betas"]
-            common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                          weight_decay=group["weight_decay"], maximize=group["maximize"],
-                          stochastic_rounding=group["stochastic_rounding"])
             for p, g in zip(params, grads):
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    if self._wants_8bit(group, p):
-                        n_blocks = -(-p.numel() // group["blocksize"])
-                        for key in ("exp_avg", "exp_avg_sq"):
-                            state[f"{key}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                            state[f"{key}_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
-                    else:
-                        dtype = self._full_state_dtype(group, p)
-                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                if "exp_avg_codes" in state:
-                    fused = self._use_triton(group, p, g)
-                    n_triton += fused
-                    n_torch += not fused
-                    update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
-                    update(p, g, *(state[k] for k in _CODES), step=state["step"], blocksize=group["blocksize"],
-                           **common)
-                else:
-                    n_torch += 1
-                    adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **common)
-        self._record_paths(n_triton, n_torch)
+                fused = self._update_one(group, p, g)
+                n_triton += fused
+                n_torch += not fused
+            if self.gradient_release:
+                for p in params:
+                    p.grad = None
+        self._finish_release_step(n_triton, n_torch)
         return loss

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from memopt.functional import sgdsai as _reference
+from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
 from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
@@ -79,8 +80,15 @@ class SGDSaI(MemoptOptimizer):
             (default): on CUDA tensors when triton is installed; ``True``: required (on CPU only under
             ``TRITON_INTERPRET=1``, for tests); ``False``: PyTorch reference. Logged once; counted per step in
             ``optimizer.update_paths`` and shown by the memory report.
-        stochastic_rounding: round bf16 parameter writes stochastically (default False), so updates smaller
-            than half a bf16 ulp still move the weights on average.
+        stochastic_rounding: round bf16 parameter writes stochastically (default True; it only acts on bf16
+            parameters), so updates smaller than half a bf16 ulp still move the weights on average: bf16 weights
+            train without an fp32 master copy. ``False``: round to nearest.
+        grad_release: update each tensor inside ``backward()`` and free its gradient (see
+            :meth:`enable_gradient_release`; default False). With ``scale="gsnr_max"`` a tensor's first update
+            waits for ``step()`` (its buffer already holds ``m = g``), so the scales equal the normal step's;
+            8-bit or low-precision buffers make that first update use the stored (rounded) ``g``. A tensor whose
+            first non-zero gradient arrives after step 1 joins the max at that point of the backward: tensors
+            updated earlier in the same backward used the previous max.
 
     Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, or LoRA (with a larger lr).
     Not for: sparse gradients or complex parameters (refused).
@@ -114,7 +122,8 @@ class SGDSaI(MemoptOptimizer):
         blocksize: int = 256,
         min_8bit_size: int = 4096,
         use_triton: Optional[bool] = None,
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool = True,
+        grad_release: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps, scale=scale, maximize=maximize,
@@ -122,8 +131,17 @@ class SGDSaI(MemoptOptimizer):
             blocksize=blocksize, min_8bit_size=min_8bit_size, use_triton=use_triton,
             stochastic_rounding=stochastic_rounding,
         )
+        self._deferred: list[Tensor] = []
         super().__init__(params, defaults)
         self.defaults["state_dtype"] = _dtype_name(state_dtype)
+        if not isinstance(grad_release, bool):
+            raise ValueError(f"grad_release={grad_release!r} must be a bool")
+        if grad_release:
+            self.enable_gradient_release()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_deferred", [])
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -158,26 +176,82 @@ class SGDSaI(MemoptOptimizer):
         ]
         return max(values) if values else 1.0
 
+    def _supports_release(self) -> bool:
+        return True
+
+    def _record_gsnr(self, group: dict, p: Tensor, g: Tensor) -> Optional[float]:
+        state = self.state[p]
+        if group["scale"] != "sqrt_numel" and "gsnr" not in state:
+            s = gsnr(g, group["eps"])
+            if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
+                state["gsnr"] = s
+        return state.get("gsnr")
+
+    def _new_momentum(self, group: dict, p: Tensor, g: Tensor) -> None:
+        """Create the buffer of a tensor's first step holding ``g`` (8-bit codes or full precision)."""
+        state = self.state[p]
+        if self._wants_8bit(group, p):
+            state["momentum_codes"], state["momentum_absmax"] = quantize_blockwise(g, None, group["blocksize"])
+        else:
+            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else self._full_state_dtype(group, p)
+            state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
+
+    def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        state = self.state[p]
+        new_scale = group["scale"] == "gsnr_max" and "gsnr" not in state
+        if new_scale and self._record_gsnr(group, p, g) is not None:
+            # This tensor joins the max now; its first update waits for step(), when every scale of this step
+            # is known (same scales as without release). Its momentum buffer is the gradient itself (m = g), so
+            # the gradient can be freed already; with momentum 0 there is no buffer and the gradient is kept.
+            if group["momentum"] == 0.0:
+                return True
+            self._new_momentum(group, p, g)
+            self._deferred.append(p)
+            return False
+        fused = self._update_work([(group, [p], [g])], self._running_gsnr_max())
+        self._release_paths[0] += fused[0]
+        self._release_paths[1] += fused[1]
+        return False
+
+    @torch.no_grad()
+    def _apply_deferred(self) -> None:
+        gsnr_max = self._running_gsnr_max()
+        for p in self._deferred:
+            group, state = self._group_of(p), self.state[p]
+            if "momentum_codes" in state:
+                m = dequantize_blockwise(state["momentum_codes"], state["momentum_absmax"], None, group["blocksize"])
+            else:
+                m = state["momentum_buffer"]
+            sgdsai_update_(p, m, None, lr=group["lr"], scale=self._scale_of(group, p, gsnr_max), momentum=0.0,
+                           weight_decay=group["weight_decay"], maximize=group["maximize"],
+                           stochastic_rounding=group["stochastic_rounding"])
+            self._release_paths[1] += 1
+        self._deferred = []
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = self._evaluate(closure)
+        if self._deferred:
+            self._apply_deferred()
 
         # Pass 1: collect work, drop non-finite gradients, record missing g-SNRs (before the max is taken).
         work = []
         for group in self.param_groups:
             params, grads = self._collect(group)
-            if group["scale"] != "sqrt_numel":
-                for p, g in zip(params, grads):
-                    state = self.state[p]
-                    if "gsnr" not in state:
-                        s = gsnr(g, group["eps"])
-                        if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
-                            state["gsnr"] = s
+            for p, g in zip(params, grads):
+                self._record_gsnr(group, p, g)
             work.append((group, params, grads))
-
-        gsnr_max = self._running_gsnr_max()
-
         # Pass 2: the update.
+        n_triton, n_torch = self._update_work(work, self._running_gsnr_max())
+        self._finish_release_step(n_triton, n_torch)
+        if self.gradient_release:  # gradients kept by the hooks (first step with momentum 0) are done now
+            for _, params, _ in work:
+                for p in params:
+                    p.grad = None
+        return loss
+
+    def _update_work(self, work: list, gsnr_max: float) -> tuple[int, int]:
+        """Update every ``(group, params, grads)`` of ``work``; returns the (Triton, torch) tensor counts."""
         n_triton = n_torch = 0
         for group, params, grads in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
@@ -232,5 +306,4 @@ class SGDSaI(MemoptOptimizer):
                 sgdsai_update_foreach_(
                     active_p, active_g, bufs if beta != 0.0 else None, scales=scales, first_steps=firsts, **common
                 )
-        self._record_paths(n_triton, n_torch)
-        return loss
+        return n_triton, n_torch

@@ -1,0 +1,299 @@
+"""memopt.plan / `memopt plan`: the exact parts equal what real optimizers hold after one step on tiny
+config-built models; the CLI prints the 7B table and refuses bad input with a message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import memopt
+from memopt import plan as planner
+from memopt.cli import main
+from memopt.targets import projection_groups
+
+LLAMA_7B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+
+
+def _config(tied: bool):
+    from transformers import LlamaConfig
+
+    # hidden 64: the 64x64 attention weights (4096 elements) sit exactly at min_8bit_size; k/v (32x64) below it
+    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                       tie_word_embeddings=tied)
+
+
+def _real_model(config, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def _backward(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def _step(model, opt):
+    _backward(model)
+    opt.step()
+
+
+def _meta_summary(config):
+    return planner.summarize_model(planner.build_meta_model(config), source="test")
+
+
+def _predicted(config, optimizer, dtype="fp32", **kw):
+    return planner.exact_parts(_meta_summary(config), planner.Setup("t", optimizer, **kw), dtype, density=0.25,
+                               galore_rank=16)
+
+
+def _actual_grads(model):
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def config(request):
+    return _config(request.param)
+
+
+# ----------------------------------------------------------------------------- exact parts vs real optimizers
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_torch_adamw_state_weights_grads_exact(config, dtype):
+    model = _real_model(config, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _step(model, opt)
+    pred = _predicted(config, "adamw", dtype)
+    assert pred.state_bytes == memopt.state_bytes(opt) == memopt.adamw_state_bytes(model.parameters())
+    assert pred.grads_bytes == _actual_grads(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # buffers (rotary inv_freq) follow .to(dtype) here; they are a few hundred bytes either way
+    assert pred.weights_bytes == weights + sum(b.numel() for b in model.buffers()) * planner.DTYPE_BYTES[dtype]
+    assert abs(pred.weights_bytes - weights - buffers) <= 4 * sum(b.numel() for b in model.buffers())
+    assert pred.trainable_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sgdsai_32bit_state_exact(config, dtype):
+    model = _real_model(config, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    opt = memopt.SGDSaI(model.parameters(), lr=1e-2)
+    _step(model, opt)
+    assert _predicted(config, "sgdsai", dtype).state_bytes == memopt.state_bytes(opt)
+
+
+def test_sgdsai_8bit_state_exact(config):
+    model = _real_model(config)
+    memopt.keep_32bit_state(model.get_input_embeddings())  # what the Trainer integration does
+    opt = memopt.SGDSaI(model.parameters(), lr=1e-2, state_bits=8, use_triton=False)
+    _step(model, opt)
+    kinds = memopt.state_bytes_by_kind(opt)
+    assert kinds.get("momentum_codes") and kinds.get("momentum_buffer")  # both formats occur in this model
+    assert _predicted(config, "sgdsai_8bit").state_bytes == memopt.state_bytes(opt)
+
+
+def test_frugal_state_exact(config):
+    model = _real_model(config)
+    opt = memopt.FRUGAL(projection_groups(model, None, 0.01), lr=1e-3, density=0.25)
+    _step(model, opt)
+    assert any("proj_basis" in st for st in opt.state.values())
+    assert _predicted(config, "frugal").state_bytes == memopt.state_bytes(opt)
+
+
+def test_galore_state_exact(config):
+    model = _real_model(config)
+    opt = memopt.GaLoreAdamW(projection_groups(model, None, 0.01), lr=1e-3, rank=16)
+    _step(model, opt)
+    assert _predicted(config, "galore").state_bytes == memopt.state_bytes(opt)
+
+
+@pytest.fixture
+def bnb_manager():
+    bnb = pytest.importorskip("bitsandbytes")
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()  # a process-wide singleton: start and leave it clean
+    yield bnb, manager
+    manager.initialize()
+
+
+def test_bnb_adamw8bit_state_exact(config, bnb_manager):
+    bnb, manager = bnb_manager
+    model = _real_model(config)
+    # what Trainer(optim="adamw_bnb_8bit") builds: bnb AdamW(optim_bits=8) + a 32-bit override per nn.Embedding
+    opt = bnb.optim.AdamW(model.parameters(), lr=1e-3, optim_bits=8)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+    _step(model, opt)
+    dtypes = {st["state1"].dtype for st in opt.state.values()}
+    assert dtypes == {torch.uint8, torch.float32}
+    assert _predicted(config, "bnb_adamw8bit").state_bytes == memopt.state_bytes(opt)
+
+
+def test_frozen_embeddings_and_grad_release(config):
+    model = _real_model(config)
+    model.get_input_embeddings().weight.requires_grad_(False)  # a tied head is the same tensor: frozen too
+    opt = memopt.SGDSaI([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _step(model, opt)
+    pred = _predicted(config, "sgdsai", freeze_embeddings=True)
+    assert pred.state_bytes == memopt.state_bytes(opt)
+    assert pred.grads_bytes == _actual_grads(model)
+    released = _predicted(config, "sgdsai", freeze_embeddings=True, grad_release=True)
+    largest = max(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert released.grads_bytes == largest and released.state_bytes == pred.state_bytes
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_lora_matches_peft(config, targets):
+    peft = pytest.importorskip("peft")
+    model = _real_model(config, torch.bfloat16)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(targets) if isinstance(targets, tuple)
+                                                      else targets))
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
+    _step(lora, opt)
+    pred = planner.exact_parts(_meta_summary(config), planner.Setup("t", "adamw", lora=True), "bf16", lora_rank=4,
+                               lora_targets=targets)
+    assert pred.trainable_params == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert pred.state_bytes == memopt.state_bytes(opt)
+    assert pred.grads_bytes == _actual_grads(lora)
+    assert pred.weights_bytes == sum(p.numel() * p.element_size() for p in lora.parameters()) + \
+        2 * sum(b.numel() for b in lora.buffers())
+
+
+def test_lora_unknown_target_is_refused(config):
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        planner.lora_adapters(_meta_summary(config), 8, ["qproj"])
+
+
+# ----------------------------------------------------------------------------- activations, sizes
+def test_activation_formula_llama_7b():
+    summary = planner.summarize_model(planner.build_meta_model(_llama_7b_config()), "7b")
+    assert summary.gated_mlp and summary.kv_hidden_size == 4096 and summary.intermediate_size == 11008
+    s, b, h, i, heads, n, v = 2048, 1, 4096, 11008, 32, 32, 32000
+    per_layer = 2 * (4 * h + 4 * h) + 2 * (3 * h + 2 * h) + 8 * i  # norms, SDPA attention, SwiGLU MLP (bf16)
+    off = planner.estimate_activations(summary, b, s, checkpointing=False)
+    eager = planner.estimate_activations(summary, b, s, checkpointing=False, attention="eager")
+    on = planner.estimate_activations(summary, b, s, checkpointing=True)
+    assert off.layers_bytes == s * b * (n * per_layer + 8 * h)  # + the final norm
+    assert eager.layers_bytes == int(s * b * (n * (per_layer + 5 * heads * s) + 8 * h))
+    assert on.layers_bytes == s * b * (n * 2 * h + per_layer + 8 * h)
+    assert off.logits_bytes == on.logits_bytes == 12 * b * s * v
+
+
+def test_activation_formula_gpt_is_korthikanti():
+    from transformers import GPT2Config
+
+    summary = planner.summarize_model(planner.build_meta_model(GPT2Config(n_layer=2, n_embd=64, n_head=4)), "gpt2")
+    est = planner.estimate_activations(summary, 2, 16, checkpointing=False, attention="eager")
+    assert est.method == "korthikanti" and est.layers_bytes == int(2 * 16 * 2 * 64 * (34 + 5 * 4 * 16 / 64))
+
+
+@pytest.mark.parametrize("dtype,act", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_activation_count_matches_saved_tensors(dtype, act):
+    """The Llama count is the bytes autograd really saves (non-parameter storages; the loss saves its fp32
+    log-softmax, 4 B per logit, one of the three copies of the logits peak)."""
+    model = _real_model(_config(False), dtype)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    b, s = 2, 32
+    ids = torch.randint(0, 96, (b, s), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    est = planner.estimate_activations(planner.summarize_model(model), b, s, checkpointing=False,
+                                       bytes_per_activation=act)
+    assert est.method == "llama"
+    predicted = est.layers_bytes + 4 * b * s * 96
+    assert 0.9 < sum(saved.values()) / predicted < 1.05
+
+
+@pytest.mark.parametrize("text,expected", [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("80 gb", 80 * 10**9),
+                                           ("1.5GiB", 3 * 2**29), ("512MiB", 2**29), ("0", 0)])
+def test_parse_size(text, expected):
+    assert planner.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24", "24 gigs", "GB", "-1GB", ""])
+def test_parse_size_refuses(text):
+    with pytest.raises(ValueError, match="cannot read the size"):
+        planner.parse_size(text)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _llama_7b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{k: v for k, v in LLAMA_7B.items() if k not in ("architectures", "model_type")})
+
+
+@pytest.fixture
+def llama_7b_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
+    return tmp_path
+
+
+def test_cli_plan_llama_7b(llama_7b_dir, capsys):
+    assert main(["plan", str(llama_7b_dir), "--gpu-mem", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "6.74B params" in out and "ESTIMATE" in out
+    rows = {line.split(" | ")[0].strip(): line for line in out.splitlines() if " | " in line}
+    for setup in ("AdamW (torch)", "AdamW 8-bit (bnb, adamw_bnb_8bit)", "SGD-SaI 8-bit + grad release",
+                  "LoRA r=8 + AdamW", "FRUGAL rho=0.25 (AdamW inner)"):
+        assert setup in rows
+    cells = [c.strip() for c in rows["AdamW (torch)"].split(" | ")]
+    assert cells[-1].startswith("no (-") and cells[-3].startswith("no (-")  # 50 GiB of weights+grads+state
+    assert [c.strip() for c in rows["LoRA r=8 + AdamW"].split(" | ")][-1].startswith("yes (+")
+    fit_line = next(line for line in out.splitlines() if line.startswith("fits in 24 GB") and "checkpointing on" in line)
+    assert "SGD-SaI 8-bit + grad release" in fit_line and "AdamW (torch)" not in fit_line
+
+
+def test_cli_plan_exact_numbers_7b(llama_7b_dir, capsys):
+    main(["plan", str(llama_7b_dir / "config.json"), "--json", "--act-ckpt", "on", "--gpu-mem", "24GiB"])
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["setup"]: r for r in data["rows"]}
+    n = 6_738_415_616
+    adamw = rows["AdamW (torch)"]
+    assert data["model"]["numel"] == n
+    assert adamw["weights_bytes"] == 2 * n + 2 * 128  # + the two 64-element rotary buffers
+    assert adamw["grads_bytes"] == 2 * n and adamw["state_bytes"] == 4 * n + 4 * 291  # 291 tensors
+    assert set(rows["LoRA r=8 + AdamW"]["fits"]) == {"on"}
+
+
+def test_cli_bad_gpu_mem(llama_7b_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(llama_7b_dir), "--gpu-mem", "24 gigs"])
+    assert info.value.code == 2
+    assert "cannot read the size '24 gigs'" in capsys.readouterr().err
+
+
+def test_cli_missing_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(tmp_path / "nope"), "--gpu-mem", "24GB"])
+    assert info.value.code == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_cli_dir_without_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", str(tmp_path)])
+    assert "without config.json" in capsys.readouterr().err
+
+
+def test_uncached_model_name_says_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(ValueError, match="never downloads"):
+        planner.load_config("memopt-test/no-such-model")
