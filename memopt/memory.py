@@ -150,6 +150,8 @@ def measure(model: torch.nn.Module, optimizer=None, *, rank: int = 0, grads_byte
     baseline = adamw_state_bytes(params)
     kind, peak = peak_memory(device)
     inner = _unwrap(optimizer) if optimizer is not None else None
+    if getattr(inner, "gradient_release", False):  # freed inside backward: one gradient alive at a time
+        live_grads = max(live_grads, inner.max_released_grad_bytes)
     return DeviceMemory(
         rank=rank,
         device=str(device),

@@ -7,7 +7,8 @@ the prediction are exact, counted from the meta model's parameters with the same
 - weights: every unique parameter (a tied LM head counts once) and buffer, in the chosen weights dtype;
   LoRA adapters in fp32 (peft's default ``autocast_adapter_dtype=True`` upcasts them on bf16/fp16 bases);
 - gradients: one per trainable parameter, in its dtype; with gradient release only the largest trainable
-  tensor's gradient (assumption: one gradient alive at a time, as the update runs in the backward hook);
+  tensor's gradient (one alive at a time: each is freed by its backward hook), plus a trainable tied
+  embedding's, which autograd holds from the LM head until the end of backward;
 - optimizer state: torch AdamW, bitsandbytes AdamW 8-bit (as the Trainer builds it), memopt SGD-SaI (32-bit
   and 8-bit), FRUGAL and GaLore-style AdamW.
 
@@ -424,13 +425,25 @@ class ExactParts:
         return self.weights_bytes + self.grads_bytes + self.state_bytes
 
 
+def _released_grads_bytes(trainable: Sequence[ParamInfo], weights_bytes: int, tied: bool) -> int:
+    """Gradients alive at once under gradient release: the largest trainable tensor's gradient (each is freed by
+    its hook before the next one is complete), plus, when the input embedding is tied to the LM head and
+    trainable, that tensor's gradient: autograd holds the LM head's contribution until the embedding's own arrives
+    at the very end of backward, so it is alive while every other tensor is released."""
+    sizes = [(p.numel * _elem_bytes(p, weights_bytes), tied and p.input_embedding) for p in trainable]
+    held = sum(size for size, tied in sizes if tied)
+    others = [size for size, tied in sizes if not tied]
+    return held + max(others, default=0) if held else max(others, default=0)
+
+
 def exact_parts(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16", *, lora_rank: int = 8,
                 lora_targets: Union[str, Sequence[str]] = ("q_proj", "v_proj"), density: float = 0.25,
                 galore_rank: int = 128) -> ExactParts:
     """Weights, gradients and optimizer state of ``summary`` trained with ``setup``, counted exactly.
 
     Frozen embeddings: the input embedding (and a tied LM head, the same tensor) has no gradient and no state.
-    Gradient release: the gradients are the largest trainable tensor's gradient only (one alive at a time).
+    Gradient release: one gradient alive at a time, the largest (plus a tied embedding's, see
+    :func:`_released_grads_bytes`).
     """
     if weights_dtype not in DTYPE_BYTES:
         raise ValueError(f"weights_dtype={weights_dtype!r} is not one of {sorted(DTYPE_BYTES)}")
@@ -443,8 +456,8 @@ def exact_parts(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16"
         trainable = [p for p in base if not (setup.freeze_embeddings and p.input_embedding)]
         params = base
     weights = sum(p.numel * _elem_bytes(p, wb) for p in params) + summary.buffer_numel * wb
-    grad_sizes = [p.numel * _elem_bytes(p, wb) for p in trainable]
-    grads = max(grad_sizes, default=0) if setup.grad_release else sum(grad_sizes)
+    grads = _released_grads_bytes(trainable, wb, summary.tied_embeddings) if setup.grad_release else \
+        sum(p.numel * _elem_bytes(p, wb) for p in trainable)
     state = state_bytes_for(setup.optimizer, trainable, wb, density=density, galore_rank=galore_rank)
     return ExactParts(sum(p.numel for p in trainable), weights, grads, state)
 

@@ -150,6 +150,24 @@ def test_frozen_embeddings_and_grad_release(config):
     assert released.grads_bytes == largest and released.state_bytes == pred.state_bytes
 
 
+def test_grad_release_state_and_largest_grad(config):
+    model = _real_model(config)
+    memopt.keep_32bit_state(model.get_input_embeddings())
+    opt = memopt.SGDSaI(model.parameters(), lr=1e-2, state_bits=8, grad_release=True, use_triton=False)
+    _step(model, opt)
+    assert all(p.grad is None for p in model.parameters())  # released inside backward
+    pred = _predicted(config, "sgdsai_8bit", grad_release=True)
+    assert pred.state_bytes == memopt.state_bytes(opt)
+    sizes = {name: p.numel() * 4 for name, p in model.named_parameters()}
+    assert opt.max_released_grad_bytes == max(sizes.values())
+    if config.tie_word_embeddings:
+        # the LM head's share of the tied gradient is held by autograd until the embedding's arrives, last
+        emb = sizes["model.embed_tokens.weight"]
+        assert pred.grads_bytes == emb + max(v for k, v in sizes.items() if k != "model.embed_tokens.weight")
+    else:
+        assert pred.grads_bytes == max(sizes.values())
+
+
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_lora_matches_peft(config, targets):
     peft = pytest.importorskip("peft")

@@ -133,6 +133,7 @@ class MemoptOptimizer(Optimizer):
         self._release_handles: list = []
         self._release_paths = [0, 0]
         self._group_index: Optional[dict[int, int]] = None
+        self.max_released_grad_bytes = 0  # largest gradient alive at once under gradient release
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -143,6 +144,7 @@ class MemoptOptimizer(Optimizer):
         self.__dict__.setdefault("_release_handles", [])
         self.__dict__.setdefault("_release_paths", [0, 0])
         self.__dict__.setdefault("_group_index", None)
+        self.__dict__.setdefault("max_released_grad_bytes", 0)
 
     # --------------------------------------------------------------------------------- gradient release
     @property
@@ -206,6 +208,7 @@ class MemoptOptimizer(Optimizer):
             )
         _refuse_distributed_release()
         group = self._group_of(p)
+        self.max_released_grad_bytes = max(self.max_released_grad_bytes, g.numel() * g.element_size())
         keep = False
         if p.numel():
             if group["check_finite"] and not self._finite_mask([g])[0]:
