@@ -66,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--results_json", default=None, help="write this run's summary here")
     p.add_argument("--eval_before", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate before training")
+    p.add_argument("--weights_dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the weights are loaded and trained in (bfloat16: no fp32 master copy; memopt "
+                        "optimizers round bf16 writes stochastically by default)")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (needed by grad_release)")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate after training")
     return p.parse_args(argv)
 
 
@@ -80,7 +86,7 @@ def build_model(args):
 
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.weights_dtype))
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -120,6 +126,8 @@ def run(args) -> dict:
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         disable_tqdm=True,
         dataloader_num_workers=0,
+        max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
     class LossPrinter(TrainerCallback):
@@ -141,8 +149,9 @@ def run(args) -> dict:
               f"on {targs.device} ({targs.world_size} process(es))", flush=True)
     eval_before = trainer.evaluate()["eval_loss"] if args.eval_before else math.nan
     train_out = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    eval_after = trainer.evaluate()["eval_loss"]
+    eval_after = trainer.evaluate()["eval_loss"] if args.do_eval else math.nan
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after optim_args (freezing)
     row = report.rows[trainer.args.process_index] if report.rows else None
     summary = {
         "optim": args.optim,
@@ -156,10 +165,14 @@ def run(args) -> dict:
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "optimizer_state_bytes": row.optimizer_state_bytes if row else None,
+        "weights_grads_state_bytes": (row.params_trainable_bytes + row.params_frozen_bytes + row.grads_bytes
+                                      + row.optimizer_state_bytes) if row else None,
+        "grads_bytes": row.grads_bytes if row else None,
         "adamw_state_bytes": row.adamw_state_bytes if row else None,
         "peak_kind": row.peak_kind if row else None,
         "peak_bytes": row.peak_bytes if row else None,
         "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "weights_dtype": args.weights_dtype,
     }
     if trainer.is_world_process_zero():
         print(f"[{args.optim}] eval loss {eval_before:.4f} -> {eval_after:.4f}", flush=True)
@@ -183,7 +196,8 @@ def compare(args) -> list[dict]:
                    "--model_name_or_path", args.model_name_or_path, "--max_steps", str(args.max_steps),
                    "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed),
                    "--logging_steps", str(args.logging_steps), "--weight_decay", str(args.weight_decay),
-                   "--output_dir", str(Path(args.output_dir) / name), "--lora" if args.lora else "--no-lora"]
+                   "--output_dir", str(Path(args.output_dir) / name), "--lora" if args.lora else "--no-lora",
+                   "--weights_dtype", args.weights_dtype, "--max_grad_norm", str(args.max_grad_norm)]
             if name == args.optim and args.learning_rate is not None:
                 cmd += ["--learning_rate", str(args.learning_rate)]
             if name == args.optim and args.optim_args:

@@ -349,3 +349,15 @@ def test_trainer_variants_train_and_resume_exactly(tmp_path, optim, args):
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
     got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
     assert got and all(got[s] == want[s] for s in got), (got, want)
+
+
+def test_blocks_keep_exactly_the_active_count_when_a_gradient_is_missing():
+    shapes = [(8, 6)] * 4
+    ps = _params(*shapes)
+    opt = FRUGAL(ps, lr=1e-2, density=0.5, selection="blocks", block_order="descending", update_gap=2)
+    for step, gs in enumerate(_grads(shapes, 8)):
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            p.grad = None if (step == 0 and i == 0) else g.clone()
+        opt.step()
+        holding = [i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]]
+        assert len(holding) == 2, (step, holding)

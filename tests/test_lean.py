@@ -104,6 +104,8 @@ def test_trainer_optim_args_freeze_embeddings(tmp_path):
         _trainer(tmp_path, optim_args="freeze_embeddings=maybe")[1].create_optimizer()
     with pytest.raises(ValueError, match="acts on the model"):
         memopt.create_optimizer("sgdsai", tiny_llama().parameters(), optim_args="freeze_embeddings=true")
+    with pytest.raises(ValueError, match=r"untie=True\) before Trainer"):  # resume would mix head and embedding
+        _trainer(tmp_path, model=_tiny_tied(), optim_args="freeze_embeddings=untie")[1].create_optimizer()
 
 
 # ------------------------------------------------------------------------------------ gradient release
@@ -114,10 +116,12 @@ def _opt(name, params, release):
         return memopt.SGDSaI(params, lr=3e-2, momentum=0.0, grad_release=release)
     if name == "sgdsai_8bit":
         return memopt.SGDSaI(params, lr=3e-2, state_bits=8, min_8bit_size=256, grad_release=release)
+    if name in ("gsnr", "sqrt_numel"):
+        return memopt.SGDSaI(params, lr=1e-4, scale=name, grad_release=release)
     return memopt.AdamW8bit(params, lr=3e-3, min_8bit_size=256, grad_release=release)
 
 
-@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_8bit", "adamw_8bit"])
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_8bit", "gsnr", "sqrt_numel", "adamw_8bit"])
 def test_release_equals_the_normal_step(name):
     a, b = tiny_llama(), tiny_llama()
     oa, ob = _opt(name, list(a.parameters()), False), _opt(name, list(b.parameters()), True)
@@ -175,13 +179,17 @@ def test_release_is_refused_where_it_cannot_be_right(tmp_path):
                  gradient_accumulation_steps=2)[1].create_optimizer()
     with pytest.raises(ValueError, match="not accepted"):
         _trainer(tmp_path, optim="frugal", optim_args="grad_release=true", max_grad_norm=0.0)[1].create_optimizer()
+    with pytest.raises(ValueError, match="fp16"):
+        _trainer(tmp_path, optim_args="grad_release=true", max_grad_norm=0.0, fp16=True)[1].create_optimizer()
     with pytest.raises(ValueError, match="grad_release"):
         memopt.SGDSaI(tiny_llama().parameters(), grad_release="yes")
+    with pytest.raises(NotImplementedError, match="FRUGAL does not support gradient release"):
+        memopt.FRUGAL(tiny_llama().parameters()).enable_gradient_release()
     # inside accelerate, a backward that is not the last of an accumulation cycle is refused at run time
     from accelerate.state import GradientState
 
     model = tiny_llama()
-    memopt.SGDSaI(list(model.parameters()), grad_release=True)
+    opt = memopt.SGDSaI(list(model.parameters()), grad_release=True)  # noqa: F841  (hooks hold it weakly)
     state = GradientState()
     state._set_sync_gradients(False)
     try:
@@ -223,3 +231,50 @@ def test_stochastic_rounding_is_on_by_default_for_bf16_params():
         q.grad = torch.full_like(q, 1.0) + 0.01 * torch.randn(4096).to(torch.bfloat16)
         opt.step()
     assert torch.equal(q.float(), torch.ones(4096))
+
+
+def test_memory_report_counts_one_gradient_at_a_time_under_release():
+    from memopt.memory import measure
+
+    model = tiny_llama()
+    opt = memopt.SGDSaI(list(model.parameters()), lr=1e-2, grad_release=True)
+    batch = PatternDataset(n=8)[0]
+    model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+    opt.step()
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert measure(model, opt).grads_bytes == opt.max_released_grad_bytes == largest
+
+
+def _backward(model, seed=0):
+    batch = PatternDataset(n=8, seed=seed)[0]
+    model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+
+
+def test_release_hooks_belong_to_one_live_optimizer():
+    import gc
+
+    model = tiny_llama()
+    first = memopt.AdamW8bit(list(model.parameters()), lr=1e-3, grad_release=True)
+    with pytest.raises(RuntimeError, match="another live AdamW8bit"):
+        memopt.AdamW8bit(list(model.parameters()), lr=0.0, grad_release=True)
+    del first
+    gc.collect()
+    second = memopt.AdamW8bit(list(model.parameters()), lr=0.0, weight_decay=0.0, grad_release=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _backward(model)
+    second.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # lr 0: the dropped one is inert
+    assert len(second.state) == len(before)  # and the new one did the updates
+    second.disable_gradient_release()
+    third = memopt.SGDSaI(list(model.parameters()), grad_release=True)
+    assert third.gradient_release
+
+
+def test_release_needs_a_step_after_each_backward():
+    model = tiny_llama()
+    opt = memopt.SGDSaI(list(model.parameters()), lr=1e-2, grad_release=True)
+    _backward(model)
+    with pytest.raises(RuntimeError, match="call step\\(\\) after each backward"):
+        _backward(model, seed=1)
+    opt.step()

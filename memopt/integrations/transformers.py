@@ -195,10 +195,16 @@ def optimizer_cls_and_kwargs(
         kwargs["lr"] = args.learning_rate
     if kwargs.get("grad_release") and args is not None:
         _check_release_args(name, args)
+    if freeze == "untie":
+        # the Trainer loads a checkpoint's weights before it builds the optimizer: untying here would load both
+        # the head and the embedding of a resumed run into the one shared tensor
+        raise ValueError("optim_args freeze_embeddings=untie is not supported (a resumed run would load the head "
+                         "and the embedding into one tensor): call memopt.freeze_embeddings(model, untie=True) "
+                         "before Trainer(...), and leave freeze_embeddings out of optim_args")
     if freeze != "false":
         if model is None:
             raise ValueError("optim_args freeze_embeddings needs the model: pass model=")
-        freeze_embeddings(model, untie=freeze == "untie")
+        freeze_embeddings(model)
     if kwargs.get("state_bits") == 8 and model is not None:
         _keep_embeddings_32bit(model)
     if spec.build_groups is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -19,6 +20,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_BITS = (8, 32)
 _OVERRIDE_ATTR = "_memopt_state_bits"
+_RELEASE_OWNER_ATTR = "_memopt_release_owner"
 
 
 def keep_32bit_state(params, bits: int = 32) -> None:
@@ -162,25 +164,48 @@ class MemoptOptimizer(Optimizer):
         hook runs, so a scheduler stepped after ``step()`` acts on the next backward, as it does normally.
 
         Refused (RuntimeError): distributed runs with more than one process (the hook fires before DDP's
-        all-reduce and before FSDP's reduce-scatter, so each rank would step on its local gradient), and, inside
-        accelerate / the Trainer, a backward that is not the last of a gradient-accumulation cycle. Global
-        gradient-norm clipping cannot see freed gradients: the Trainer integration refuses ``max_grad_norm > 0``.
+        all-reduce and before FSDP's reduce-scatter, so each rank would step on its local gradient); inside
+        accelerate / the Trainer, a backward that is not the last of a gradient-accumulation cycle; a parameter
+        that already has the hooks of another live optimizer. Not supported: global gradient-norm clipping (it
+        cannot see freed gradients: the Trainer integration refuses ``max_grad_norm > 0``) and fp16 loss scaling
+        (``GradScaler``: the hook would step with scaled gradients; the Trainer integration refuses ``fp16``).
         """
         if self._release_handles:
             return
         if not self._supports_release():
             raise NotImplementedError(f"{type(self).__name__} does not support gradient release")
         _refuse_distributed_release()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._release_handles.append(p.register_post_accumulate_grad_hook(self._release_hook))
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            owner = getattr(p, _RELEASE_OWNER_ATTR, lambda: None)()
+            if owner is not None and owner is not self and owner.gradient_release:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} already has gradient-release hooks from another live "
+                    f"{type(owner).__name__}: call disable_gradient_release() on that optimizer (or delete it) first"
+                )
+        self._release_handles = [self._register_release_hook(p) for p in params if p.requires_grad]
+
+    def _register_release_hook(self, p: Tensor):
+        # The hook holds the optimizer weakly: a dropped optimizer's hooks do nothing and do not keep it alive.
+        ref = weakref.ref(self)
+
+        def hook(param: Tensor) -> None:
+            opt = ref()
+            if opt is not None and opt._release_handles:
+                opt._release_hook(param)
+
+        setattr(p, _RELEASE_OWNER_ATTR, ref)
+        return p.register_post_accumulate_grad_hook(hook)
 
     def disable_gradient_release(self) -> None:
         """Remove the backward hooks (``step()`` then updates from ``.grad`` as usual)."""
         for handle in self._release_handles:
             handle.remove()
         self._release_handles = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, _RELEASE_OWNER_ATTR, lambda: None)() is self:
+                    delattr(p, _RELEASE_OWNER_ATTR)
 
     def _supports_release(self) -> bool:
         return False
@@ -280,8 +305,7 @@ class MemoptOptimizer(Optimizer):
         self._normalize_group(param_group)
         super().add_param_group(param_group)
         if self._release_handles:  # parameters added after enable_gradient_release get their hooks too
-            self._release_handles += [p.register_post_accumulate_grad_hook(self._release_hook)
-                                      for p in params if p.requires_grad]
+            self._release_handles += [self._register_release_hook(p) for p in params if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------ helpers
     @staticmethod

@@ -79,7 +79,7 @@ class FRUGAL(MatrixOptimizer):
     """
 
     STATE_KEYS = frozenset({*_INNER_KEYS, "proj_basis", "proj_indices", "proj_seed", "proj_k",
-                            "proj_refreshed_at", "refreshes", "iteration", "gsnr"})
+                            "proj_refreshed_at", "refreshes", "iteration", "gsnr", "block_round"})
     SHAPED_STATE_KEYS = ()
     REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
 
@@ -97,7 +97,7 @@ class FRUGAL(MatrixOptimizer):
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
                         project="auto", rank=rank, active_scale=active_scale, free_scale=free_scale, inner=inner,
                         state_bits=state_bits, blocksize=blocksize, min_8bit_size=min_8bit_size,
-                        block_order=block_order)
+                        block_order=block_order, block_step=0)
         self._gsnr_max = 1.0
         super().__init__(params, defaults)
 
@@ -217,13 +217,15 @@ class FRUGAL(MatrixOptimizer):
             self._state_free(p32, g - proj.up(state, low, shape, sel), group, state)
 
     def _block_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
-        it = state.get("iteration", 0)
-        state["iteration"] = it + 1
-        gap = group["update_gap"]
-        if it and it % gap == 0 and group["on_refresh"] == "reset":
-            _clear_inner(state)
+        # one round counter per group, advanced once per step() (so every tensor is in the same round, also
+        # one whose gradient was missing or skipped) and saved with the param groups
+        rnd = (group["block_step"] - 1) // group["update_gap"]
+        if state.get("block_round") != rnd:
+            if group["on_refresh"] == "reset":
+                _clear_inner(state)
+            state["block_round"] = rnd
         n = len(self._block_params)
-        key = (n, group["density"], group["block_order"], it // gap)
+        key = (n, group["density"], group["block_order"], rnd)
         if key not in self._active_blocks:
             self._active_blocks[key] = set(proj.active_blocks(*key))
         if self._block_params[id(p)] in self._active_blocks[key]:
@@ -238,9 +240,11 @@ class FRUGAL(MatrixOptimizer):
         # SaI scales of every tensor are recorded before any update, so the max is the same for all of them
         blocks: dict[int, int] = {}
         for group in self.param_groups:
+            if group["selection"] == "blocks":
+                group["block_step"] += 1
             for p in group["params"]:
                 projected = self._projected(group, p)
-                if projected and group["selection"] == "blocks":
+                if projected and group["selection"] == "blocks" and p.requires_grad:
                     blocks[id(p)] = len(blocks)
                 wants = group["inner"] == "sgdsai" or (group["free_scale"] == "sai" and projected)
                 if wants and p.grad is not None and p.numel() and "gsnr" not in self.state[p]:

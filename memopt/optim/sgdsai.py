@@ -132,6 +132,7 @@ class SGDSaI(MemoptOptimizer):
             stochastic_rounding=stochastic_rounding,
         )
         self._deferred: list[Tensor] = []
+        self._gsnr_max_cache: Optional[float] = None
         super().__init__(params, defaults)
         self.defaults["state_dtype"] = _dtype_name(state_dtype)
         if not isinstance(grad_release, bool):
@@ -142,6 +143,7 @@ class SGDSaI(MemoptOptimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_deferred", [])
+        self.__dict__.setdefault("_gsnr_max_cache", None)
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -169,12 +171,23 @@ class SGDSaI(MemoptOptimizer):
         return s / gsnr_max if mode == "gsnr_max" else s
 
     def _running_gsnr_max(self) -> float:
-        values = [
-            self.state[p]["gsnr"]
-            for group in self.param_groups if group["scale"] == "gsnr_max"
-            for p in group["params"] if "gsnr" in self.state.get(p, ())
-        ]
-        return max(values) if values else 1.0
+        if self._gsnr_max_cache is None:  # recomputed only after a new g-SNR, a new group or a state load
+            values = [
+                self.state[p]["gsnr"]
+                for group in self.param_groups if group["scale"] == "gsnr_max"
+                for p in group["params"] if "gsnr" in self.state.get(p, ())
+            ]
+            self._gsnr_max_cache = max(values) if values else 1.0
+        return self._gsnr_max_cache
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._gsnr_max_cache = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._gsnr_max_cache = None
+        self._deferred = []
 
     def _supports_release(self) -> bool:
         return True
@@ -185,6 +198,7 @@ class SGDSaI(MemoptOptimizer):
             s = gsnr(g, group["eps"])
             if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
                 state["gsnr"] = s
+                self._gsnr_max_cache = None
         return state.get("gsnr")
 
     def _new_momentum(self, group: dict, p: Tensor, g: Tensor) -> None:
@@ -198,8 +212,13 @@ class SGDSaI(MemoptOptimizer):
 
     def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
         state = self.state[p]
+        if any(q is p for q in self._deferred):
+            raise RuntimeError("SGDSaI with gradient release: call step() after each backward (a tensor's first "
+                               "update is still pending from the previous backward)")
         new_scale = group["scale"] == "gsnr_max" and "gsnr" not in state
-        if new_scale and self._record_gsnr(group, p, g) is not None:
+        if not new_scale:
+            self._record_gsnr(group, p, g)  # scale="gsnr": the tensor's own ratio, needed before its update
+        elif self._record_gsnr(group, p, g) is not None:
             # This tensor joins the max now; its first update waits for step(), when every scale of this step
             # is known (same scales as without release). Its momentum buffer is the gradient itself (m = g), so
             # the gradient can be freed already; with momentum 0 there is no buffer and the gradient is kept.
