@@ -39,11 +39,19 @@ def keep_32bit_state(params, bits: int = 32) -> None:
         setattr(p, _OVERRIDE_ATTR, bits)
 
 
-def _refuse_dtensor(name: str, p: Tensor) -> None:
+def _refuse_dtensor(name: str, p: Tensor, why: str) -> None:
     if hasattr(p, "placements") and hasattr(p, "device_mesh"):
         raise NotImplementedError(
-            f"{name} does not support FSDP2 / DTensor-sharded parameters yet: whole-tensor statistics and 8-bit "
-            "blocks would be computed per shard. Use DDP (accelerate launch --multi_gpu) or a single device."
+            f"{name} does not support FSDP2 / DTensor-sharded parameters{why}. Use optim='sgdsai' (32-bit state), "
+            "DDP (accelerate launch --multi_gpu), or a single device."
+        )
+
+
+def _refuse_deepspeed(name: str, p: Tensor) -> None:
+    if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
+        raise NotImplementedError(
+            f"{name} does not support DeepSpeed ZeRO-partitioned parameters: its per-tensor statistics would be "
+            "computed per partition. Use DDP, FSDP2 (optim='sgdsai'), or a single device."
         )
 
 
@@ -136,6 +144,7 @@ class MemoptOptimizer(Optimizer):
         self._release_paths = [0, 0]
         self._group_index: Optional[dict[int, int]] = None
         self.max_released_grad_bytes = 0  # largest gradient alive at once under gradient release
+        self._known_params: set[int] = set()
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -147,6 +156,7 @@ class MemoptOptimizer(Optimizer):
         self.__dict__.setdefault("_release_paths", [0, 0])
         self.__dict__.setdefault("_group_index", None)
         self.__dict__.setdefault("max_released_grad_bytes", 0)
+        self.__dict__.setdefault("_known_params", {id(p) for g in self.param_groups for p in g["params"]})
 
     # --------------------------------------------------------------------------------- gradient release
     @property
@@ -290,10 +300,15 @@ class MemoptOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears more than once in the same parameter group")
+        merged = {**self.defaults, **param_group}
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
-            _refuse_dtensor(name, p)
+            _refuse_deepspeed(name, p)
+            why = self._dtensor_refusal(merged)
+            if why is not None:
+                _refuse_dtensor(name, p, why)
+            self._known_params.add(id(p))
             if p.is_complex():
                 raise ValueError(f"{name} does not support complex parameters (view them as real first)")
             if p.dtype not in PARAM_DTYPES:
@@ -316,11 +331,27 @@ class MemoptOptimizer(Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _grad(self, p: Tensor) -> Optional[Tensor]:
+    def _dtensor_refusal(self, group: dict) -> Optional[str]:
+        """``None`` when this group's math is shard-correct on FSDP2 DTensor parameters, else the reason."""
+        return (": its whole-tensor statistics, projections and 8-bit blocks would be computed per shard")
+
+    def _grad(self, p: Tensor, group: Optional[dict] = None) -> Optional[Tensor]:
         g = p.grad
         if g is None:
             return None
-        _refuse_dtensor(type(self).__name__, p)  # accelerate may swap in sharded params after construction
+        # accelerate (FSDP2) and DeepSpeed replace the params after the optimizer is built: check at step time too
+        if id(p) not in self._known_params:
+            _refuse_deepspeed(type(self).__name__, p)
+            if not (hasattr(p, "placements") and hasattr(p, "device_mesh")):
+                raise NotImplementedError(
+                    f"a parameter of {type(self).__name__} was replaced after construction by a plain tensor of shape "
+                    f"{tuple(p.shape)} (DeepSpeed ZeRO hands optimizers flat 1-D partitions): per-tensor statistics "
+                    "would be computed per partition. Use DDP, FSDP2 (optim='sgdsai'), or a single device."
+                )
+            why = self._dtensor_refusal(group if group is not None else self.defaults)
+            if why is not None:
+                _refuse_dtensor(type(self).__name__, p, why)
+            self._known_params.add(id(p))
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if g.shape != p.shape:
@@ -344,7 +375,7 @@ class MemoptOptimizer(Optimizer):
         """The group's (param, grad) pairs to update: grad present, non-empty, and finite if checked."""
         params, grads = [], []
         for p in group["params"]:
-            g = self._grad(p)
+            g = self._grad(p, group)
             if g is None or p.numel() == 0:
                 continue
             params.append(p)
@@ -419,7 +450,7 @@ class MemoptOptimizer(Optimizer):
             if p is None:
                 continue
             for key, value in st.items():
-                if isinstance(value, Tensor):
+                if isinstance(value, Tensor) and not (hasattr(value, "placements") and hasattr(value, "device_mesh")):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
 from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
@@ -17,7 +18,7 @@ from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as 
 SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float64": torch.float64}
-_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr"})
+_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr", "started"})
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
 DEFAULT_SCALE = "gsnr_max"
@@ -166,7 +167,7 @@ class SGDSaI(MemoptOptimizer):
         if mode == "sqrt_numel":
             return math.sqrt(p.numel())
         s = self.state[p].get("gsnr")
-        if s is None:
+        if not s:  # None, or 0.0: the sharded path's placeholder for "not computed yet"
             return None
         return s / gsnr_max if mode == "gsnr_max" else s
 
@@ -175,7 +176,7 @@ class SGDSaI(MemoptOptimizer):
             values = [
                 self.state[p]["gsnr"]
                 for group in self.param_groups if group["scale"] == "gsnr_max"
-                for p in group["params"] if "gsnr" in self.state.get(p, ())
+                for p in group["params"] if self.state.get(p, {}).get("gsnr")
             ]
             self._gsnr_max_cache = max(values) if values else 1.0
         return self._gsnr_max_cache
@@ -194,7 +195,7 @@ class SGDSaI(MemoptOptimizer):
 
     def _record_gsnr(self, group: dict, p: Tensor, g: Tensor) -> Optional[float]:
         state = self.state[p]
-        if group["scale"] != "sqrt_numel" and "gsnr" not in state:
+        if group["scale"] != "sqrt_numel" and not state.get("gsnr"):
             s = gsnr(g, group["eps"])
             if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
                 state["gsnr"] = s
@@ -215,7 +216,7 @@ class SGDSaI(MemoptOptimizer):
         if any(q is p for q in self._deferred):
             raise RuntimeError("SGDSaI with gradient release: call step() after each backward (a tensor's first "
                                "update is still pending from the previous backward)")
-        new_scale = group["scale"] == "gsnr_max" and "gsnr" not in state
+        new_scale = group["scale"] == "gsnr_max" and not state.get("gsnr")
         if not new_scale:
             self._record_gsnr(group, p, g)  # scale="gsnr": the tensor's own ratio, needed before its update
         elif self._record_gsnr(group, p, g) is not None:
@@ -247,9 +248,18 @@ class SGDSaI(MemoptOptimizer):
             self._release_paths[1] += 1
         self._deferred = []
 
+    def _dtensor_refusal(self, group: dict) -> Optional[str]:
+        if group["state_bits"] == 8:
+            return (" with state_bits=8 (8-bit blocks on shards are not implemented: a block would depend on the "
+                    "world size); use state_bits=32")
+        return None
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = self._evaluate(closure)
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            self._step_sharded()
+            return loss
         if self._deferred:
             self._apply_deferred()
 
@@ -269,6 +279,79 @@ class SGDSaI(MemoptOptimizer):
                     p.grad = None
         return loss
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state of every trainable parameter now, instead of at its first gradient: a zero momentum
+        buffer (a DTensor for FSDP2 parameters), ``gsnr`` 0.0 (not computed yet) and ``started`` False (the next
+        gradient is the first: ``m = g``). The FSDP2 path does this at its first step. Call it on a fresh optimizer
+        before loading a ``torch.distributed.checkpoint`` checkpoint into it: DCP fills only the keys its
+        template (``get_optimizer_state_dict``) already holds. Groups with ``state_bits=8`` are left lazy."""
+        for group in self.param_groups:
+            if group["state_bits"] == 8:
+                continue
+            for p in group["params"]:
+                st = self.state[p]
+                if p.requires_grad and "started" not in st:
+                    has = "momentum_buffer" in st
+                    if group["momentum"] != 0.0 and not has:
+                        dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else p.dtype
+                        st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                    st.setdefault("gsnr", 0.0)
+                    st["started"] = has
+
+    def _step_sharded(self) -> None:
+        """The step for FSDP2 (DTensor) parameters: the same math on each rank's local shard, with the whole-tensor
+        statistics (g-SNR, finiteness) reduced over the shard group, so every rank holds exactly the shard of what
+        one device would compute. State is created for every trainable parameter at its first step() (a DTensor
+        momentum buffer, ``gsnr`` 0.0 = not computed yet, ``started``), so the template that
+        ``torch.distributed.checkpoint`` builds for a fresh optimizer has every key a checkpoint holds."""
+        from memopt.distributed import finite_flags, gsnr_many, local
+
+        if self.gradient_release:
+            raise RuntimeError("gradient release is not supported with FSDP2 parameters")
+        self.init_state()
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self._grad(p, group) is not None]
+            grads = [p.grad for p in params]
+            if group["check_finite"] and grads:
+                ok = finite_flags(grads)
+                if not all(ok):
+                    self._count_skips(ok.count(False))
+                    params = [p for p, k in zip(params, ok) if k]
+                    grads = [g for g, k in zip(grads, ok) if k]
+            need = [i for i, p in enumerate(params) if group["scale"] != "sqrt_numel" and not self.state[p]["gsnr"]]
+            for i, s in zip(need, gsnr_many([grads[i] for i in need], group["eps"])):
+                if s is not None and math.isfinite(s):
+                    self.state[params[i]]["gsnr"] = s
+                    self._gsnr_max_cache = None
+            work.append((group, params, grads))
+        gsnr_max = self._running_gsnr_max()
+        for group, params, grads in work:
+            lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+            ps, gs, bufs, scales, firsts = [], [], [], [], []
+            for p, g in zip(params, grads):
+                scale = self._scale_of(group, p, gsnr_max)
+                if scale is None:  # all-zero gradient so far: only the decoupled decay
+                    local(p).mul_(1.0 - lr * wd)
+                    continue
+                st = self.state[p]
+                first = not st["started"]
+                if beta != 0.0:
+                    if first:
+                        local(st["momentum_buffer"]).copy_(local(g))
+                    bufs.append(local(st["momentum_buffer"]))
+                st["started"] = True
+                ps.append(local(p))
+                gs.append(local(g))
+                scales.append(scale)
+                firsts.append(first)
+            if ps:
+                sgdsai_update_foreach_(ps, gs, bufs if beta != 0.0 else None, lr=lr, scales=scales, momentum=beta,
+                                       weight_decay=wd, maximize=group["maximize"], first_steps=firsts,
+                                       stochastic_rounding=group["stochastic_rounding"])
+        self._record_paths(0, sum(len(w[1]) for w in work))
+
     def _update_work(self, work: list, gsnr_max: float) -> tuple[int, int]:
         """Update every ``(group, params, grads)`` of ``work``; returns the (Triton, torch) tensor counts."""
         n_triton = n_torch = 0
@@ -286,7 +369,9 @@ class SGDSaI(MemoptOptimizer):
                         p.mul_(1.0 - lr * wd)
                     continue
                 state = self.state[p]
-                first = "momentum_buffer" not in state and "momentum_codes" not in state
+                first = not state.get("started", "momentum_buffer" in state or "momentum_codes" in state)
+                if "started" in state:
+                    state["started"] = True
                 if beta != 0.0 and first and self._wants_8bit(group, p):
                     n_blocks = -(-p.numel() // group["blocksize"])
                     state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)

@@ -1,0 +1,84 @@
+"""Whole-tensor statistics of FSDP2 (DTensor) shards, reduced over the shard group, so every rank computes what
+a single device computes (spec algorithms.md §1: g-SNR under sharded training; issue 6).
+
+Collectives are matched by call order: every rank must call these with the same tensors in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_STD_REL_FLOOR = 1e-6  # as memopt.functional.sgdsai: below it the std is rounding residue of an all-equal tensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _shard_groups(t: Tensor) -> list:
+    if not is_dtensor(t):
+        return []
+    if any(pl.is_partial() for pl in t.placements):
+        raise ValueError("a gradient with Partial placement is not reduced yet; memopt steps after the reduction")
+    return [t.device_mesh.get_group(i) for i, pl in enumerate(t.placements) if pl.is_shard()]
+
+
+def _all_reduce(buf: Tensor, groups: list, op=None) -> Tensor:
+    import torch.distributed as dist
+
+    for group in groups:
+        dist.all_reduce(buf, op=op or dist.ReduceOp.SUM, group=group)
+    return buf
+
+
+def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each whole (all shards) gradient is finite: one all-reduce for the whole list."""
+    if not grads:
+        return []
+    bad = torch.stack([(~torch.isfinite(local(g))).any() for g in grads]).to(torch.int32)
+    _all_reduce(bad, _shard_groups(grads[0]))
+    return [not b for b in bad.tolist()]
+
+
+def gsnr_many(grads: Sequence[Tensor], eps: float = 1e-8) -> list[Optional[float]]:
+    """:func:`memopt.functional.gsnr` of each whole gradient from its shards: ``||g|| / (std(g) + eps)``.
+
+    Two passes (two all-reduces for the whole list): the global mean from the shards' sums, then the sums of
+    squared deviations and of squares (a one-pass ``Σg² − n·mean²`` loses all precision when the mean dominates).
+    Accumulators are fp64. Same conventions as the single-device function: ``None`` for an all-zero gradient,
+    ``1.0`` for one element, ``sqrt(numel)`` when the std is rounding residue, ``nan`` when non-finite.
+    """
+    if not grads:
+        return []
+    groups = _shard_groups(grads[0])
+    locs = [local(g).detach() for g in grads]
+    locs = [x if x.dtype == torch.float64 else x.float() for x in locs]
+    counts = [g.numel() for g in grads]  # a DTensor's numel is the global count
+    sums = _all_reduce(torch.stack([x.sum(dtype=torch.float64) for x in locs]), groups)
+    means = (sums / torch.tensor(counts, dtype=torch.float64)).tolist()
+    stats = torch.stack([torch.stack([(x - mu).square().sum(dtype=torch.float64), x.square().sum(dtype=torch.float64),
+                                      (~torch.isfinite(x)).sum().double()]) for x, mu in zip(locs, means)])
+    _all_reduce(stats, groups)
+    out: list[Optional[float]] = []
+    for n, (ssd, ssq, bad) in zip(counts, stats.tolist()):
+        if bad > 0 or not math.isfinite(ssq):
+            out.append(float("nan"))
+            continue
+        norm = math.sqrt(ssq)
+        if norm == 0.0:
+            out.append(None)
+        elif n == 1:
+            out.append(1.0)
+        else:
+            std = math.sqrt(ssd / (n - 1))
+            out.append(math.sqrt(n) if std <= _STD_REL_FLOOR * norm / math.sqrt(n) else norm / (std + eps))
+    return out

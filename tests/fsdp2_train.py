@@ -1,0 +1,112 @@
+"""Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2` (FSDP2 `fully_shard`, gloo on CPU).
+
+    fsdp2_train.py equal OUT    each optimizer on a sharded tiny Llama, 4 steps; full params (or the refusal) -> OUT
+    fsdp2_train.py save OUT     sgdsai: 3 steps, DCP checkpoint OUT/ckpt, 3 more steps, full params -> OUT
+    fsdp2_train.py resume OUT   sgdsai: load OUT/ckpt into a fresh sharded model at this world size, 3 steps
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,  # noqa: E402
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+import memopt  # noqa: E402
+from tiny import PatternDataset, tiny_llama  # noqa: E402
+
+OPTIMIZERS = {
+    "sgdsai": lambda ps: memopt.SGDSaI(ps, lr=3e-2, weight_decay=1e-2),
+    "sgdsai_m0": lambda ps: memopt.SGDSaI(ps, lr=3e-2, momentum=0.0),
+    "sgdsai_8bit": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256),
+    "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3),
+    "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),
+    "memopt_galore": lambda ps: memopt.GaLoreAdamW(ps, lr=1e-3, rank=4),
+    "adamsnsm": lambda ps: memopt.SubsetNormSM(ps, lr=1e-3, rank=4),
+}
+
+
+def batches(n_steps, rank=None, world=1):
+    data = PatternDataset(n=8 * n_steps)
+    for i in range(n_steps):
+        rows = range(8 * i, 8 * i + 8)
+        if rank is not None:  # this rank's share of the global batch of 8
+            rows = rows[rank * 8 // world:(rank + 1) * 8 // world]
+        ids = torch.stack([data[j]["input_ids"] for j in rows])
+        yield {"input_ids": ids, "labels": ids}
+
+
+def sharded_model(seed=0):
+    model = tiny_llama(seed=seed)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train(model, opt, bs):
+    for batch in bs:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full_params(model):
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
+def main():
+    mode, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    if mode == "equal":
+        results = {}
+        for name, make in OPTIMIZERS.items():
+            model = sharded_model()
+            try:
+                opt = make(list(model.parameters()))
+                train(model, opt, batches(4, rank, world))
+            except NotImplementedError as e:
+                results[name] = {"refused": str(e)}
+                continue
+            params = full_params(model)  # every rank calls full_tensor (a collective)
+            results[name] = {"ok": True}
+            torch.save(params, os.path.join(out, f"{name}_rank{rank}.pt"))
+        if rank == 0:
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(results, f)
+    elif mode == "save":
+        model = sharded_model()
+        opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+        bs = list(batches(6, rank, world))
+        train(model, opt, bs[:3])
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(out, "ckpt"))
+        train(model, opt, bs[3:])
+        params = full_params(model)
+        if rank == 0:
+            torch.save(params, os.path.join(out, "uninterrupted.pt"))
+    elif mode == "resume":
+        model = sharded_model(seed=7)  # other weights: the load must overwrite them
+        opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+        msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "ckpt"))
+        set_model_state_dict(model, msd)
+        set_optimizer_state_dict(model, opt, osd)
+        train(model, opt, list(batches(6, rank, world))[3:])
+        params = full_params(model)
+        if rank == 0:
+            torch.save(params, os.path.join(out, f"resumed_world{world}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

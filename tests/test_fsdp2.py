@@ -1,0 +1,116 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard, 2 gloo processes on CPU): SGD-SaI computes on shards exactly what one
+device computes; the other optimizers refuse clearly; a DCP checkpoint written at 2 ranks resumes at 1 and 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import memopt  # noqa: E402
+from fsdp2_train import OPTIMIZERS, batches, train  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+
+def _torchrun(out: Path, mode: str, nproc: int = 2):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.fail("torchrun is not on PATH (it comes with torch)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(29400 + os.getpid() % 500),
+           str(HERE / "fsdp2_train.py"), mode, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _single(name, steps):
+    model = tiny_llama()
+    train(model, OPTIMIZERS[name](list(model.parameters())), batches(steps))
+    return dict(model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def equal_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2_equal")
+    _torchrun(out, "equal")
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0"])
+def test_sgdsai_on_fsdp2_shards_equals_one_device(equal_run, name):
+    out, results = equal_run
+    assert results[name] == {"ok": True}
+    r0 = torch.load(out / f"{name}_rank0.pt", weights_only=True)
+    r1 = torch.load(out / f"{name}_rank1.pt", weights_only=True)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # ranks agree exactly
+    ref = _single(name, 4)
+    for k, v in r0.items():
+        torch.testing.assert_close(v, ref[k].detach(), atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name,why", [("sgdsai_8bit", "state_bits=8"), ("memopt_adamw_8bit", "per shard"),
+                                      ("frugal", "per shard"), ("memopt_galore", "per shard"),
+                                      ("adamsnsm", "per shard")])
+def test_other_optimizers_refuse_fsdp2_clearly(equal_run, name, why):
+    _, results = equal_run
+    msg = results[name]["refused"]
+    assert "does not support FSDP2 / DTensor-sharded parameters" in msg and why in msg
+
+
+def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    _torchrun(tmp_path, "save")
+    straight = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
+    ref = _single("sgdsai", 6)
+    for k, v in straight.items():  # the sharded run equals one device over 6 steps
+        torch.testing.assert_close(v, ref[k].detach(), atol=1e-6, rtol=1e-5)
+    _torchrun(tmp_path, "resume")  # 2 -> 2
+    resumed2 = torch.load(tmp_path / "resumed_world2.pt", weights_only=True)
+    # 2 -> 1: a plain (unsharded) model and optimizer in this process, no process group
+    model = tiny_llama(seed=7)
+    opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+    opt.init_state()  # DCP fills only the keys its template holds
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
+    set_model_state_dict(model, msd)
+    set_optimizer_state_dict(model, opt, osd)
+    assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
+    train(model, opt, list(batches(6))[3:])
+    for k, v in straight.items():
+        torch.testing.assert_close(resumed2[k], v, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(dict(model.named_parameters())[k].detach(), v, atol=1e-6, rtol=1e-5)
+
+
+def test_deepspeed_partitions_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.ds_id = 0  # what ZeRO-3 puts on its partitioned parameters
+    with pytest.raises(NotImplementedError, match="DeepSpeed ZeRO"):
+        memopt.SGDSaI([p])
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = memopt.SGDSaI([w])
+    flat = torch.nn.Parameter(torch.randn(16))  # ZeRO-1/2 swap the group's params for a flat partition
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.randn(16)
+    with pytest.raises(NotImplementedError, match="flat 1-D partitions"):
+        opt.step()
+
+
+def test_init_state_before_the_first_step_changes_nothing():
+    a, b = tiny_llama(), tiny_llama()
+    oa, ob = OPTIMIZERS["sgdsai"](list(a.parameters())), OPTIMIZERS["sgdsai"](list(b.parameters()))
+    ob.init_state()
+    assert all(st["started"] is False and st["gsnr"] == 0.0 for st in ob.state.values())
+    train(a, oa, batches(4))
+    train(b, ob, batches(4))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
