@@ -13,21 +13,26 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True):
+def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True, config=None):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.fail("accelerate is not installed: pip install -e '.[test]'")
     env = dict(os.environ, OMP_NUM_THREADS="1", MEMOPT_MEMORY_REPORT="auto", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
+    if config is not None:  # one of the shipped accelerate configs
+        cmd = [accelerate, "launch", "--config_file", str(config), str(script), *args]
+    else:
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
-def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path):
-    proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path))
+@pytest.mark.parametrize("config", [None, HERE.parent / "examples" / "accelerate" / "ddp.yaml"],
+                         ids=["flags", "ddp_yaml"])
+def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path, config):
+    proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path), config=config)
     infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(i["world_size"] == 2 and i["distributed"] and i["optimizer"] == "SGDSaI" for i in infos)
     p0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)

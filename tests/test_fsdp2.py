@@ -64,6 +64,11 @@ def test_other_optimizers_refuse_fsdp2_clearly(equal_run, name, why):
     assert "does not support FSDP2 / DTensor-sharded parameters" in msg and why in msg
 
 
+def test_gradient_release_is_refused_under_fsdp2(equal_run):
+    _, results = equal_run
+    assert "gradient release is not supported with more than one process" in results["grad_release"]["refused"]
+
+
 def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -114,3 +119,30 @@ def test_init_state_before_the_first_step_changes_nothing():
     train(b, ob, batches(4))
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def _torchrun_script(script: str, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEMOPT_MEMORY_REPORT="auto")
+    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90),
+           str(HERE / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_trainer_with_the_fsdp2_config_trains_reports_shards_and_resumes(tmp_path):
+    _torchrun_script("fsdp2_trainer.py", tmp_path)
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    assert straight["distributed_type"].endswith("FSDP") and straight["param_type"] == "DTensor"
+    assert straight["optimizer"] == "SGDSaI"
+    rows = json.loads((tmp_path / "memory_report.json").read_text())
+    n = sum(p.numel() for p in tiny_llama().parameters())
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:  # each rank holds about half of the single-device state (4 B/param), uneven shards allowed
+        assert 0.4 * 4 * n <= r["optimizer_state_bytes"] <= 0.6 * 4 * n, (r, n)
+    assert sum(r["optimizer_state_bytes"] for r in rows) == 4 * n
+    _torchrun_script("fsdp2_trainer.py", tmp_path, "resume")
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    want = straight["losses"]
+    got = {s: v for s, v in resumed["losses"].items() if int(s) > 3}
+    assert got and all(abs(got[s] - want[s]) < 1e-6 for s in got), (got, want)
