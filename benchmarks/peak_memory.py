@@ -5,8 +5,10 @@ batch 4 x 128 tokens, seed 42) for a few steps, in its own process, and records:
 
 - CPU (this machine): ``peak RSS - baseline RSS``. Baseline = VmRSS after the imports (torch, transformers,
   memopt) and before the model is loaded; peak = VmHWM (the kernel's high-water mark of resident memory) after
-  the last step. So the number is what training added to the process: weights, gradients, optimizer state,
-  activations, allocator slack. The ratio is taken against ``adamw_torch`` (fp32 weights) in the same run.
+  the last step, restarted (``/proc/self/clear_refs`` = 5, after ``malloc_trim``) once the model is loaded, so
+  the one-time copy made while loading the checkpoint is not counted. The number is what training holds on top
+  of the imports: weights, gradients, optimizer state, activations, temporaries, allocator slack. The ratio is
+  taken against ``adamw_torch`` (fp32 weights) in the same run.
 - CUDA (when run on a GPU): ``torch.cuda.max_memory_allocated()`` over the run.
 
 Also written: the exact weights + grads + state the process held at its last step, counted from the tensors
@@ -49,7 +51,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child(cfg_index: int, steps: int, out: str) -> None:
+def _trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+
+
+def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
     """One configuration in this (fresh) process."""
     sys.path.insert(0, str(ROOT / "examples"))
     import torch
@@ -60,10 +71,22 @@ def child(cfg_index: int, steps: int, out: str) -> None:
 
     label, optim, optim_args, dtype, max_norm, lr = CONFIGS[cfg_index]
     baseline = _status_kib("VmRSS") * 1024
+    build = finetune.build_model
+
+    def build_then_reset_peak(args):
+        # Loading converts/copies the checkpoint once (a transient that is not training memory): release what
+        # the allocator kept, then restart the kernel's high-water mark at the current resident size.
+        model, tokenizer = build(args)
+        _trim()
+        Path("/proc/self/clear_refs").write_text("5")
+        return model, tokenizer
+
+    finetune.build_model = build_then_reset_peak
     cuda = torch.cuda.is_available()
     argv = ["--optim", optim, "--compare", "none", "--max_steps", str(steps), "--learning_rate", str(lr),
             "--weights_dtype", dtype, "--max_grad_norm", str(max_norm), "--no-eval_before", "--no-do_eval",
-            "--logging_steps", "1", "--output_dir", tempfile.mkdtemp()]
+            "--logging_steps", "1", "--output_dir", tempfile.mkdtemp(),
+            "--gradient_checkpointing" if ckpt else "--no-gradient_checkpointing"]
     if optim_args:
         argv += ["--optim_args", optim_args]
     os.environ["MEMOPT_MEMORY_REPORT"] = "all"
@@ -75,7 +98,7 @@ def child(cfg_index: int, steps: int, out: str) -> None:
            "train_loss_last_log": r["train_loss_last_log"], "optimizer_state_bytes": r["optimizer_state_bytes"],
            "weights_grads_state_bytes": r.get("weights_grads_state_bytes"),
            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-           "device": "cuda" if cuda else "cpu", "torch": torch.__version__}
+           "device": "cuda" if cuda else "cpu", "torch": torch.__version__, "gradient_checkpointing": ckpt}
     Path(out).write_text(json.dumps(row))
 
 
@@ -84,11 +107,12 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peak_memory"))
     ap.add_argument("--only", type=int, nargs="*", help="config indices to run (default: all)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in every run")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     cli = ap.parse_args()
     if cli.child is not None:
-        child(cli.child, cli.steps, cli.child_out)
+        child(cli.child, cli.steps, cli.child_out, cli.gradient_checkpointing)
         return
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import write_csv
@@ -99,7 +123,8 @@ def main():
             out = Path(tmp) / f"{i}.json"
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
             subprocess.run([sys.executable, __file__, "--child", str(i), "--child-out", str(out), "--steps",
-                            str(cli.steps)], check=True, env=env)
+                            str(cli.steps)] + (["--gradient-checkpointing"] if cli.gradient_checkpointing else []),
+                           check=True, env=env)
             rows.append(json.loads(out.read_text()))
             print("ROW", rows[-1], flush=True)
     base = next((r for r in rows if r["config"] == "adamw_torch"), rows[0])
@@ -128,7 +153,8 @@ def _plot(rows, key, path):
         ax.text(v, y, f" {r['ratio_vs_adamw_torch']:.2f}x", va="center", fontsize=8)
     what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS - RSS after imports (CPU)"
     ax.set_xlabel(f"training memory, MiB ({what})")
-    ax.set_title("SmolLM2-135M full fine-tuning, batch 4 x 128: peak memory per optimizer setting")
+    ckpt = ", activation checkpointing" if rows[0].get("gradient_checkpointing") else ""
+    ax.set_title(f"SmolLM2-135M full fine-tuning, batch 4 x 128{ckpt}: peak memory per setting", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

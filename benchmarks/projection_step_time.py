@@ -1,9 +1,9 @@
 """Optimizer step time of the projection methods vs torch AdamW on the demo model, parameter groups as the Trainer
 builds them (memopt's default targets), subspace refresh excluded (it is timed in projection_demo.py).
 
-All optimizers hold their own copy of the demo model's weights, get the same fixed random gradients, take one
-untimed step (state and the first subspace), then are timed round-robin so drift hits all equally; medians of
-``--rounds`` x ``--steps``. ``update_gap`` (200) exceeds the timed steps, so no refresh happens while timing.
+Each optimizer in turn gets a fresh copy of the demo model's weights and the same fixed random gradients, takes
+one untimed step (state and the first subspace), then ``--rounds`` x ``--steps`` timed steps (median reported).
+``update_gap`` (200) exceeds the timed steps, so no refresh happens while timing.
 
     python benchmarks/projection_step_time.py [--rounds 3 --steps 2] [--out benchmarks/results/projection_step_time]
 """
@@ -63,41 +63,33 @@ def main():
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, weight_decay=0.0, report_to="none")
     gen = torch.Generator().manual_seed(0)
     grads = {n: torch.randn(p.shape, generator=gen) * 1e-3 for n, p in base.named_parameters()}
-    opts = {}
-    for label, name, optim_args in METHODS:
+    times, state = {}, {}
+    for label, name, optim_args in METHODS:  # one at a time, so only one model copy and one state are alive
         model = copy.deepcopy(base)
         opt = build(name, optim_args, model, args)
         params = dict(model.named_parameters())
-        opts[label] = (opt, params)
-
-    def set_grads(params):
-        for n, p in params.items():
-            p.grad = grads[n].clone()
-
-    for opt, params in opts.values():  # untimed: state and the first subspace
-        set_grads(params)
-        opt.step()
-    times = {label: [] for label in opts}
-    for _ in range(cli.rounds):
-        for label, (opt, params) in opts.items():
-            total = 0.0
-            for _ in range(cli.steps):
-                set_grads(params)
-                t0 = time.perf_counter()
-                opt.step()
-                total += time.perf_counter() - t0
-            times[label].append(total / cli.steps * 1e3)
+        samples = []
+        for i in range(cli.rounds * cli.steps + 1):
+            for n, p in params.items():
+                p.grad = grads[n].clone()
+            t0 = time.perf_counter()
+            opt.step()
+            if i:  # the first step (state, first subspace) is not timed
+                samples.append((time.perf_counter() - t0) * 1e3)
+        times[label] = samples
+        state[label] = memopt.state_bytes(opt)
+        print(f"{label:<16} {statistics.median(samples):>9.1f} ms", flush=True)
+        del model, opt, params
     ref = statistics.median(times["adamw_torch"])
     rows = []
     for label, name, optim_args in METHODS:
-        opt = opts[label][0]
         med = statistics.median(times[label])
         rows.append({"method": label, "optim": name, "optim_args": optim_args or "",
-                     "state_bytes": memopt.state_bytes(opt), "step_ms_median": round(med, 1),
+                     "state_bytes": state[label], "step_ms_median": round(med, 1),
                      "step_ratio_vs_adamw": round(med / ref, 3), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "machine": platform.machine(),
                      "rounds_x_steps": f"{cli.rounds}x{cli.steps}"})
-        print(f"{label:<16} {med:>9.1f} ms  x{med / ref:.3f} vs AdamW", flush=True)
+        print(f"{label:<16} x{med / ref:.3f} vs AdamW", flush=True)
     print(f"wrote {write_csv(Path(cli.out), rows)}")
 
 
