@@ -93,7 +93,8 @@ def freeze_embeddings(model: torch.nn.Module, *, untie: bool = False) -> FrozenE
             report.frozen_params += p.numel()
     message = {
         "none": "",
-        "frozen": " The LM head is tied to it and is frozen too (freeze_embeddings=untie keeps a trainable head).",
+        "frozen": " The LM head is tied to it and is frozen too (memopt.freeze_embeddings(model, untie=True) "
+                  "keeps a trainable head).",
         "untied": f" The tied LM head was untied: a trainable copy of {report.untied_params:,} elements.",
     }[report.tied_head]
     logger.warning("memopt: froze the input embedding (%s): %s parameters, no gradient or optimizer state.%s",

@@ -334,11 +334,14 @@ def test_sgdsai_inner_defers_a_zero_gradient_tensor():
 @pytest.mark.parametrize("optim,args", [("frugal_8bit", "density=0.25,update_gap=5,min_8bit_size=256"),
                                         ("frugal_sgdsai", "density=0.25,update_gap=5"),
                                         ("frugal", "selection=blocks,density=0.5,update_gap=5"),
-                                        ("memopt_galore_8bit", "rank=4,scale=1.0,update_gap=5,min_8bit_size=64")])
+                                        ("memopt_galore_8bit", "rank=4,scale=1.0,update_gap=5,min_8bit_size=64"),
+                                        ("memopt_galore", "rank=4,scale=1.0,update_gap=5"),
+                                        ("adamsnsm", "rank=4,update_gap=5"), ("adamsn", "rank=4"),
+                                        ("sgdsm", "rank=4,update_gap=5")])
 def test_trainer_variants_train_and_resume_exactly(tmp_path, optim, args):
     from tiny import tiny_llama
 
-    lr = 3e-2 if optim == "frugal_sgdsai" else 3e-3
+    lr = {"frugal_sgdsai": 3e-2, "adamsnsm": 1e-2, "adamsn": 1e-2, "sgdsm": 0.3}.get(optim, 3e-3)
     kw = dict(optim=optim, optim_args=args, learning_rate=lr)
     n = 6
     _, straight = _trainer(tmp_path / "a", max_steps=2 * n, save_strategy="steps", save_steps=n, **kw)
