@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from memopt.distributed import is_dtensor
 from memopt.functional.sgdsai import compute_dtype
 
 logger = logging.getLogger("memopt")
@@ -40,7 +41,7 @@ def keep_32bit_state(params, bits: int = 32) -> None:
 
 
 def _refuse_dtensor(name: str, p: Tensor, why: str) -> None:
-    if hasattr(p, "placements") and hasattr(p, "device_mesh"):
+    if is_dtensor(p):
         raise NotImplementedError(
             f"{name} does not support FSDP2 / DTensor-sharded parameters{why}. Use optim='sgdsai' (32-bit state), "
             "DDP (accelerate launch --multi_gpu), or a single device."
@@ -342,7 +343,7 @@ class MemoptOptimizer(Optimizer):
         # accelerate (FSDP2) and DeepSpeed replace the params after the optimizer is built: check at step time too
         if id(p) not in self._known_params:
             _refuse_deepspeed(type(self).__name__, p)
-            if not (hasattr(p, "placements") and hasattr(p, "device_mesh")):
+            if not is_dtensor(p):
                 raise NotImplementedError(
                     f"a parameter of {type(self).__name__} was replaced after construction by a plain tensor of shape "
                     f"{tuple(p.shape)} (DeepSpeed ZeRO hands optimizers flat 1-D partitions): per-tensor statistics "
@@ -450,7 +451,7 @@ class MemoptOptimizer(Optimizer):
             if p is None:
                 continue
             for key, value in st.items():
-                if isinstance(value, Tensor) and not (hasattr(value, "placements") and hasattr(value, "device_mesh")):
+                if isinstance(value, Tensor) and not is_dtensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
 

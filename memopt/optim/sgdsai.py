@@ -196,11 +196,14 @@ class SGDSaI(MemoptOptimizer):
     def _record_gsnr(self, group: dict, p: Tensor, g: Tensor) -> Optional[float]:
         state = self.state[p]
         if group["scale"] != "sqrt_numel" and not state.get("gsnr"):
-            s = gsnr(g, group["eps"])
-            if s is not None and math.isfinite(s):  # non-finite (check_finite=False): defer
-                state["gsnr"] = s
-                self._gsnr_max_cache = None
+            self._store_gsnr(state, gsnr(g, group["eps"]))
         return state.get("gsnr")
+
+    def _store_gsnr(self, state: dict, s: Optional[float]) -> None:
+        """Keep a computed g-SNR; ``None`` (all-zero gradient) and non-finite values (check_finite=False) defer."""
+        if s is not None and math.isfinite(s):
+            state["gsnr"] = s
+            self._gsnr_max_cache = None
 
     def _new_momentum(self, group: dict, p: Tensor, g: Tensor) -> None:
         """Create the buffer of a tensor's first step holding ``g`` (8-bit codes or full precision)."""
@@ -217,9 +220,7 @@ class SGDSaI(MemoptOptimizer):
             raise RuntimeError("SGDSaI with gradient release: call step() after each backward (a tensor's first "
                                "update is still pending from the previous backward)")
         new_scale = group["scale"] == "gsnr_max" and not state.get("gsnr")
-        if not new_scale:
-            self._record_gsnr(group, p, g)  # scale="gsnr": the tensor's own ratio, needed before its update
-        elif self._record_gsnr(group, p, g) is not None:
+        if self._record_gsnr(group, p, g) is not None and new_scale:
             # This tensor joins the max now; its first update waits for step(), when every scale of this step
             # is known (same scales as without release). Its momentum buffer is the gradient itself (m = g), so
             # the gradient can be freed already; with momentum 0 there is no buffer and the gradient is kept.
@@ -322,9 +323,7 @@ class SGDSaI(MemoptOptimizer):
                     grads = [g for g, k in zip(grads, ok) if k]
             need = [i for i, p in enumerate(params) if group["scale"] != "sqrt_numel" and not self.state[p]["gsnr"]]
             for i, s in zip(need, gsnr_many([grads[i] for i in need], group["eps"])):
-                if s is not None and math.isfinite(s):
-                    self.state[params[i]]["gsnr"] = s
-                    self._gsnr_max_cache = None
+                self._store_gsnr(self.state[params[i]], s)
             work.append((group, params, grads))
         gsnr_max = self._running_gsnr_max()
         for group, params, grads in work:
