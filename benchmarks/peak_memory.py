@@ -1,20 +1,27 @@
-"""Peak memory of full fine-tuning per optimizer setting: same model, batch and steps, one fresh process each.
+"""Peak memory and step time of full fine-tuning per optimizer setting: same model, batch and steps, one fresh
+process each.
 
 Every configuration fine-tunes all weights of SmolLM2-135M through the Trainer (the demo task: pydoc text,
 batch 4 x 128 tokens, seed 42) for a few steps, in its own process, and records:
 
-- CPU (this machine): ``peak RSS - baseline RSS``. Baseline = VmRSS after the imports (torch, transformers,
-  memopt) and before the model is loaded; peak = VmHWM (the kernel's high-water mark of resident memory) after
-  the last step, restarted (``/proc/self/clear_refs`` = 5, after ``malloc_trim``) once the model is loaded, so
-  the one-time copy made while loading the checkpoint is not counted. The number is what training holds on top
-  of the imports: weights, gradients, optimizer state, activations, temporaries, allocator slack. The ratio is
-  taken against ``adamw_torch`` (fp32 weights) in the same run.
+- CPU (this machine): ``peak RSS - baseline RSS``. Baseline = VmRSS after the imports (torch, memopt,
+  transformers and the modules it loads lazily for the Trainer and the Llama model: ~360 MiB of library code
+  and data that is not training memory) and before the model is loaded. Peak = VmHWM (the kernel's high-water
+  mark of resident memory) after the last step, restarted (``/proc/self/clear_refs`` = 5, after
+  ``malloc_trim``) once the model is loaded, so the one-time copy made while loading the checkpoint is not
+  counted. Each child runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB: tensors of 1 MiB and more
+  get their own mapping and leave RSS when freed, so RSS follows the live tensors (what CUDA's
+  ``max_memory_allocated`` counts) instead of also holding freed blocks glibc keeps in its heap
+  (``--glibc-default`` measures without it). The number is what training holds on top of the imports:
+  weights, gradients, optimizer state, activations, temporaries. The ratio is taken against ``adamw_torch``
+  (fp32 weights) in the same run.
 - CUDA (when run on a GPU): ``torch.cuda.max_memory_allocated()`` over the run.
+- Step time: the median train step after the first (Trainer callback, wall clock), and its ratio to AdamW's.
 
 Also written: the exact weights + grads + state the process held at its last step, counted from the tensors
-(the memory report's numbers), and the planner's prediction of that part (``memopt.plan``), with the error.
+(the memory report's numbers). The planner's prediction of that part is validated by plan_validation.py.
 
-    python benchmarks/peak_memory.py [--steps 3] [--out benchmarks/results/peak_memory]
+    python benchmarks/peak_memory.py --gradient-checkpointing [--steps 5] [--out benchmarks/results/peak_memory_ckpt]
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# glibc serves allocations >= this many bytes with their own mmap, returned to the OS when freed (1 MiB; the
+# default threshold grows up to 32 MiB once such blocks are freed, after which freed tensors stay in the heap
+# and in RSS). Fixed, RSS follows the live tensors as CUDA's max_memory_allocated does.
+MMAP_THRESHOLD = 1 << 20
 
 # (label, optim, optim_args, weights dtype, max_grad_norm, lr)
 CONFIGS = [
@@ -41,6 +52,8 @@ CONFIGS = [
     ("bf16 adamw_torch", "adamw_torch", None, "bfloat16", 1.0, 1e-4),
     ("bf16 sgdsai_8bit + release + frozen emb", "sgdsai_8bit", "grad_release=true,freeze_embeddings=true",
      "bfloat16", 0.0, 3e-2),
+    ("bf16 sgdsai_8bit + release + frozen emb + chunked loss", "sgdsai_8bit",
+     "grad_release=true,freeze_embeddings=true,chunked_loss=true", "bfloat16", 0.0, 3e-2),
 ]
 
 
@@ -68,6 +81,11 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
     import finetune
     import memopt  # noqa: F401
     import transformers  # noqa: F401
+    # transformers imports lazily: the Trainer module alone pulls in datasets, pyarrow, pandas, torchao, scipy
+    # (~360 MiB of code and module data here). Import what the run will use before taking the baseline, so
+    # library code is not counted as training memory.
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import Trainer, TrainingArguments  # noqa: F401
 
     label, optim, optim_args, dtype, max_norm, lr = CONFIGS[cfg_index]
     baseline = _status_kib("VmRSS") * 1024
@@ -90,12 +108,29 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
     if optim_args:
         argv += ["--optim_args", optim_args]
     os.environ["MEMOPT_MEMORY_REPORT"] = "all"
-    r = finetune.run(finetune.parse_args(argv))
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    r = finetune.run(finetune.parse_args(argv), callbacks=[timer])
+    later = sorted(timer.times[1:]) or timer.times  # the first step also warms up (and computes SGD-SaI's g-SNR)
     peak = _status_kib("VmHWM") * 1024
     row = {"config": label, "optim": optim, "optim_args": optim_args or "", "weights_dtype": dtype,
            "max_grad_norm": max_norm, "steps": r["steps"], "trainable_params": r["trainable_params"],
            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "training_bytes": peak - baseline,
-           "train_loss_last_log": r["train_loss_last_log"], "optimizer_state_bytes": r["optimizer_state_bytes"],
+           "train_loss_last_log": r["train_loss_last_log"],
+           "step_time_s": later[len(later) // 2], "first_step_time_s": timer.times[0], "optimizer_state_bytes": r["optimizer_state_bytes"],
            "weights_grads_state_bytes": r.get("weights_grads_state_bytes"),
            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
            "device": "cuda" if cuda else "cpu", "torch": torch.__version__, "gradient_checkpointing": ckpt}
@@ -104,38 +139,49 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peak_memory"))
     ap.add_argument("--only", type=int, nargs="*", help="config indices to run (default: all)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in every run")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="leave glibc's dynamic mmap threshold on (RSS then also holds freed, cached memory)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     cli = ap.parse_args()
     if cli.child is not None:
         child(cli.child, cli.steps, cli.child_out, cli.gradient_checkpointing)
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _common import write_csv
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in (cli.only if cli.only else range(len(CONFIGS))):
             out = Path(tmp) / f"{i}.json"
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            if not cli.glibc_default:
+                env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
             subprocess.run([sys.executable, __file__, "--child", str(i), "--child-out", str(out), "--steps",
                             str(cli.steps)] + (["--gradient-checkpointing"] if cli.gradient_checkpointing else []),
                            check=True, env=env)
             rows.append(json.loads(out.read_text()))
             print("ROW", rows[-1], flush=True)
+    finish(rows, Path(cli.out))
+
+
+def finish(rows: list, out: Path) -> None:
+    """Ratios against adamw_torch, CSV, PNG and the printed table."""
+    from _common import write_csv
+
     base = next((r for r in rows if r["config"] == "adamw_torch"), rows[0])
     key = "cuda_max_allocated_bytes" if base["device"] == "cuda" else "training_bytes"
     for r in rows:
         r["ratio_vs_adamw_torch"] = round(r[key] / base[key], 3)
-    path = write_csv(Path(cli.out), rows)
-    _plot(rows, key, Path(cli.out).with_suffix(".png"))
-    print(f"\n{'config':<42} {'training memory':>16} {'vs AdamW':>9}")
+        r["step_time_vs_adamw_torch"] = round(r["step_time_s"] / base["step_time_s"], 3)
+    path = write_csv(out, rows)
+    _plot(rows, key, out.with_suffix(".png"))
+    w = max(len(r["config"]) for r in rows)
+    print(f"\n{'config':<{w}} {'training memory':>16} {'vs AdamW':>9} {'step s':>7} {'vs AdamW':>9}")
     for r in rows:
-        print(f"{r['config']:<42} {r[key] / 2**20:>12.0f} MiB {r['ratio_vs_adamw_torch']:>9.3f}")
+        print(f"{r['config']:<{w}} {r[key] / 2**20:>12.0f} MiB {r['ratio_vs_adamw_torch']:>9.3f} "
+              f"{r['step_time_s']:>7.2f} {r['step_time_vs_adamw_torch']:>9.3f}")
     print(f"wrote {path}")
 
 
@@ -145,19 +191,29 @@ def _plot(rows, key, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 5), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     names = [r["config"] for r in rows][::-1]
+    colors = ["tab:green" if "release" in n else "tab:blue" for n in names]
     vals = [r[key] / 2**20 for r in rows][::-1]
-    ax.barh(names, vals, color=["tab:green" if "release" in n else "tab:blue" for n in names])
+    ax.barh(names, vals, color=colors)
     for y, (v, r) in enumerate(zip(vals, rows[::-1])):
         ax.text(v, y, f" {r['ratio_vs_adamw_torch']:.2f}x", va="center", fontsize=8)
-    what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS - RSS after imports (CPU)"
+    what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS - RSS after imports, CPU"
     ax.set_xlabel(f"training memory, MiB ({what})")
+    ax.set_xlim(0, max(vals) * 1.15)
+    times = [r["step_time_s"] for r in rows][::-1]
+    ax_t.barh(names, times, color=colors)
+    for y, (v, r) in enumerate(zip(times, rows[::-1])):
+        ax_t.text(v, y, f" {r['step_time_vs_adamw_torch']:.2f}x", va="center", fontsize=8)
+    ax_t.set_xlabel("train step, s (median after the first)")
+    ax_t.set_xlim(0, max(times) * 1.2)
     ckpt = ", activation checkpointing" if rows[0].get("gradient_checkpointing") else ""
-    ax.set_title(f"SmolLM2-135M full fine-tuning, batch 4 x 128{ckpt}: peak memory per setting", fontsize=10)
+    fig.suptitle(f"SmolLM2-135M full fine-tuning, batch 4 x 128{ckpt}: peak memory and step time per setting",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     main()

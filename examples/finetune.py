@@ -96,8 +96,8 @@ def build_model(args):
     return model, tokenizer
 
 
-def run(args) -> dict:
-    """One training run in this process; returns its summary."""
+def run(args, callbacks=()) -> dict:
+    """One training run in this process; returns its summary. ``callbacks``: extra Trainer callbacks."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from memopt.integrations.trainer_callback import MemoryReportCallback
@@ -139,7 +139,7 @@ def run(args) -> dict:
     # The report instance that `import memopt` adds to every Trainer: report for any optimizer in the demo.
     os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                      callbacks=[LossPrinter()])
+                      callbacks=[LossPrinter(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     report = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MemoryReportCallback))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -28,6 +28,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence, Union
 
+from memopt.loss import SUPPORTED_MODEL_TYPES, auto_chunk_tokens
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ACT_CKPT_MODES = ("off", "on", "both")
 ATTENTION_KINDS = ("sdpa", "eager")
@@ -170,6 +172,7 @@ class ModelSummary:
     intermediate_size: Optional[int] = None
     kv_hidden_size: Optional[int] = None  # num_key_value_heads * head_dim (GQA); hidden_size without GQA
     gated_mlp: bool = False  # Llama-style SwiGLU MLP (gate_proj / up_proj / down_proj) with RMSNorm
+    model_type: Optional[str] = None  # config.model_type ("llama", ...)
 
     @property
     def numel(self) -> int:
@@ -238,6 +241,7 @@ def summarize_model(model, source: str = "") -> ModelSummary:
         intermediate_size=_first_attr(config, ("intermediate_size", "n_inner", "ffn_dim")),
         kv_hidden_size=kv_heads * head_dim if kv_heads and head_dim else None,
         gated_mlp={"gate_proj", "up_proj", "down_proj"} <= leaf_names,
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
     )
 
 
@@ -386,13 +390,15 @@ def state_bytes_for(optimizer: str, params: Sequence[ParamInfo], weights_bytes: 
 # ------------------------------------------------------------------------------------------------ set-ups
 @dataclass(frozen=True)
 class Setup:
-    """One way to train: an optimizer, optionally with gradient release, frozen input embeddings or LoRA."""
+    """One way to train: an optimizer, optionally with gradient release, frozen input embeddings, the chunked
+    loss (``memopt.chunked_loss``: one chunk of logits at a time) or LoRA."""
 
     label: str
     optimizer: str
     grad_release: bool = False
     freeze_embeddings: bool = False
     lora: bool = False
+    chunked_loss: bool = False
 
 
 def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128) -> tuple:
@@ -404,6 +410,8 @@ def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int =
         Setup("SGD-SaI 8-bit", "sgdsai_8bit"),
         Setup("SGD-SaI 8-bit + grad release", "sgdsai_8bit", grad_release=True),
         Setup("SGD-SaI 8-bit + grad release + frozen emb", "sgdsai_8bit", grad_release=True, freeze_embeddings=True),
+        Setup("SGD-SaI 8-bit + release + frozen emb + chunked loss", "sgdsai_8bit", grad_release=True,
+              freeze_embeddings=True, chunked_loss=True),
         Setup(f"FRUGAL rho={density:g} (AdamW inner)", "frugal"),
         Setup(f"GaLore-style AdamW r={galore_rank}", "galore"),
         Setup(f"LoRA r={lora_rank} + AdamW", "adamw", lora=True),
@@ -475,9 +483,15 @@ class ActivationEstimate:
     layers_bytes: int
     logits_bytes: int
 
+    chunk_logits_bytes: int = 0
+
     @property
     def total(self) -> int:
         return self.layers_bytes + self.logits_bytes
+
+    def total_for(self, setup: "Setup") -> int:
+        """Activations of a set-up: with the chunked loss only one chunk's logits are alive."""
+        return self.layers_bytes + (self.chunk_logits_bytes if setup.chunked_loss else self.logits_bytes)
 
 
 # Bytes per element of b·s·vocab alive at the loss's peak: transformers' ForCausalLMLoss upcasts the logits to
@@ -541,8 +555,10 @@ def estimate_activations(summary: ModelSummary, batch: int, seq_len: int, *, che
         per_token = n_layers * bytes_per_activation * h + per_layer + final_norm
     else:
         per_token = n_layers * per_layer + final_norm
-    logits = LOGITS_PEAK_BYTES * tokens * (summary.vocab_size or 0)
-    return ActivationEstimate(checkpointing, method, int(tokens * per_token), int(logits))
+    vocab = summary.vocab_size or 0
+    logits = LOGITS_PEAK_BYTES * tokens * vocab
+    chunk = LOGITS_PEAK_BYTES * min(tokens, auto_chunk_tokens(vocab)) * vocab if vocab else 0
+    return ActivationEstimate(checkpointing, method, int(tokens * per_token), int(logits), int(chunk))
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -630,12 +646,14 @@ def make_plan(summary: ModelSummary, options: PlanOptions = PlanOptions(), setup
     }
     plan = Plan(summary, options, activations, [])
     for setup in setups:
+        if setup.chunked_loss and summary.model_type not in SUPPORTED_MODEL_TYPES:
+            continue  # memopt.chunked_loss refuses this model type: no row for it
         exact = exact_parts(summary, setup, options.weights_dtype, lora_rank=options.lora_rank,
                             lora_targets=options.lora_targets, density=options.density,
                             galore_rank=options.galore_rank)
         row = PlanRow(setup.label, exact)
         for mode, act in activations.items():
-            row.peak_bytes[mode] = exact.total + act.total
+            row.peak_bytes[mode] = exact.total + act.total_for(setup)
             if plan.usable_bytes is not None:
                 row.fits[mode] = row.peak_bytes[mode] <= plan.usable_bytes
         plan.rows.append(row)
@@ -695,7 +713,8 @@ def format_plan(plan: Plan) -> str:
                      f"{_gib(plan.usable_bytes)} GiB usable")
     for mode, act in plan.activations.items():
         lines.append(f"activations, checkpointing {mode}: {_gib(act.total)} GiB (layers {_gib(act.layers_bytes)} + "
-                     f"logits {_gib(act.logits_bytes)}) ESTIMATE ({act.method} count after Korthikanti et al. 2022)")
+                     f"logits {_gib(act.logits_bytes)}; chunked loss: {_gib(act.chunk_logits_bytes)}) ESTIMATE "
+                     f"({act.method} count after Korthikanti et al. 2022)")
     headers = ["setup", "trainable", "weights", "grads", "state", "W+G+S"]
     for mode in o.ckpt_modes:
         headers.append(f"peak ckpt {mode}")

@@ -111,8 +111,9 @@ def _convert(key: str, value: Any, kind: str) -> Any:
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 # optim_args keys every optimizer accepts; the Trainer integration acts on them (they need the model) and removes
-# them before the optimizer is built: freeze_embeddings = true | false | untie (memopt.freeze_embeddings)
-INTEGRATION_ARGS = {"freeze_embeddings": "str"}
+# them before the optimizer is built: freeze_embeddings = true | false | untie (memopt.freeze_embeddings),
+# chunked_loss = true | false | auto | <tokens per chunk> (memopt.chunked_loss)
+INTEGRATION_ARGS = {"freeze_embeddings": "str", "chunked_loss": "str"}
 
 
 def register_optimizer(

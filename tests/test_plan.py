@@ -203,6 +203,23 @@ def test_activation_formula_llama_7b():
     assert eager.layers_bytes == int(s * b * (n * (per_layer + 5 * heads * s) + 8 * h))
     assert on.layers_bytes == s * b * (n * 2 * h + per_layer + 8 * h)
     assert off.logits_bytes == on.logits_bytes == 12 * b * s * v
+    assert on.chunk_logits_bytes == 12 * (2**23 // v) * v  # one chunk of memopt.chunked_loss's auto length
+
+
+def test_chunked_loss_row_only_for_supported_models():
+    from transformers import AutoConfig
+
+    llama = planner.make_plan(planner.summarize_model(planner.build_meta_model(_llama_7b_config()), "7b"))
+    rows = {r.setup: r for r in llama.rows}
+    lean, chunked = rows["SGD-SaI 8-bit + grad release + frozen emb"], rows[
+        "SGD-SaI 8-bit + release + frozen emb + chunked loss"]
+    act = llama.activations["on"]
+    assert lean.exact == chunked.exact
+    assert lean.peak_bytes["on"] - chunked.peak_bytes["on"] == act.logits_bytes - act.chunk_logits_bytes > 0
+    gemma2 = AutoConfig.for_model("gemma2", vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    other = planner.make_plan(planner.summarize_model(planner.build_meta_model(gemma2), "gemma2"))
+    assert other.rows and not any("chunked" in r.setup for r in other.rows)  # chunked_loss refuses gemma2 (softcap)
 
 
 def test_activation_formula_gpt_is_korthikanti():

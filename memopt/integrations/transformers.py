@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Union
 from torch.optim import Optimizer
 
 from memopt.freeze import freeze_embeddings, parse_freeze_mode
+from memopt.loss import chunked_loss, parse_chunked_loss
 from memopt.registry import get_optimizer_spec, list_optimizers
 
 TESTED_VERSIONS = "5.x (CI: 5.24)"
@@ -188,6 +189,7 @@ def optimizer_cls_and_kwargs(
     from_args = spec.from_training_args(args) if (args is not None and spec.from_training_args) else {}
     parsed = spec.parse_optim_args(raw)
     freeze = parse_freeze_mode(parsed.pop("freeze_embeddings", "false"))
+    chunk = parse_chunked_loss(parsed.pop("chunked_loss", "false"))
     kwargs: dict[str, Any] = {**spec.defaults, **from_args, **parsed}
     if lr is not None:
         kwargs["lr"] = lr
@@ -205,6 +207,10 @@ def optimizer_cls_and_kwargs(
         if model is None:
             raise ValueError("optim_args freeze_embeddings needs the model: pass model=")
         freeze_embeddings(model)
+    if chunk is not None:
+        if model is None:
+            raise ValueError("optim_args chunked_loss needs the model: pass model=")
+        chunked_loss(model, chunk or None)
     if kwargs.get("state_bits") == 8 and model is not None:
         _keep_embeddings_32bit(model)
     if spec.build_groups is not None:
