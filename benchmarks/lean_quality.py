@@ -7,11 +7,13 @@ each run in its own process via examples/finetune.py:
 - SGD-SaI with the input embedding frozen (``freeze_embeddings=true``; the LM head is tied, so frozen too);
 - SGD-SaI with bf16 weights and no fp32 copy, stochastic rounding of the bf16 writes (default) and, for contrast,
   round-to-nearest (``stochastic_rounding=false``);
-- the leanest setting of the peak-memory benchmark: bf16 weights + 8-bit momentum + gradient release + frozen
-  embedding;
+- the leanest settings of the peak-memory benchmark: bf16 weights + 8-bit momentum + gradient release + frozen
+  embedding, without and with the chunked loss (the same loss computed in chunks: it should match);
 - AdamW (fp32) at its demo lr.
 
-    python benchmarks/lean_quality.py [--steps 20] [--out benchmarks/results/lean_quality]
+    python benchmarks/lean_quality.py [--steps 20] [--out benchmarks/results/lean_quality] [--only I ...]
+
+``--only``: run those RUNS indices and replace their rows in the existing CSV (the others are kept).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ RUNS = [  # (label, optim, optim_args, weights dtype, max_grad_norm, lr)
     ("sgdsai bf16 weights, nearest", "sgdsai", "stochastic_rounding=false", "bfloat16", 1.0, 3e-2),
     ("bf16 sgdsai_8bit + release + frozen emb", "sgdsai_8bit", "grad_release=true,freeze_embeddings=true",
      "bfloat16", 0.0, 3e-2),
+    ("bf16 sgdsai_8bit + release + frozen emb + chunked loss", "sgdsai_8bit",
+     "grad_release=true,freeze_embeddings=true,chunked_loss=true", "bfloat16", 0.0, 3e-2),
     ("adamw_torch fp32", "adamw_torch", None, "float32", 1.0, 1e-4),
 ]
 
@@ -41,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lean_quality"))
+    ap.add_argument("--only", type=int, nargs="*", help="RUNS indices to (re)run; other rows come from the CSV")
     cli = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import write_csv
@@ -48,6 +53,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, optim, optim_args, dtype, max_norm, lr) in enumerate(RUNS):
+            if cli.only is not None and i not in cli.only:
+                continue
             out = Path(tmp) / f"{i}.json"
             cmd = [sys.executable, str(ROOT / "examples" / "finetune.py"), "--optim", optim, "--compare", "none",
                    "--learning_rate", str(lr), "--max_steps", str(cli.steps), "--weights_dtype", dtype,
@@ -63,6 +70,13 @@ def main():
                          "eval_loss_after": round(r["eval_loss_after"], 4),
                          "optimizer_state_bytes": r["optimizer_state_bytes"]})
             print("ROW", rows[-1], flush=True)
+    if cli.only is not None:  # merge into the existing rows, in RUNS order
+        import csv
+
+        done = {r["setting"]: r for r in rows}
+        with open(Path(cli.out).with_suffix(".csv")) as f:
+            old = {r["setting"]: r for r in csv.DictReader(f)}
+        rows = [done.get(label) or _typed(old[label]) for label, *_ in RUNS if label in done or label in old]
     ref = rows[0]["eval_loss_after"]
     for r in rows:
         r["eval_vs_fp32_master_pct"] = round(100 * (r["eval_loss_after"] / ref - 1), 2)
@@ -70,6 +84,16 @@ def main():
     for r in rows:
         print(f"{r['setting']:<42} {r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} "
               f"({r['eval_vs_fp32_master_pct']:+.2f}% vs fp32 master)")
+
+
+def _typed(row: dict) -> dict:
+    out = dict(row)
+    for k in ("learning_rate", "eval_loss_before", "eval_loss_after"):
+        out[k] = float(out[k])
+    for k in ("steps", "trainable_params", "optimizer_state_bytes"):
+        out[k] = int(out[k])
+    out.pop("eval_vs_fp32_master_pct", None)
+    return out
 
 
 if __name__ == "__main__":

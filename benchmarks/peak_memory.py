@@ -15,6 +15,10 @@ batch 4 x 128 tokens, seed 42) for a few steps, in its own process, and records:
   (``--glibc-default`` measures without it). The number is what training holds on top of the imports:
   weights, gradients, optimizer state, activations, temporaries. The ratio is taken against ``adamw_torch``
   (fp32 weights) in the same run.
+- CPU, second number (a second, profiled process per setting; ``--no-live-tensors`` skips it): the peak of live
+  tensor bytes = the model's parameters and buffers + the peak of allocations minus frees over the run, from the
+  torch profiler's CPU allocator events (``profile_memory=True``) in time order. This is what
+  ``max_memory_allocated`` counts on a GPU, independent of the allocator and of library code.
 - CUDA (when run on a GPU): ``torch.cuda.max_memory_allocated()`` over the run.
 - Step time: the median train step after the first (Trainer callback, wall clock), and its ratio to AdamW's.
 
@@ -73,8 +77,9 @@ def _trim() -> None:
         pass
 
 
-def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
-    """One configuration in this (fresh) process."""
+def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool = False) -> None:
+    """One configuration in this (fresh) process. ``live``: measure the peak of live tensor bytes with the torch
+    profiler instead (its event buffers would distort RSS and step time, hence a separate process)."""
     sys.path.insert(0, str(ROOT / "examples"))
     import torch
 
@@ -91,12 +96,20 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
     baseline = _status_kib("VmRSS") * 1024
     build = finetune.build_model
 
+    profiler = {}
+
     def build_then_reset_peak(args):
         # Loading converts/copies the checkpoint once (a transient that is not training memory): release what
         # the allocator kept, then restart the kernel's high-water mark at the current resident size.
         model, tokenizer = build(args)
         _trim()
         Path("/proc/self/clear_refs").write_text("5")
+        if live:  # what a GPU would hold before training: the model's parameters and buffers
+            profiler["model_bytes"] = sum(t.numel() * t.element_size()
+                                          for t in [*model.parameters(), *model.buffers()])
+            profiler["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                      profile_memory=True)
+            profiler["prof"].__enter__()
         return model, tokenizer
 
     finetune.build_model = build_then_reset_peak
@@ -124,6 +137,9 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
 
     timer = StepTimer()
     r = finetune.run(finetune.parse_args(argv), callbacks=[timer])
+    if live:
+        Path(out).write_text(json.dumps({"live_tensor_peak_bytes": _live_peak(profiler)}))
+        return
     later = sorted(timer.times[1:]) or timer.times  # the first step also warms up (and computes SGD-SaI's g-SNR)
     peak = _status_kib("VmHWM") * 1024
     row = {"config": label, "optim": optim, "optim_args": optim_args or "", "weights_dtype": dtype,
@@ -137,6 +153,23 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False) -> None:
     Path(out).write_text(json.dumps(row))
 
 
+def _live_peak(profiler: dict) -> int:
+    """Model bytes + the peak of (CPU allocations - frees) over the profiled run, from the profiler's allocator
+    events in time order: the bytes of live tensors at their peak, what ``torch.cuda.max_memory_allocated``
+    counts on a GPU (no allocator caching or fragmentation, no library code)."""
+    import torch
+
+    prof = profiler["prof"]
+    prof.__exit__(None, None, None)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return profiler["model_bytes"] + peak
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
@@ -147,9 +180,12 @@ def main():
                     help="leave glibc's dynamic mmap threshold on (RSS then also holds freed, cached memory)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    ap.add_argument("--live", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-live-tensors", action="store_true",
+                    help="skip the second (profiled) run per setting that measures the peak of live tensor bytes")
     cli = ap.parse_args()
     if cli.child is not None:
-        child(cli.child, cli.steps, cli.child_out, cli.gradient_checkpointing)
+        child(cli.child, cli.steps, cli.child_out, cli.gradient_checkpointing, cli.live)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,10 +194,13 @@ def main():
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
             if not cli.glibc_default:
                 env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-            subprocess.run([sys.executable, __file__, "--child", str(i), "--child-out", str(out), "--steps",
-                            str(cli.steps)] + (["--gradient-checkpointing"] if cli.gradient_checkpointing else []),
-                           check=True, env=env)
+            cmd = [sys.executable, __file__, "--child", str(i), "--child-out", str(out), "--steps", str(cli.steps)]
+            cmd += ["--gradient-checkpointing"] if cli.gradient_checkpointing else []
+            subprocess.run(cmd, check=True, env=env)
             rows.append(json.loads(out.read_text()))
+            if not cli.no_live_tensors and rows[-1]["device"] == "cpu":
+                subprocess.run(cmd + ["--live"], check=True, env=env)
+                rows[-1].update(json.loads(out.read_text()))
             print("ROW", rows[-1], flush=True)
     finish(rows, Path(cli.out))
 
@@ -175,12 +214,18 @@ def finish(rows: list, out: Path) -> None:
     for r in rows:
         r["ratio_vs_adamw_torch"] = round(r[key] / base[key], 3)
         r["step_time_vs_adamw_torch"] = round(r["step_time_s"] / base["step_time_s"], 3)
+        if base.get("live_tensor_peak_bytes") and r.get("live_tensor_peak_bytes"):
+            r["live_ratio_vs_adamw_torch"] = round(r["live_tensor_peak_bytes"] / base["live_tensor_peak_bytes"], 3)
     path = write_csv(out, rows)
     _plot(rows, key, out.with_suffix(".png"))
     w = max(len(r["config"]) for r in rows)
-    print(f"\n{'config':<{w}} {'training memory':>16} {'vs AdamW':>9} {'step s':>7} {'vs AdamW':>9}")
+    print(f"\n{'config':<{w}} {'training memory':>16} {'vs AdamW':>9} {'live tensors':>13} {'vs AdamW':>9} "
+          f"{'step s':>7} {'vs AdamW':>9}")
     for r in rows:
-        print(f"{r['config']:<{w}} {r[key] / 2**20:>12.0f} MiB {r['ratio_vs_adamw_torch']:>9.3f} "
+        live = r.get("live_tensor_peak_bytes")
+        live_cells = (f"{live / 2**20:>9.0f} MiB {r['live_ratio_vs_adamw_torch']:>9.3f}" if live
+                      and "live_ratio_vs_adamw_torch" in r else f"{'-':>13} {'-':>9}")
+        print(f"{r['config']:<{w}} {r[key] / 2**20:>12.0f} MiB {r['ratio_vs_adamw_torch']:>9.3f} {live_cells} "
               f"{r['step_time_s']:>7.2f} {r['step_time_vs_adamw_torch']:>9.3f}")
     print(f"wrote {path}")
 
@@ -195,11 +240,24 @@ def _plot(rows, key, path):
     names = [r["config"] for r in rows][::-1]
     colors = ["tab:green" if "release" in n else "tab:blue" for n in names]
     vals = [r[key] / 2**20 for r in rows][::-1]
-    ax.barh(names, vals, color=colors)
+    live = [r.get("live_tensor_peak_bytes") for r in rows][::-1]
+    has_live = all(live) and all("live_ratio_vs_adamw_torch" in r for r in rows)
+    ys = range(len(names))
+    height = 0.4 if has_live else 0.8
+    off = height / 2 if has_live else 0.0
+    what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS - RSS after imports"
+    ax.barh([y + off for y in ys], vals, height=height, color=colors, label=what)
     for y, (v, r) in enumerate(zip(vals, rows[::-1])):
-        ax.text(v, y, f" {r['ratio_vs_adamw_torch']:.2f}x", va="center", fontsize=8)
-    what = "CUDA max allocated" if key.startswith("cuda") else "peak RSS - RSS after imports, CPU"
-    ax.set_xlabel(f"training memory, MiB ({what})")
+        ax.text(v, y + off, f" {r['ratio_vs_adamw_torch']:.2f}x", va="center", fontsize=7)
+    if has_live:
+        lv = [b / 2**20 for b in live]
+        ax.barh([y - off for y in ys], lv, height=height, color=colors, alpha=0.45, hatch="//",
+                label="peak live tensor bytes (torch profiler)")
+        for y, (v, r) in enumerate(zip(lv, rows[::-1])):
+            ax.text(v, y - off, f" {r['live_ratio_vs_adamw_torch']:.2f}x", va="center", fontsize=7)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(list(ys), names)
+    ax.set_xlabel("training memory, MiB" + ("" if key.startswith("cuda") else " (CPU)"))
     ax.set_xlim(0, max(vals) * 1.15)
     times = [r["step_time_s"] for r in rows][::-1]
     ax_t.barh(names, times, color=colors)
