@@ -26,4 +26,5 @@ torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path
 with open(os.path.join(out, f"info_rank{rank}.json"), "w") as f:
     json.dump({"world_size": args.world_size, "rank": rank,
                "distributed": torch.distributed.is_initialized(),
-               "optimizer": type(trainer.optimizer.optimizer).__name__}, f)
+               "optimizer": type(trainer.optimizer.optimizer).__name__,
+               "chunk_tokens": getattr(model, "_memopt_chunk_tokens", None)}, f)

@@ -53,3 +53,17 @@ def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path, confi
 def test_gradient_release_under_ddp_is_refused_clearly(tmp_path):
     proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path), "grad_release=true", expect_ok=False)
     assert "grad_release=true: distributed training (DDP/FSDP/DeepSpeed) is not supported" in proc.stderr
+
+
+def test_chunked_loss_under_ddp_trains_like_the_models_loss(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _launch(tmp_path / "a", HERE / "ddp_train.py", str(tmp_path / "a"))
+    _launch(tmp_path / "b", HERE / "ddp_train.py", str(tmp_path / "b"), "chunked_loss=4")
+    want = torch.load(tmp_path / "a" / "params_rank0.pt", weights_only=True)
+    got = [torch.load(tmp_path / "b" / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    infos = [json.loads((tmp_path / "b" / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["chunk_tokens"] for i in infos] == [4, 4]  # the chunked forward was installed on every rank
+    assert all(torch.equal(got[0][k], got[1][k]) for k in want)  # the ranks stay in sync
+    for k in want:
+        torch.testing.assert_close(got[0][k], want[k], rtol=1e-4, atol=1e-5, msg=k)
