@@ -110,6 +110,25 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
+def _refuse_sharded(lm: torch.nn.Module, head: torch.nn.Module) -> None:
+    """FSDP2 / DeepSpeed ZeRO-3 gather a sharded head around the model's own calls only: refuse them (checked when
+    enabled and at every training forward, since the model may be sharded after :func:`chunked_loss`)."""
+    weight = getattr(head, "weight", None)
+    fsdp = _fsdp_module_class()
+    if (weight is not None and (is_dtensor(weight) or hasattr(weight, "ds_id"))) or (
+            fsdp is not None and any(isinstance(m, fsdp) for m in (lm, lm.model, head))):
+        raise ValueError("chunked_loss: the model is sharded (FSDP2 / DeepSpeed ZeRO-3); calling its head chunk by "
+                         "chunk outside the model's forward is not supported there: leave chunked_loss out")
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return None
+    return FSDPModule
+
+
 def chunked_loss(model: torch.nn.Module, chunk_tokens: Optional[int] = None) -> ChunkedLoss:
     """Make ``model``'s training forward compute its loss without materialising the logits (see module doc).
 
@@ -137,10 +156,7 @@ def chunked_loss(model: torch.nn.Module, chunk_tokens: Optional[int] = None) -> 
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if head is None or not hasattr(lm, "model"):
         raise ValueError(f"chunked_loss: {type(lm).__name__} has no output embeddings / decoder (.model)")
-    weight = getattr(head, "weight", None)
-    if weight is not None and (is_dtensor(weight) or hasattr(weight, "ds_id")):
-        raise ValueError("chunked_loss: the LM head is sharded (FSDP2 / DeepSpeed ZeRO-3); calling it chunk by "
-                         "chunk outside the model's forward is not supported there")
+    _refuse_sharded(lm, head)
     vocab = int(config.vocab_size)
     if chunk_tokens is None:
         chunk_tokens = auto_chunk_tokens(vocab)
@@ -166,6 +182,7 @@ def chunked_loss(model: torch.nn.Module, chunk_tokens: Optional[int] = None) -> 
         shift_labels = kwargs.get("shift_labels")
         if not lm.training or not torch.is_grad_enabled() or labels is None:
             return original(*args, **kwargs)
+        _refuse_sharded(lm, head)
         kwargs.pop("labels", None)
         kwargs.pop("logits_to_keep", None)
         ignore_index = kwargs.get("ignore_index", -100)

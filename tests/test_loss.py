@@ -125,6 +125,13 @@ def test_bad_input_is_refused_clearly():
     model.lm_head.weight.ds_id = 7  # DeepSpeed ZeRO-3 partitioned parameter
     with pytest.raises(ValueError, match="sharded"):
         memopt.chunked_loss(model)
+    model = tiny_llama()
+    memopt.chunked_loss(model)
+    from torch.distributed.fsdp import FSDPModule
+
+    model.__class__ = type("FSDPLlamaForCausalLM", (FSDPModule, type(model)), {})  # what fully_shard does
+    with pytest.raises(ValueError, match="sharded"):  # sharded after chunked_loss: refused at the forward
+        model(input_ids=torch.ones(1, 4, dtype=torch.long), labels=torch.ones(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="acts on the model"):
         memopt.create_optimizer("sgdsai", tiny_llama().parameters(), optim_args="chunked_loss=true")
 
