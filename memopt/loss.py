@@ -15,7 +15,6 @@ model's own forward and return logits as usual. In training the output's ``logit
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -75,16 +74,22 @@ def chunked_cross_entropy(
     flat = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).to(flat.device)
     keep = t != ignore_index
-    flat, t = flat[keep], t[keep]
-    total = flat.new_zeros((), dtype=torch.float32)
-    for i in range(0, t.numel(), chunk_tokens):
-        total = total + checkpoint(_chunk_ce, flat[i:i + chunk_tokens], t[i:i + chunk_tokens], head,
-                                   use_reentrant=False)
+    counted = int(keep.sum())
+    if counted == 0:
+        # nothing counts: a zero that still depends on the head and the hidden states, as the model's own loss
+        # (backward gives zero gradients instead of failing; under DDP every parameter still gets one)
+        total = head(flat[:1]).float().sum() * 0.0
+    else:
+        total = None
+        # split, not slicing: one backward node gathers the chunks' hidden-state gradients at once
+        for h_chunk, t_chunk in zip(flat[keep].split(chunk_tokens), t[keep].split(chunk_tokens)):
+            part = checkpoint(_chunk_ce, h_chunk, t_chunk, head, use_reentrant=False)
+            total = part if total is None else total + part
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
-    return total / t.numel() if t.numel() else total / 0.0
+    return total / counted  # nan when nothing counts, as F.cross_entropy's mean
 
 
 @dataclass(frozen=True)
@@ -163,26 +168,58 @@ def chunked_loss(model: torch.nn.Module, chunk_tokens: Optional[int] = None) -> 
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunked_loss: chunk_tokens must be a positive int, got {chunk_tokens!r}")
 
-    original = lm.__dict__.get("_memopt_original_forward", lm.forward)
-    lm._memopt_original_forward = original
-    lm._memopt_chunk_tokens = chunk_tokens
+    current = lm.__dict__.get("forward")
+    inner = current.inner if isinstance(current, _ChunkedForward) else current
+    lm.forward = _ChunkedForward(lm, chunk_tokens, inner)
+    info = ChunkedLoss(model_type, vocab, chunk_tokens)
+    logger.warning(info.message())
+    return info
 
-    signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
+class _ChunkedForward:
+    """What :func:`chunked_loss` installs as ``model.forward``: an object, not a closure, so that a deep copy of the
+    model (a reference model, an EMA copy) computes with the copy's weights and the model still pickles.
+
+    ``inner``: a forward the instance already had (e.g. an accelerate wrapper), else None for the class's own.
+    The head and the decoder are looked up at every call (a head replaced later, by PEFT or a vocabulary resize,
+    is the one used).
+    """
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int, inner=None):
+        self.lm, self.chunk_tokens, self.inner = lm, chunk_tokens, inner
+        self.warned = False
+
+    def original(self):
+        return self.inner if self.inner is not None else type(self.lm).forward.__get__(self.lm)
+
+    @property
+    def __signature__(self):  # the model's own: the Trainer reads it (kept columns, loss kwargs)
+        return inspect.signature(self.original())
+
+    def __call__(self, *args, **kwargs):
+        lm, original = self.lm, self.original()
         if args:  # positional call (model(input_ids, ...)): the same call by keyword
+            signature = inspect.signature(original)
             bound = signature.bind(*args, **kwargs)
-            kwargs = {k: v for k, v in bound.arguments.items() if signature.parameters[k].kind
-                      is not inspect.Parameter.VAR_KEYWORD}
-            kwargs.update(next((v for k, v in bound.arguments.items() if signature.parameters[k].kind
-                                is inspect.Parameter.VAR_KEYWORD), {}))
-            args = ()
+            kwargs = {}
+            for name, value in bound.arguments.items():
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    kwargs.update(value)
+                else:
+                    kwargs[name] = value
         labels = kwargs.get("labels")
-        shift_labels = kwargs.get("shift_labels")
-        if not lm.training or not torch.is_grad_enabled() or labels is None:
-            return original(*args, **kwargs)
+        if not lm.training or not torch.is_grad_enabled():
+            return original(**kwargs)
+        if labels is None:
+            if not self.warned:
+                self.warned = True
+                logger.warning("memopt: chunked_loss is on but a training forward came without labels: it computes "
+                               "the full logits (the Trainer removes labels for label_smoothing_factor > 0 or a "
+                               "compute_loss_func; generation in train mode does too)")
+            return original(**kwargs)
+        head = lm.get_output_embeddings()
         _refuse_sharded(lm, head)
+        shift_labels = kwargs.get("shift_labels")
         kwargs.pop("labels", None)
         kwargs.pop("logits_to_keep", None)
         ignore_index = kwargs.get("ignore_index", -100)
@@ -194,31 +231,34 @@ def chunked_loss(model: torch.nn.Module, chunk_tokens: Optional[int] = None) -> 
         handle = lm.model.register_forward_hook(grab)
         try:
             # positions to keep: none -> the head runs on an empty [batch, 0, hidden] slice, no logits are made
-            empty = torch.empty(0, dtype=torch.long)
-            out = original(labels=None, logits_to_keep=empty, **kwargs)
+            out = original(labels=None, logits_to_keep=torch.empty(0, dtype=torch.long), **kwargs)
         finally:
             handle.remove()
-        hidden = captured["hidden"]
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        loss = chunked_cross_entropy(hidden, head, shift_labels, chunk_tokens=lm._memopt_chunk_tokens,
+        loss = chunked_cross_entropy(captured["hidden"], head, shift_labels, chunk_tokens=self.chunk_tokens,
                                      ignore_index=ignore_index, num_items_in_batch=kwargs.get("num_items_in_batch"))
+        if isinstance(out, tuple):  # return_dict=False: (loss, *the rest); the empty logits are dropped
+            return (loss, *out[1:])
         rest = {k: v for k, v in out.items() if k not in ("loss", "logits")}
         return type(out)(loss=loss, logits=None, **rest)
 
-    lm.forward = forward
-    info = ChunkedLoss(model_type, vocab, chunk_tokens)
-    logger.warning(info.message())
-    return info
+
+def chunk_tokens_of(model: torch.nn.Module) -> Optional[int]:
+    """The chunk length :func:`chunked_loss` set on ``model``, or None when it is not on."""
+    forward = _causal_lm(model).__dict__.get("forward")
+    return forward.chunk_tokens if isinstance(forward, _ChunkedForward) else None
 
 
 def disable_chunked_loss(model: torch.nn.Module) -> None:
     """Restore the model's own forward (no-op when :func:`chunked_loss` was not applied)."""
     lm = _causal_lm(model)
-    if "_memopt_original_forward" in lm.__dict__:
-        del lm.__dict__["forward"]
-        del lm._memopt_original_forward
-        del lm._memopt_chunk_tokens
+    forward = lm.__dict__.get("forward")
+    if isinstance(forward, _ChunkedForward):
+        if forward.inner is None:
+            del lm.__dict__["forward"]
+        else:
+            lm.forward = forward.inner
 
 
 def parse_chunked_loss(value) -> Optional[int]:

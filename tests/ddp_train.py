@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import memopt  # noqa: E402,F401
+from memopt.loss import chunk_tokens_of  # noqa: E402
 from tiny import PatternDataset, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
@@ -27,4 +28,4 @@ with open(os.path.join(out, f"info_rank{rank}.json"), "w") as f:
     json.dump({"world_size": args.world_size, "rank": rank,
                "distributed": torch.distributed.is_initialized(),
                "optimizer": type(trainer.optimizer.optimizer).__name__,
-               "chunk_tokens": getattr(model, "_memopt_chunk_tokens", None)}, f)
+               "chunk_tokens": chunk_tokens_of(model)}, f)

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tiny import free_port  # noqa: E402
 
 
 def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True, config=None):
@@ -20,9 +23,11 @@ def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True, co
     env = dict(os.environ, OMP_NUM_THREADS="1", MEMOPT_MEMORY_REPORT="auto", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if config is not None:  # one of the shipped accelerate configs
-        cmd = [accelerate, "launch", "--config_file", str(config), str(script), *args]
+        cmd = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+               str(script), *args]
     else:
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", str(free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -16,7 +16,7 @@ sys.path.insert(0, str(HERE))
 
 import memopt  # noqa: E402
 from fsdp2_train import OPTIMIZERS, batches, train  # noqa: E402
-from tiny import tiny_llama  # noqa: E402
+from tiny import free_port, tiny_llama  # noqa: E402
 
 
 def _torchrun(out: Path, mode: str, nproc: int = 2):
@@ -24,7 +24,7 @@ def _torchrun(out: Path, mode: str, nproc: int = 2):
     if torchrun is None:
         pytest.fail("torchrun is not on PATH (it comes with torch)")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(29400 + os.getpid() % 500),
+    cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            str(HERE / "fsdp2_train.py"), mode, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -123,7 +123,7 @@ def test_init_state_before_the_first_step_changes_nothing():
 
 def _torchrun_script(script: str, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEMOPT_MEMORY_REPORT="auto")
-    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90),
+    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(HERE / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memopt
-from memopt.loss import SUPPORTED_MODEL_TYPES, auto_chunk_tokens, chunked_cross_entropy
+from memopt.loss import SUPPORTED_MODEL_TYPES, auto_chunk_tokens, chunk_tokens_of, chunked_cross_entropy
 from tiny import PatternDataset, tiny_llama
 
 
@@ -171,7 +171,7 @@ def test_trainer_optim_args_chunked_loss_trains_like_the_models_loss(tmp_path, e
     want.train()
     got = _trainer(tmp_path / "b", "chunked_loss=5" + extra, gradient_accumulation_steps=1)
     got.train()
-    assert got.model._memopt_chunk_tokens == 5
+    assert chunk_tokens_of(got.model) == 5
     torch.testing.assert_close(_losses(got), _losses(want), rtol=1e-4, atol=1e-5)
     for w, g in zip(want.model.parameters(), got.model.parameters()):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
@@ -188,3 +188,85 @@ def test_trainer_chunked_loss_with_gradient_accumulation(tmp_path):
         _trainer(tmp_path / "c", "chunked_loss=lots").create_optimizer()
     with pytest.raises(ValueError, match="positive"):
         _trainer(tmp_path / "c", "chunked_loss=-2").create_optimizer()
+
+
+def test_deep_copies_and_pickles_compute_with_their_own_weights():
+    import pickle
+
+    model = tiny_llama()
+    memopt.chunked_loss(model, chunk_tokens=5)
+    ids, labels = _batch(vocab=64)
+    copy_ = copy.deepcopy(model)  # e.g. a reference model or an EMA copy
+    with torch.no_grad():
+        for p in copy_.parameters():
+            p.add_(torch.randn_like(p))
+    assert chunk_tokens_of(copy_) == 5
+    ref = copy.deepcopy(copy_)
+    memopt.disable_chunked_loss(ref)
+    got = copy_(input_ids=ids, labels=labels)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, ref(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    got.loss.backward()
+    assert all(p.grad is not None for p in copy_.parameters()) and all(
+        p.grad is None for p in model.parameters())
+    again = pickle.loads(pickle.dumps(model))
+    assert chunk_tokens_of(again) == 5
+    torch.testing.assert_close(again(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+
+
+def test_a_head_replaced_later_is_the_one_used():
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False)
+    ref = peft.get_peft_model(tiny_llama(), cfg)
+    base = tiny_llama()
+    memopt.chunked_loss(base, chunk_tokens=6)  # before PEFT replaces lm_head with a LoRA layer
+    model = peft.get_peft_model(base, copy.deepcopy(cfg))
+    model.load_state_dict(ref.state_dict())
+    ids, labels = _batch(vocab=64)
+    a = ref(input_ids=ids, labels=labels)
+    a.loss.backward()
+    b = model(input_ids=ids, labels=labels)
+    b.loss.backward()
+    assert b.logits is None
+    _assert_same(a.loss, _grads(ref), b.loss, _grads(model))
+    resized = tiny_llama()
+    memopt.chunked_loss(resized)
+    resized.resize_token_embeddings(80)  # a bigger vocabulary after enabling
+    wide = torch.randint(64, 80, (2, 10))
+    torch.testing.assert_close(resized(input_ids=wide, labels=wide).loss,
+                               _own_loss(resized, wide))
+
+
+def _own_loss(model, ids):
+    forward = model.__dict__["forward"]
+    return forward.original()(input_ids=ids, labels=ids).loss
+
+
+def test_nothing_counted_still_backpropagates_and_return_dict_false():
+    ref, model = tiny_llama(), tiny_llama()
+    memopt.chunked_loss(model, chunk_tokens=4)
+    ids = torch.randint(3, 64, (2, 8))
+    none = torch.full_like(ids, -100)  # e.g. a micro-batch that is all prompt
+    for kw in ({"num_items_in_batch": 5}, {}):
+        a, b = ref(input_ids=ids, labels=none, **kw).loss, model(input_ids=ids, labels=none, **kw).loss
+        torch.testing.assert_close(b, a, equal_nan=True)
+        if kw:
+            a.backward()
+            b.backward()
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    ids, labels = _batch(vocab=64)
+    out = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], ref(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_forward_without_labels_is_logged(caplog, tmp_path):
+    model = tiny_llama()
+    memopt.chunked_loss(model)
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        out = model(input_ids=torch.randint(3, 64, (1, 6)))
+        model(input_ids=torch.randint(3, 64, (1, 6)))
+    assert out.logits.shape == (1, 6, 64)
+    assert caplog.text.count("came without labels") == 1
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        _trainer(tmp_path, "chunked_loss=true", label_smoothing_factor=0.1).create_optimizer()

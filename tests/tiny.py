@@ -69,3 +69,13 @@ def run_steps(opt, params, grads):
         for p, g in zip(params, gs):
             p.grad = g.clone()
         opt.step()
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost, for a launcher's rendezvous (a fixed or pid-derived port can still
+    be held by the previous launch or collide with accelerate's default 29500)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -210,6 +210,9 @@ def optimizer_cls_and_kwargs(
     if chunk is not None:
         if model is None:
             raise ValueError("optim_args chunked_loss needs the model: pass model=")
+        if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
+            raise ValueError("optim_args chunked_loss=... with label_smoothing_factor > 0: the Trainer then computes "
+                             "the loss from the full logits itself, so there is nothing to chunk; drop one of them")
         chunked_loss(model, chunk or None)
     if kwargs.get("state_bits") == 8 and model is not None:
         _keep_embeddings_32bit(model)
