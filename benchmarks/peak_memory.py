@@ -175,6 +175,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peak_memory"))
     ap.add_argument("--only", type=int, nargs="*", help="config indices to run (default: all)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace those settings' rows in the existing CSV at --out, keep the others")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in every run")
     ap.add_argument("--glibc-default", action="store_true",
                     help="leave glibc's dynamic mmap threshold on (RSS then also holds freed, cached memory)")
@@ -202,7 +204,47 @@ def main():
                 subprocess.run(cmd + ["--live"], check=True, env=env)
                 rows[-1].update(json.loads(out.read_text()))
             print("ROW", rows[-1], flush=True)
+    if cli.merge:
+        rows = _merge(rows, Path(cli.out).with_suffix(".csv"))
     finish(rows, Path(cli.out))
+
+
+def _merge(new_rows: list, csv_path: Path) -> list:
+    """The CSV's rows with ``new_rows`` replacing theirs (by config), in CONFIGS order; numbers parsed back."""
+    import csv
+
+    def typed(value: str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return {"": None, "True": True, "False": False}.get(value, value)
+
+    with open(csv_path) as f:
+        old = {r["config"]: {k: typed(v) for k, v in r.items()} for r in csv.DictReader(f)}
+    done = {r["config"]: r for r in new_rows}
+    return [done.get(label) or old[label] for label, *_ in CONFIGS if label in done or label in old]
+
+
+def _planned(row: dict) -> dict:
+    """memopt.plan's prediction for the row's setting: exact weights + grads + state, and the peak with its
+    activation estimate (activation checkpointing as in the run, bf16 activations as the Trainer here)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from demo_task import smollm2_checkpoint
+
+    from memopt import plan
+
+    args = row["optim_args"] or ""
+    optimizer = {"adamw_torch": "adamw", "adamw_bnb_8bit": "bnb_adamw8bit"}.get(row["optim"], row["optim"])
+    setup = plan.Setup(row["config"], optimizer, grad_release="grad_release=true" in args,
+                       freeze_embeddings="freeze_embeddings=true" in args, chunked_loss="chunked_loss=true" in args)
+    summary = plan.summarize_model(plan.build_meta_model(plan.load_config(str(smollm2_checkpoint()))))
+    dtype = {"float32": "fp32", "bfloat16": "bf16"}[row["weights_dtype"]]
+    exact = plan.exact_parts(summary, setup, dtype)
+    act = plan.estimate_activations(summary, 4, 128, checkpointing=bool(row.get("gradient_checkpointing")),
+                                    bytes_per_activation=2 if dtype == "bf16" else 4)
+    return {"planned_weights_grads_state_bytes": exact.total, "planned_peak_bytes": exact.total + act.total_for(setup)}
 
 
 def finish(rows: list, out: Path) -> None:
@@ -212,6 +254,10 @@ def finish(rows: list, out: Path) -> None:
     base = next((r for r in rows if r["config"] == "adamw_torch"), rows[0])
     key = "cuda_max_allocated_bytes" if base["device"] == "cuda" else "training_bytes"
     for r in rows:
+        r.update(_planned(r))
+        r["planned_wgs_error"] = round(r["planned_weights_grads_state_bytes"] / r["weights_grads_state_bytes"] - 1, 4)
+        if r.get("live_tensor_peak_bytes"):
+            r["planned_peak_vs_live_tensors"] = round(r["planned_peak_bytes"] / r["live_tensor_peak_bytes"] - 1, 4)
         r["ratio_vs_adamw_torch"] = round(r[key] / base[key], 3)
         r["step_time_vs_adamw_torch"] = round(r["step_time_s"] / base["step_time_s"], 3)
         if base.get("live_tensor_peak_bytes") and r.get("live_tensor_peak_bytes"):
