@@ -130,3 +130,21 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     # unbiased: the mean of many draws is much closer to x than the nearest-rounding error bound
     bias = (draws.mean(0) - x).abs()
     assert bias.max() < 0.35 * (_bracket_halfgap(normed, code) * absmax).max()
+
+
+@pytest.mark.parametrize("which", ["signed", "unsigned", "dense"])
+def test_cpu_nearest_code_table_equals_bucketize(which):
+    from memopt.functional.quantize import _midpoint_lut, _nearest_code_cpu, code_midpoints, create_dynamic_map
+
+    if which == "dense":  # 256 codes in [0.9, 1]: many midpoints per 16-bit key range, several correction passes
+        code = torch.cat([torch.tensor([-1.0, 0.0]), torch.linspace(0.9, 1.0, 254)])
+    else:
+        code = create_dynamic_map(which == "signed")
+    mids = code_midpoints(code)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(200_000, generator=g) * 2 - 1, torch.randn(50_000, generator=g) * 1e-4, mids,
+                   torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)), code,
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1e-45, -1e-45])]).clamp(-1, 1)
+    assert torch.equal(_nearest_code_cpu(x, code).long(), torch.bucketize(x, mids, right=False))
+    if which == "dense":
+        assert _midpoint_lut(code)[2] > 1
