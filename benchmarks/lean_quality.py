@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--only", type=int, nargs="*", help="RUNS indices to (re)run; other rows come from the CSV")
     cli = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _common import write_csv
+    from _common import merge_csv_rows, write_csv
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,12 +71,7 @@ def main():
                          "optimizer_state_bytes": r["optimizer_state_bytes"]})
             print("ROW", rows[-1], flush=True)
     if cli.only is not None:  # merge into the existing rows, in RUNS order
-        import csv
-
-        done = {r["setting"]: r for r in rows}
-        with open(Path(cli.out).with_suffix(".csv")) as f:
-            old = {r["setting"]: r for r in csv.DictReader(f)}
-        rows = [done.get(label) or _typed(old[label]) for label, *_ in RUNS if label in done or label in old]
+        rows = merge_csv_rows(rows, Path(cli.out), "setting", [r[0] for r in RUNS])
     ref = rows[0]["eval_loss_after"]
     for r in rows:
         r["eval_vs_fp32_master_pct"] = round(100 * (r["eval_loss_after"] / ref - 1), 2)
@@ -84,16 +79,6 @@ def main():
     for r in rows:
         print(f"{r['setting']:<42} {r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} "
               f"({r['eval_vs_fp32_master_pct']:+.2f}% vs fp32 master)")
-
-
-def _typed(row: dict) -> dict:
-    out = dict(row)
-    for k in ("learning_rate", "eval_loss_before", "eval_loss_after"):
-        out[k] = float(out[k])
-    for k in ("steps", "trainable_params", "optimizer_state_bytes"):
-        out[k] = int(out[k])
-    out.pop("eval_vs_fp32_master_pct", None)
-    return out
 
 
 if __name__ == "__main__":

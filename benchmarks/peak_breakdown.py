@@ -12,10 +12,12 @@ peak_memory.py.
 import os
 import sys
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re-run this script with it set
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20)))
+from _common import MMAP_THRESHOLD, malloc_trim, status_kib
 
-import ctypes  # noqa: E402
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # glibc reads it at start-up: re-run this script with it set
+    os.execve(sys.executable, [sys.executable, *sys.argv],
+              dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD)))
+
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -40,10 +42,7 @@ SETTINGS = {
 
 
 def rss_mib(field="VmRSS"):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError(field)
+    return status_kib(field) // 1024
 
 
 def main(setting):
@@ -61,7 +60,7 @@ def main(setting):
 
     def build_and_label(args):
         model, tok = build(args)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        malloc_trim()
         phase[0] = "after load"
         decoder = model.model
         decoder.register_forward_pre_hook(lambda *a: phase.__setitem__(0, "forward: decoder"))

@@ -31,6 +31,7 @@ Also written: the exact weights + grads + state the process held at its last ste
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -39,10 +40,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# glibc serves allocations >= this many bytes with their own mmap, returned to the OS when freed (1 MiB; the
-# default threshold grows up to 32 MiB once such blocks are freed, after which freed tensors stay in the heap
-# and in RSS). Fixed, RSS follows the live tensors as CUDA's max_memory_allocated does.
-MMAP_THRESHOLD = 1 << 20
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import MMAP_THRESHOLD, malloc_trim, merge_csv_rows, status_kib, write_csv  # noqa: E402
 
 # (label, optim, optim_args, weights dtype, max_grad_norm, lr)
 CONFIGS = [
@@ -61,22 +61,6 @@ CONFIGS = [
 ]
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _trim() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: nothing to trim
-        pass
-
-
 def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool = False) -> None:
     """One configuration in this (fresh) process. ``live``: measure the peak of live tensor bytes with the torch
     profiler instead (its event buffers would distort RSS and step time, hence a separate process)."""
@@ -93,7 +77,7 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool =
     from transformers import Trainer, TrainingArguments  # noqa: F401
 
     label, optim, optim_args, dtype, max_norm, lr = CONFIGS[cfg_index]
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     build = finetune.build_model
 
     profiler = {}
@@ -102,7 +86,7 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool =
         # Loading converts/copies the checkpoint once (a transient that is not training memory): release what
         # the allocator kept, then restart the kernel's high-water mark at the current resident size.
         model, tokenizer = build(args)
-        _trim()
+        malloc_trim()
         Path("/proc/self/clear_refs").write_text("5")
         if live:  # what a GPU would hold before training: the model's parameters and buffers
             profiler["model_bytes"] = sum(t.numel() * t.element_size()
@@ -141,7 +125,7 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool =
         Path(out).write_text(json.dumps({"live_tensor_peak_bytes": _live_peak(profiler)}))
         return
     later = sorted(timer.times[1:]) or timer.times  # the first step also warms up (and computes SGD-SaI's g-SNR)
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_kib("VmHWM") * 1024
     row = {"config": label, "optim": optim, "optim_args": optim_args or "", "weights_dtype": dtype,
            "max_grad_norm": max_norm, "steps": r["steps"], "trainable_params": r["trainable_params"],
            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "training_bytes": peak - baseline,
@@ -205,41 +189,32 @@ def main():
                 rows[-1].update(json.loads(out.read_text()))
             print("ROW", rows[-1], flush=True)
     if cli.merge:
-        rows = _merge(rows, Path(cli.out).with_suffix(".csv"))
+        rows = merge_csv_rows(rows, Path(cli.out), "config", [c[0] for c in CONFIGS])
     finish(rows, Path(cli.out))
 
 
-def _merge(new_rows: list, csv_path: Path) -> list:
-    """The CSV's rows with ``new_rows`` replacing theirs (by config), in CONFIGS order; numbers parsed back."""
-    import csv
+@functools.lru_cache(maxsize=None)
+def _smollm2_summary():
+    """The planner's summary of the benchmark's model, built once on the meta device."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from demo_task import smollm2_checkpoint
 
-    def typed(value: str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-        return {"": None, "True": True, "False": False}.get(value, value)
+    from memopt import plan
 
-    with open(csv_path) as f:
-        old = {r["config"]: {k: typed(v) for k, v in r.items()} for r in csv.DictReader(f)}
-    done = {r["config"]: r for r in new_rows}
-    return [done.get(label) or old[label] for label, *_ in CONFIGS if label in done or label in old]
+    return plan.summarize_model(plan.build_meta_model(plan.load_config(str(smollm2_checkpoint()))))
 
 
 def _planned(row: dict) -> dict:
     """memopt.plan's prediction for the row's setting: exact weights + grads + state, and the peak with its
-    activation estimate (activation checkpointing as in the run, bf16 activations as the Trainer here)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from demo_task import smollm2_checkpoint
-
+    activation estimate (activation checkpointing as in the run; activations in the weights' dtype, as on CPU
+    here, where the Trainer runs without autocast)."""
     from memopt import plan
 
     args = row["optim_args"] or ""
     optimizer = {"adamw_torch": "adamw", "adamw_bnb_8bit": "bnb_adamw8bit"}.get(row["optim"], row["optim"])
     setup = plan.Setup(row["config"], optimizer, grad_release="grad_release=true" in args,
                        freeze_embeddings="freeze_embeddings=true" in args, chunked_loss="chunked_loss=true" in args)
-    summary = plan.summarize_model(plan.build_meta_model(plan.load_config(str(smollm2_checkpoint()))))
+    summary = _smollm2_summary()
     dtype = {"float32": "fp32", "bfloat16": "bf16"}[row["weights_dtype"]]
     exact = plan.exact_parts(summary, setup, dtype)
     act = plan.estimate_activations(summary, 4, 128, checkpointing=bool(row.get("gradient_checkpointing")),
@@ -249,8 +224,6 @@ def _planned(row: dict) -> dict:
 
 def finish(rows: list, out: Path) -> None:
     """Ratios against adamw_torch, CSV, PNG and the printed table."""
-    from _common import write_csv
-
     base = next((r for r in rows if r["config"] == "adamw_torch"), rows[0])
     key = "cuda_max_allocated_bytes" if base["device"] == "cuda" else "training_bytes"
     for r in rows:
@@ -319,5 +292,4 @@ def _plot(rows, key, path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     main()
