@@ -19,6 +19,11 @@ def is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "placements") and hasattr(t, "device_mesh")
 
 
+def is_deepspeed_partitioned(t: Tensor) -> bool:
+    """A DeepSpeed ZeRO-partitioned parameter (ZeRO-3 marks its params with ``ds_id`` / ``ds_numel``)."""
+    return hasattr(t, "ds_id") or hasattr(t, "ds_numel")
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (a view sharing its storage), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from memopt.distributed import is_dtensor
+from memopt.distributed import is_deepspeed_partitioned, is_dtensor
 
 logger = logging.getLogger("memopt")
 
@@ -120,7 +120,7 @@ def _refuse_sharded(lm: torch.nn.Module, head: torch.nn.Module) -> None:
     enabled and at every training forward, since the model may be sharded after :func:`chunked_loss`)."""
     weight = getattr(head, "weight", None)
     fsdp = _fsdp_module_class()
-    if (weight is not None and (is_dtensor(weight) or hasattr(weight, "ds_id"))) or (
+    if (weight is not None and (is_dtensor(weight) or is_deepspeed_partitioned(weight))) or (
             fsdp is not None and any(isinstance(m, fsdp) for m in (lm, lm.model, head))):
         raise ValueError("chunked_loss: the model is sharded (FSDP2 / DeepSpeed ZeRO-3); calling its head chunk by "
                          "chunk outside the model's forward is not supported there: leave chunked_loss out")

@@ -42,21 +42,27 @@ def _assert_same(ref_loss, ref_grads, loss, grads):
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _assert_chunked_matches(ref, model, ids, **kw):
+    """One forward + backward of the reference and of the chunked model on the same batch: the chunked one returns
+    no logits, and the same loss and gradients."""
+    a = ref(input_ids=ids, **kw)
+    a.loss.backward()
+    b = model(input_ids=ids, **kw)
+    b.loss.backward()
+    assert b.logits is None
+    _assert_same(a.loss, _grads(ref), b.loss, _grads(model))
+
+
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 def test_same_loss_and_gradients_as_the_models_own(model_type, caplog):
     ref = _tiny(model_type, tied=model_type != "phi3")
     model = copy.deepcopy(ref)
-    ids, labels = _batch()
-    out = ref(input_ids=ids, labels=labels)
-    out.loss.backward()
     with caplog.at_level(logging.WARNING, logger="memopt"):
         info = memopt.chunked_loss(model, chunk_tokens=7)
     assert "7 positions at a time" in caplog.text
     assert info.chunk_tokens == 7 and info.model_type == model_type
-    got = model(input_ids=ids, labels=labels)
-    assert got.logits is None
-    got.loss.backward()
-    _assert_same(out.loss, _grads(ref), got.loss, _grads(model))
+    ids, labels = _batch()
+    _assert_chunked_matches(ref, model, ids, labels=labels)
 
 
 def test_num_items_in_batch_shift_labels_and_positional_calls():
@@ -69,11 +75,7 @@ def test_num_items_in_batch_shift_labels_and_positional_calls():
     for kw in ({"labels": labels, "num_items_in_batch": n}, {"labels": labels, "shift_labels": shifted}):
         ref.zero_grad()
         model.zero_grad()
-        a = ref(input_ids=ids, **kw)
-        a.loss.backward()
-        b = model(input_ids=ids, **kw)
-        b.loss.backward()
-        _assert_same(a.loss, _grads(ref), b.loss, _grads(model))
+        _assert_chunked_matches(ref, model, ids, **kw)
     b = model(ids, None, labels=labels)  # positional input_ids, attention_mask
     assert b.logits is None
     torch.testing.assert_close(b.loss, ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
@@ -143,12 +145,7 @@ def test_peft_lora_model():
     model = copy.deepcopy(ref)
     memopt.chunked_loss(model, chunk_tokens=6)
     ids, labels = _batch(vocab=64)
-    a = ref(input_ids=ids, labels=labels)
-    a.loss.backward()
-    b = model(input_ids=ids, labels=labels)
-    b.loss.backward()
-    assert b.logits is None
-    _assert_same(a.loss, _grads(ref), b.loss, _grads(model))
+    _assert_chunked_matches(ref, model, ids, labels=labels)
 
 
 def _trainer(tmp_path, optim_args, model=None, **kw):
@@ -223,12 +220,7 @@ def test_a_head_replaced_later_is_the_one_used():
     model = peft.get_peft_model(base, copy.deepcopy(cfg))
     model.load_state_dict(ref.state_dict())
     ids, labels = _batch(vocab=64)
-    a = ref(input_ids=ids, labels=labels)
-    a.loss.backward()
-    b = model(input_ids=ids, labels=labels)
-    b.loss.backward()
-    assert b.logits is None
-    _assert_same(a.loss, _grads(ref), b.loss, _grads(model))
+    _assert_chunked_matches(ref, model, ids, labels=labels)
     resized = tiny_llama()
     memopt.chunked_loss(resized)
     resized.resize_token_embeddings(80)  # a bigger vocabulary after enabling

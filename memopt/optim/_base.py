@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.distributed import is_dtensor
+from memopt.distributed import is_deepspeed_partitioned, is_dtensor
 from memopt.functional.sgdsai import compute_dtype
 
 logger = logging.getLogger("memopt")
@@ -49,7 +49,7 @@ def _refuse_dtensor(name: str, p: Tensor, why: str) -> None:
 
 
 def _refuse_deepspeed(name: str, p: Tensor) -> None:
-    if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
+    if is_deepspeed_partitioned(p):
         raise NotImplementedError(
             f"{name} does not support DeepSpeed ZeRO-partitioned parameters: its per-tensor statistics would be "
             "computed per partition. Use DDP, FSDP2 (optim='sgdsai'), or a single device."
