@@ -148,3 +148,38 @@ def test_cpu_nearest_code_table_equals_bucketize(which):
     assert torch.equal(_nearest_code_cpu(x, code).long(), torch.bucketize(x, mids, right=False))
     if which == "dense":
         assert _midpoint_lut(code)[2] > 1
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_bad_code_maps_blocksizes_and_dtypes_are_refused_naming_the_argument(impl):
+    if impl == "reference":
+        quant, dequant = quantize_blockwise, dequantize_blockwise
+    else:
+        from memopt.kernels import quantize as tri
+
+        quant, dequant = tri.quantize_blockwise, tri.dequantize_blockwise
+    x = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    code = create_dynamic_map(True)
+    for bad, why in ((code.flip(0), "ascending"), (code[:255], "256"), (code.double(), "float32"),
+                     (torch.cat([code[:-1], torch.tensor([float("nan")])]), "finite"), (code * 2, r"\[-1, 1\]"),
+                     (code.reshape(16, 16), "1-D"), ([0.0] * 256, "tensor")):
+        with pytest.raises(ValueError, match=f"code.*{why}|{why}.*code|code must"):
+            quant(x, bad)
+        codes, absmax = quantize_blockwise(x)
+        with pytest.raises(ValueError, match="code"):
+            dequant(codes, absmax, bad)
+    for blocksize in (0, -256, True, 2.5, 1 << 30):
+        with pytest.raises(ValueError, match="blocksize"):
+            quant(x, None, blocksize)
+    codes, absmax = quantize_blockwise(x, blocksize=256)
+    with pytest.raises(ValueError, match="blocksize=128: blocksize does not match"):
+        dequant(codes, absmax, None, 128)
+    with pytest.raises(ValueError, match="x must be a floating-point|supports fp32"):
+        quant(torch.arange(512), None, 256)
+    with pytest.raises(ValueError, match="dtype"):
+        dequant(codes, absmax, None, 256, torch.int32)
+    with pytest.raises(ValueError, match="absmax must be a floating-point"):
+        dequant(codes, absmax.to(torch.int32), None, 256)
+    # the default map (cached) and an explicitly passed valid map both work
+    back = dequant(*quant(x, code), code)
+    assert torch.isfinite(back).all()

@@ -1,4 +1,4 @@
-"""Blockwise 8-bit dynamic quantization (arXiv 2110.02861; spec: shared/specs/algorithms.md §2), plain PyTorch.
+"""Blockwise 8-bit dynamic quantization (arXiv 2110.02861; docs/8bit.md), plain PyTorch.
 
 This is the reference (and CPU path) for the Triton kernels: a tensor is cut into blocks of ``blocksize``
 elements (256 for optimizer states), each block is divided by its absolute maximum, and every element is stored
@@ -49,9 +49,30 @@ def default_code(signed: bool, device: torch.device) -> Tensor:
     return _MAPS[key]
 
 
+# A block is padded to its full size: a block of millions of elements is a mistake (and a huge allocation).
+MAX_BLOCKSIZE = 1 << 20
+
+
 def _check_blocksize(blocksize: int) -> None:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize={blocksize!r} must be a positive int")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize={blocksize!r} must be a positive int of at most {MAX_BLOCKSIZE}")
+
+
+def check_code_map(code: Optional[Tensor]) -> None:
+    """A quantization map is 256 finite float32 values in [-1, 1], sorted strictly ascending (the nearest-code
+    search depends on it). ``None`` (the default map) and the cached default maps pass without any work."""
+    if code is None or any(code is m for m in _MAPS.values()):
+        return
+    if not isinstance(code, Tensor):
+        raise ValueError(f"code must be a tensor of 256 float32 values, got {type(code).__name__}")
+    if code.dtype != torch.float32 or code.dim() != 1 or code.numel() != 256:
+        raise ValueError(f"code must be a 1-D float32 tensor of 256 values, got {code.dtype} of shape "
+                         f"{tuple(code.shape)}")
+    c = code.detach()
+    if not bool(torch.isfinite(c).all()) or float(c.abs().max()) > 1.0:
+        raise ValueError("code must hold finite values in [-1, 1]")
+    if not bool((c[1:] > c[:-1]).all()):
+        raise ValueError("code must be sorted strictly ascending (the nearest-code search relies on it)")
 
 
 def _blocks(x: Tensor, blocksize: int) -> Tensor:
@@ -86,11 +107,11 @@ def quantize_blockwise(
     An all-zero block gets absmax 0 and the code of 0.0, and dequantizes to exact zeros.
     """
     _check_blocksize(blocksize)
-    if not x.is_floating_point():
-        raise ValueError(f"quantize_blockwise expects a floating-point tensor, got {x.dtype}")
-    code = default_code(True, x.device) if code is None else code.to(device=x.device, dtype=torch.float32)
-    if code.numel() != 256:
-        raise ValueError(f"code must have 256 entries, got {code.numel()}")
+    check_code_map(code)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"quantize_blockwise: x must be a floating-point tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    code = default_code(True, x.device) if code is None else code.to(device=x.device)
     blocks = _blocks(x.detach().float(), blocksize)
     absmax = blocks.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
@@ -169,12 +190,16 @@ def _stochastic_round(normed: Tensor, code: Tensor, nearest: Tensor, generator) 
 
 
 def check_codes(codes: Tensor, absmax: Tensor, blocksize: int) -> None:
-    """uint8 codes with one absmax per block: what every dequantize path expects."""
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    """uint8 codes with one floating absmax per block of ``blocksize``: what every dequantize path expects."""
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if not isinstance(absmax, Tensor) or not absmax.is_floating_point():
+        raise ValueError(f"absmax must be a floating-point tensor, got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)}")
     n_blocks = -(-codes.numel() // blocksize)
     if absmax.numel() != n_blocks:
-        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks")
+        raise ValueError(f"absmax has {absmax.numel()} entries, {codes.numel()} codes need {n_blocks} blocks of "
+                         f"blocksize={blocksize}: blocksize does not match the codes and absmax given")
 
 
 def dequantize_blockwise(
@@ -187,6 +212,9 @@ def dequantize_blockwise(
     """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax[block]``, shaped like ``codes``."""
     _check_blocksize(blocksize)
     check_codes(codes, absmax, blocksize)
-    code = default_code(True, codes.device) if code is None else code.to(device=codes.device, dtype=torch.float32)
+    check_code_map(code)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
+    code = default_code(True, codes.device) if code is None else code.to(device=codes.device)
     values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)

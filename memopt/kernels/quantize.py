@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import check_codes, code_midpoints, default_code
+from memopt.functional.quantize import check_code_map, check_codes, code_midpoints, default_code
 from memopt.kernels._common import quantize_block, store_param
 
 
@@ -68,6 +68,7 @@ def code_and_midpoints(code: Optional[Tensor], signed: bool, device: torch.devic
 def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int = 256) -> tuple[Tensor, Tensor]:
     """Triton twin of :func:`memopt.functional.quantize_blockwise` (nearest rounding)."""
     check_blocksize(blocksize)
+    check_code_map(code)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize_blockwise (triton) supports fp32/bf16/fp16, got {x.dtype}")
     if not x.is_contiguous():
@@ -89,6 +90,9 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
     """Triton twin of :func:`memopt.functional.dequantize_blockwise`."""
     check_blocksize(blocksize)
     check_codes(codes, absmax, blocksize)
+    check_code_map(code)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype!r}: dequantize_blockwise (triton) writes fp32/bf16/fp16")
     n_blocks = -(-codes.numel() // blocksize)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if codes.numel():
