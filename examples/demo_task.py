@@ -70,6 +70,20 @@ def pydoc_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
 
+def lee_text() -> str:
+    """The Lee background corpus: 300 Australian news articles (360k chars of English prose), shipped as test
+    data inside the ``gensim`` wheel. Only the file is read (``pip install --no-deps gensim``); gensim itself is
+    never imported."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the 'lee' corpus needs the gensim wheel's test data: pip install --no-deps gensim")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee_background.cor"
+    return path.read_text(encoding="utf-8")
+
+
+CORPORA = {"pydoc": pydoc_text, "lee": lee_text}
+
+
 class TokenBlocks(torch.utils.data.Dataset):
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -82,9 +96,11 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def text_splits(tokenizer, seq_len: int = 128, eval_fraction: float = 0.1):
-    """(train, eval) datasets of ``seq_len``-token blocks of the pydoc text; eval = the last blocks."""
-    ids = torch.tensor(tokenizer(pydoc_text())["input_ids"], dtype=torch.long)
+def text_splits(tokenizer, seq_len: int = 128, eval_fraction: float = 0.1, corpus: str = "pydoc"):
+    """(train, eval) datasets of ``seq_len``-token blocks of a corpus (``CORPORA``); eval = the last blocks."""
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; one of {sorted(CORPORA)}")
+    ids = torch.tensor(tokenizer(CORPORA[corpus]())["input_ids"], dtype=torch.long)
     n_blocks = ids.numel() // seq_len
     blocks = ids[: n_blocks * seq_len].view(n_blocks, seq_len)
     n_eval = max(1, int(round(n_blocks * eval_fraction)))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" with transformers)
 import torch  # noqa: E402
 
-from demo_task import DEFAULT_MODEL, resolve_model_path, text_splits  # noqa: E402
+from demo_task import CORPORA, DEFAULT_MODEL, resolve_model_path, text_splits  # noqa: E402
 
 # Recommended learning rates on this task (docs/sgdsai.md has the sweep behind the memopt entries).
 RECOMMENDED_LR = {
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="pydoc",
+                   help="training text: pydoc (standard library help topics) or lee (news; needs the gensim wheel)")
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--save_steps", type=int, default=0, help="write Trainer checkpoints every N steps (0: none)")
@@ -104,7 +106,7 @@ def run(args, callbacks=()) -> dict:
 
     set_seed(args.seed)  # LoRA's A matrices are initialised from the global RNG
     model, tokenizer = build_model(args)
-    train_ds, eval_ds = text_splits(tokenizer, seq_len=args.seq_len)
+    train_ds, eval_ds = text_splits(tokenizer, seq_len=args.seq_len, corpus=args.corpus)
     lr = learning_rate(args)
     targs = TrainingArguments(
         output_dir=args.output_dir,
@@ -194,7 +196,7 @@ def compare(args) -> list[dict]:
             out = Path(tmp) / f"{i}.json"
             cmd = [sys.executable, __file__, "--optim", name, "--compare", "none", "--results_json", str(out),
                    "--model_name_or_path", args.model_name_or_path, "--max_steps", str(args.max_steps),
-                   "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed),
+                   "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed), "--corpus", args.corpus,
                    "--logging_steps", str(args.logging_steps), "--weight_decay", str(args.weight_decay),
                    "--output_dir", str(Path(args.output_dir) / name), "--lora" if args.lora else "--no-lora",
                    "--weights_dtype", args.weights_dtype, "--max_grad_norm", str(args.max_grad_norm)]

@@ -191,3 +191,18 @@ def test_bf16_autocast_training(name):
     loss.backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_gradients_and_meta_parameters_get_one_clear_message(name):
+    p = torch.nn.Parameter(torch.randn(10, 4))
+    opt = create_optimizer(name, [p])
+    p.grad = torch.randn(10, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.isfinite(p).all()
+    q = torch.nn.Parameter(torch.empty(10, 4, device="meta"))
+    opt = create_optimizer(name, [q])
+    q.grad = torch.empty(10, 4, device="meta")
+    with pytest.raises(RuntimeError, match="on the meta device"):
+        opt.step()

@@ -56,6 +56,17 @@ def _refuse_deepspeed(name: str, p: Tensor) -> None:
         )
 
 
+def check_gradient(name: str, p: Tensor, g: Tensor) -> None:
+    """The gradients no memopt optimizer can use, refused with one message per kind for every optimizer."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"{name} does not support sparse gradients (layout {g.layout}): use a dense embedding "
+                           "(nn.Embedding(sparse=False)) or an optimizer for sparse gradients such as "
+                           "torch.optim.SparseAdam")
+    if p.is_meta or g.is_meta:
+        raise RuntimeError(f"{name} cannot update a parameter of shape {tuple(p.shape)} on the meta device (it holds "
+                           "no data): materialise the model (load its weights or call to_empty) before training")
+
+
 def check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True):
     if isinstance(value, Tensor):
         raise ValueError(f"{name}={value!r}: a tensor is not supported here, pass a Python float")
@@ -353,8 +364,7 @@ class MemoptOptimizer(Optimizer):
             if why is not None:
                 _refuse_dtensor(type(self).__name__, p, why)
             self._known_params.add(id(p))
-        if g.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        check_gradient(type(self).__name__, p, g)
         if g.shape != p.shape:
             raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
         return g

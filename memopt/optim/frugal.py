@@ -247,7 +247,7 @@ class FRUGAL(MatrixOptimizer):
                 if projected and group["selection"] == "blocks" and p.requires_grad:
                     blocks[id(p)] = len(blocks)
                 wants = group["inner"] == "sgdsai" or (group["free_scale"] == "sai" and projected)
-                if wants and p.grad is not None and p.numel() and "gsnr" not in self.state[p]:
+                if wants and p.numel() and "gsnr" not in self.state[p] and self._grad(p, group) is not None:
                     s = gsnr(p.grad, 1e-8)
                     if s is not None and math.isfinite(s):
                         self.state[p]["gsnr"] = s
