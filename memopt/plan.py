@@ -84,14 +84,14 @@ def load_config(source: str):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise ValueError(f"{source!r} is a directory without config.json: pass the model directory that holds "
                              "config.json, or the path of the config file itself")
-        return _read_config(AutoConfig, source)
+        return check_config(_read_config(AutoConfig, source))
     if os.path.isfile(source):
-        return _read_config(AutoConfig, source)
+        return check_config(_read_config(AutoConfig, source))
     if looks_like_path and not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         raise ValueError(f"no such file or directory: {source!r} (pass a directory holding config.json, a config "
                          "JSON file, or a model name in the local Hugging Face cache)")
     try:
-        return AutoConfig.from_pretrained(source, local_files_only=True)
+        return check_config(AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False))
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"{source!r} is neither a local path nor a model in the local Hugging Face cache, and memopt plan never "
@@ -101,25 +101,63 @@ def load_config(source: str):
         ) from None
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines and lines[-1].startswith(("ValueError", "TypeError")) else (
+        lines[0] if lines else exc.__class__.__name__)
+
+
 def _read_config(auto_config, path: str):
+    # A config is data: code shipped beside it (auto_map) is never run, and nothing asks the user about it.
     try:
-        return auto_config.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise ValueError(f"cannot read a transformers config from {path!r}: {first}") from None
+        return auto_config.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001  (transformers raises many kinds for a bad config; say it in one line)
+        raise ValueError(f"cannot read a transformers config from {path!r}: {_first_line(exc)}") from None
+
+
+# Sizes the planner multiplies: each must be a positive int when the config has it (layers may be 0 only in a
+# text config nested in a multimodal one, which the planner does not special-case).
+_POSITIVE_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                   "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_layer", "d_model")
+
+
+def check_config(config):
+    """Refuse config values no model can have, with a one-line ``ValueError`` naming the field."""
+    text = _text_config(config)
+    for name in _POSITIVE_SIZES:
+        value = getattr(text, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config field {name}={value!r} must be a positive integer")
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    if hidden and heads and not getattr(text, "head_dim", None) and hidden % heads:
+        raise ValueError(f"config: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    kv = getattr(text, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ValueError(f"config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    return config
 
 
 def build_meta_model(config):
     """The model of ``config`` on the meta device (shapes only, no memory): a causal-LM head when transformers
-    has one for this architecture, else the bare ``AutoModel``."""
+    has one for this architecture, else the bare ``AutoModel``. Never runs code shipped with a config.
+
+    Raises:
+        ValueError: transformers cannot build a model from this config (the reason in one line).
+    """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            return AutoModel.from_config(config)
+            try:
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            except ValueError:
+                return AutoModel.from_config(config, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot build a {type(config).__name__} model from this config: "
+                             f"{_first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ model summary

@@ -332,3 +332,45 @@ def test_uncached_model_name_says_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(ValueError, match="never downloads"):
         planner.load_config("memopt-test/no-such-model")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers=-2 must be a positive integer"),
+    ({"num_attention_heads": 7}, "not a multiple of the number of attention heads|not a multiple of num_attention"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads|key_value"),
+    ({"hidden_size": "big"}, "hidden_size"),
+    ({"vocab_size": 1.5}, "vocab_size"),
+    ({"model_type": "no_such_architecture"}, "does not recognize|no_such_architecture"),
+])
+def test_cli_invalid_config_values_exit_2_with_one_line(tmp_path, capsys, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_7B, **change}))
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("memopt plan: error:")
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_plan_never_runs_code_shipped_with_a_config(tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "code_ran"
+    (tmp_path / "config.json").write_text(json.dumps({
+        **LLAMA_7B, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                       "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                      "from transformers import PretrainedConfig\n"
+                                      "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+
+    def no_prompt(*a, **k):
+        raise AssertionError("memopt plan asked the user a question")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    with pytest.raises(SystemExit) as info:
+        main(["plan", str(tmp_path)])
+    assert info.value.code == 2
+    assert "custom code" in capsys.readouterr().err
+    assert not marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -15,6 +16,22 @@ from memopt.memory import DeviceMemory, _unwrap, format_table, gather_rows, meas
 logger = logging.getLogger("memopt")
 
 _MODES = ("auto", "all", "off")
+_ENV = "MEMOPT_MEMORY_REPORT"
+_warned_env: set = set()
+
+
+def _env_mode() -> str:
+    """``MEMOPT_MEMORY_REPORT``, or ``auto``. A malformed value is warned about once per value and ignored: an
+    environment variable of a plugin must not break every Trainer."""
+    raw = os.environ.get(_ENV, "auto")
+    mode = raw.strip().lower() or "auto"
+    if mode in _MODES:
+        return mode
+    if raw not in _warned_env:
+        _warned_env.add(raw)
+        warnings.warn(f"{_ENV}={raw!r} is not one of {_MODES}; using 'auto'", RuntimeWarning, stacklevel=3)
+        logger.warning("%s=%r is not one of %s; using 'auto'", _ENV, raw, _MODES)
+    return "auto"
 
 
 def is_memopt_optimizer(optimizer) -> bool:
@@ -38,14 +55,29 @@ class MemoryReportCallback(TrainerCallback):
     """
 
     def __init__(self, mode: Optional[str] = None):
-        mode = mode if mode is not None else os.environ.get("MEMOPT_MEMORY_REPORT", "auto").strip().lower()
-        if mode not in _MODES:
+        if mode is None:
+            mode = _env_mode()
+        elif mode not in _MODES:
             raise ValueError(f"memory report mode {mode!r} is not one of {_MODES}")
         self.mode = mode
         self.active = False
         self.rows: list[DeviceMemory] = []
         self._last: Optional[DeviceMemory] = None
         self._grads_bytes = 0
+        self._failed = False
+
+    def _guard(self, what: str, fn, *args, **kwargs):
+        """Run one reporting step; a failure is logged once and turns the report off: it never stops training."""
+        if self._failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._failed = True
+            self.active = False
+            logger.warning("memopt memory report: %s failed (%s: %s); the report is off for the rest of this run, "
+                           "training continues", what, type(exc).__name__, exc)
+            return None
 
     def _rank(self, args) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -53,13 +85,26 @@ class MemoryReportCallback(TrainerCallback):
         return int(getattr(args, "process_index", 0))
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._failed = False
+        self._guard("start", self._train_begin, args, optimizer)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._guard("measuring after a step", self._optimizer_step, args, model, optimizer)
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+        self._guard("logging", self._log, args, state, logs, model, optimizer)
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._guard("the final report", self._train_end, args, state, model, optimizer)
+
+    def _train_begin(self, args, optimizer):
         self.active = self.mode == "all" or (self.mode == "auto" and is_memopt_optimizer(optimizer))
         self._grads_bytes = 0
         self._last = None
         if self.active and torch.cuda.is_available() and args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)
 
-    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def _optimizer_step(self, args, model, optimizer):
         # After the step and before zero_grad: gradients and state both exist here.
         if not self.active or model is None:
             return
@@ -75,8 +120,8 @@ class MemoryReportCallback(TrainerCallback):
         self._last = row
         return row
 
-    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
-        if not self.active or logs is None or "loss" not in logs:
+    def _log(self, args, state, logs, model, optimizer):
+        if not self.active or model is None or logs is None or "loss" not in logs:
             return
         row = self._refresh(args, model, optimizer)
         if row is None:
@@ -87,8 +132,8 @@ class MemoryReportCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
-    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not self.active:
+    def _train_end(self, args, state, model, optimizer):
+        if not self.active or model is None:
             return
         row = self._refresh(args, model, optimizer)
         if row is None:
