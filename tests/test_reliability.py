@@ -106,3 +106,164 @@ def test_memory_report_with_an_optimizer_that_has_no_state_attribute(caplog):
         report.on_train_end(args, state, None, model=model, optimizer=Bare())
     failures = [r for r in caplog.records if "memory report" in r.getMessage()]
     assert len(failures) == 1 and "training continues" in failures[0].getMessage()
+
+
+# --------------------------------------------------------------------------- load_state_dict is an input boundary
+NAMES = memopt.list_optimizers()
+
+
+def _trained(name, shapes=((16, 8), (16,), (4, 16)), steps=3, **kw):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = memopt.create_optimizer(name, params, lr=1e-2, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt
+
+
+def _fresh(name, like, **kw):
+    return memopt.create_optimizer(name, [torch.nn.Parameter(p.detach().clone()) for p in like], lr=1e-2, **kw)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_refuses_invalid_group_values(name):
+    params, opt = _trained(name)
+    bad_values = [("lr", float("nan")), ("weight_decay", -1.0)]
+    group = opt.state_dict()["param_groups"][0]
+    if "momentum" in group:
+        bad_values.append(("momentum", 2.0))
+    if "betas" in group:
+        bad_values.append(("betas", (0.9, 2.0)))
+    if "scale" in group and isinstance(group["scale"], str):
+        bad_values.append(("scale", "bogus"))
+    for key, value in bad_values:
+        sd = opt.state_dict()
+        sd["param_groups"][0][key] = value
+        target = _fresh(name, params)
+        with pytest.raises(ValueError, match=f"invalid: {key}|{key}"):
+            target.load_state_dict(sd)
+        assert not target.state  # nothing was loaded
+
+
+@pytest.mark.parametrize("source", NAMES)
+def test_state_of_another_algorithm_is_refused_naming_both(source):
+    params, opt = _trained(source)
+    sd = opt.state_dict()
+    for target_name in NAMES:
+        if target_name == source:
+            continue
+        target = _fresh(target_name, params)
+        with pytest.raises(ValueError, match="not written by") as info:
+            target.load_state_dict(sd)
+        text = str(info.value)
+        assert type(target).__name__ in text and type(opt).__name__ in text
+        assert not target.state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_for_other_shapes_is_refused_at_load(name):
+    params, opt = _trained(name, shapes=((16, 8), (16,), (4, 16)))
+    other = [torch.nn.Parameter(torch.zeros(s)) for s in ((8, 16), (16,), (16, 4))]
+    target = memopt.create_optimizer(name, other, lr=1e-2)
+    with pytest.raises(ValueError, match="shape"):
+        target.load_state_dict(opt.state_dict())
+    assert not target.state
+
+
+def _corruptions(sd):
+    """(description, corrupted copy) for every number in a state dict that could reach the weights."""
+    import copy
+
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                for bad in (float("nan"), float("inf")):
+                    out = copy.deepcopy(sd)
+                    out["state"][pid][key].view(-1)[0] = bad
+                    yield f"{key}={bad}", out
+                if key.endswith("_absmax"):
+                    out = copy.deepcopy(sd)
+                    out["state"][pid][key].view(-1)[0] = -1.0
+                    yield f"{key}<0", out
+            elif key.endswith("_codes") and isinstance(value, torch.Tensor):
+                out = copy.deepcopy(sd)
+                out["state"][pid][key] = value.float().fill_(float("nan"))
+                yield f"{key} as float", out
+            elif isinstance(value, float):
+                out = copy.deepcopy(sd)
+                out["state"][pid][key] = float("nan")
+                yield f"{key}=nan", out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_corrupt_numbers_in_a_checkpoint_never_reach_the_weights(name):
+    params, opt = _trained(name, shapes=((64, 80), (16,)), min_8bit_size=256) if name in (
+        "sgdsai_8bit", "memopt_adamw_8bit") else _trained(name, shapes=((64, 80), (16,)))
+    cases = list(_corruptions(opt.state_dict()))
+    assert cases
+    for what, sd in cases:
+        target_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        kw = {"min_8bit_size": 256} if name in ("sgdsai_8bit", "memopt_adamw_8bit") else {}
+        target = memopt.create_optimizer(name, target_params, lr=1e-2, **kw)
+        with pytest.raises(ValueError, match="corrupt|uint8"):
+            target.load_state_dict(sd)
+        for p in target_params:
+            p.grad = torch.ones_like(p)
+        target.step()  # the refused checkpoint left the optimizer usable and the weights finite
+        assert all(torch.isfinite(p).all() for p in target_params), what
+
+
+def test_requested_hyper_parameters_win_over_the_checkpoint_and_are_logged(caplog):
+    params, opt = _trained("sgdsai", momentum=0.9)
+    target = _fresh("sgdsai", params, momentum=0.5, weight_decay=0.1)
+    target.param_groups[0]["lr"] = 0.3
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        target.load_state_dict(opt.state_dict())
+    group = target.param_groups[0]
+    assert group["momentum"] == 0.5 and group["weight_decay"] == 0.1
+    assert group["lr"] == 1e-2  # the schedule's value comes from the checkpoint (torch's convention)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "momentum: 0.9 -> 0.5" in text and "weight_decay: 0.01 -> 0.1" in text
+    caplog.clear()
+    same = _fresh("sgdsai", params, momentum=0.9)
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        same.load_state_dict(opt.state_dict())
+    assert not [r for r in caplog.records if "replace the checkpoint" in r.getMessage()]
+
+
+def test_fp16_state_never_overflows_into_the_weights():
+    with pytest.raises(ValueError, match="float16"):
+        memopt.SGDSaI([torch.nn.Parameter(torch.zeros(4))], state_dtype="float16")
+    # fp16 parameters: Adam's second moment (g^2 overflows fp16 above |g| = 256) is held in fp32
+    p = torch.nn.Parameter(torch.ones(4096, dtype=torch.float16))
+    opt = memopt.AdamW8bit([p], state_bits=32, lr=1e-3)
+    p.grad = torch.full_like(p, 3000.0)
+    opt.step()
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+    assert torch.isfinite(p).all() and not torch.equal(p, torch.ones_like(p))
+    q = torch.nn.Parameter(torch.ones(64, dtype=torch.float16))  # SGD-SaI: fp16 momentum of fp16 grads is bounded
+    sgd = memopt.SGDSaI([q], lr=1e-3)
+    for _ in range(3):
+        q.grad = torch.full_like(q, 60000.0)
+        sgd.step()
+    assert torch.isfinite(q).all() and torch.isfinite(sgd.state[q]["momentum_buffer"]).all()
+
+
+@pytest.mark.parametrize("name", ["sgdsai_8bit", "memopt_adamw_8bit"])
+@pytest.mark.parametrize("key", ["absmax", "codes"])
+def test_corrupt_8bit_state_in_memory_raises_before_the_weights_are_written(name, key):
+    params, opt = _trained(name, shapes=((64, 80),), min_8bit_size=256, use_triton=False)
+    p = params[0]
+    st = opt.state[p]
+    absmax = next(k for k in st if k.endswith("_absmax"))
+    if key == "absmax":
+        st[absmax][0] = float("nan")
+    else:  # a code that points at 1.0 in a block whose absmax is inf
+        st[absmax][1] = float("inf")
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(p.detach(), before)

@@ -13,17 +13,26 @@ from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
 
-def _adamw_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step,
-                 maximize) -> None:
+def _adam_moments_(g: Tensor, m: Tensor, v: Tensor, *, beta1, beta2, maximize) -> None:
     if maximize:
         g = -g
-    p.mul_(1.0 - lr * weight_decay)
     m.lerp_(g, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def _adamw_apply_(p: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    p.mul_(1.0 - lr * weight_decay)
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+def _adamw_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step,
+                 maximize) -> None:
+    # the moments do not depend on p: the same result as torch's order (decay, moments, update), bit for bit
+    _adam_moments_(g, m, v, beta1=beta1, beta2=beta2, maximize=maximize)
+    _adamw_apply_(p, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
 def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
@@ -71,13 +80,14 @@ def adamw_update_8bit_(
     cdt = compute_dtype(param.dtype)
     m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
     v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
+    _adam_moments_(grad.to(cdt), m, v, beta1=beta1, beta2=beta2, maximize=maximize)
+    # quantize first: a non-finite moment (corrupt state) raises here, before the parameter is written
+    stored = [quantize_blockwise(m, signed_code, blocksize), quantize_blockwise(v, unsigned_code, blocksize)]
     p = param if param.dtype == cdt else param.to(cdt)
-    _adamw_math_(p, grad.to(cdt), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 step=step, maximize=maximize)
+    _adamw_apply_(p, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     if p is not param:
         write_param_(param, p, stochastic_rounding)
-    for codes, absmax, value, code in ((exp_avg_codes, exp_avg_absmax, m, signed_code),
-                                       (exp_avg_sq_codes, exp_avg_sq_absmax, v, unsigned_code)):
-        new_codes, new_absmax = quantize_blockwise(value, code, blocksize)
+    for (codes, absmax), (new_codes, new_absmax) in zip(((exp_avg_codes, exp_avg_absmax),
+                                                         (exp_avg_sq_codes, exp_avg_sq_absmax)), stored):
         codes.copy_(new_codes)
         absmax.copy_(new_absmax)

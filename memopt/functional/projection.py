@@ -213,14 +213,30 @@ def _index_count(count: int, config: ProjectionConfig) -> int:
     return max(1, min(count, k))
 
 
-def projected_numel(shape: tuple[int, int], config: ProjectionConfig) -> int:
-    """Elements of one subspace state tensor for this shape (for memory formulas)."""
+def projected_shape(shape: tuple[int, int], config: ProjectionConfig) -> tuple[int, int]:
+    """Shape of ``down(G)`` for an m×n gradient: where subspace state lives."""
     m, n = shape
     if config.selection == "columns":
-        return m * _index_count(n, config)
+        return (m, _index_count(n, config))
     if config.selection == "rows":
-        return _index_count(m, config) * n
-    return projection_rank(shape, config.rank, config.density) * max(m, n)
+        return (_index_count(m, config), n)
+    r = projection_rank(shape, config.rank, config.density)
+    return (m, r) if projection_side(shape) == "right" else (r, n)
+
+
+def selector_shapes(shape: tuple[int, int], config: ProjectionConfig) -> dict[str, tuple]:
+    """Shapes of the projector's own state tensors (``proj_basis`` or ``proj_indices``) for an m×n gradient."""
+    m, n = shape
+    if config.selection in ("columns", "rows"):
+        return {"proj_indices": (_index_count(n if config.selection == "columns" else m, config),)}
+    r = projection_rank(shape, config.rank, config.density)
+    return {"proj_basis": (r, n) if projection_side(shape) == "right" else (m, r)}
+
+
+def projected_numel(shape: tuple[int, int], config: ProjectionConfig) -> int:
+    """Elements of one subspace state tensor for this shape (for memory formulas)."""
+    a, b = projected_shape(shape, config)
+    return a * b
 
 
 def is_orthonormal(basis: Tensor, side: str, atol: float = 1e-4) -> bool:

@@ -1,4 +1,4 @@
-"""SGD-SaI math as plain functions (arXiv 2412.11768, "No More Adam"; spec: shared/specs/algorithms.md §1).
+"""SGD-SaI math as plain functions (arXiv 2412.11768, "No More Adam"; docs/sgdsai.md).
 
 These are the reference for the optimizer class and for later fused kernels. Every function works in place on
 the tensors it is given and never allocates optimizer state itself.
@@ -221,6 +221,8 @@ def sgdsai_update_8bit_(
         m = g.clone() if g is grad else g
     else:
         m = dequantize_blockwise(codes, absmax, code, blocksize, dtype=cdt).lerp_(g, 1.0 - momentum)
+    # quantize first: a non-finite momentum (corrupt state) raises here, before the parameter is written
+    new_codes, new_absmax = quantize_blockwise(m, code, blocksize)
     p = param if param.dtype == cdt else param.to(cdt)
     decay = 1.0 - lr * weight_decay
     if decay != 1.0:
@@ -228,6 +230,5 @@ def sgdsai_update_8bit_(
     p.add_(m, alpha=(lr * scale) if maximize else -(lr * scale))
     if p is not param:
         write_param_(param, p, stochastic_rounding)
-    new_codes, new_absmax = quantize_blockwise(m, code, blocksize)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)

@@ -418,48 +418,144 @@ class MemoptOptimizer(Optimizer):
     @staticmethod
     def _full_state_dtype(group: dict, p: Tensor) -> torch.dtype:
         """dtype of a full-precision state tensor: fp32 for the tensors an 8-bit optimizer keeps in 32-bit
-        (the spec's exceptions), the parameter's dtype otherwise (torch's convention)."""
-        return torch.float32 if group["state_bits"] == 8 else p.dtype
+        (docs/8bit.md) and for fp16 parameters (a squared fp16 gradient overflows above 256), the parameter's
+        dtype otherwise (torch's convention)."""
+        return torch.float32 if group["state_bits"] == 8 or p.dtype == torch.float16 else p.dtype
 
     # --------------------------------------------------------------------------------------- state dict
+    # Group keys that fix the algorithm or the layout of the state: a checkpoint with other values is refused.
+    LAYOUT_KEYS: tuple = ()
+    # Group keys that are state, not settings (counters advanced by step()): the checkpoint's values are loaded.
+    GROUP_STATE_KEYS: tuple = ()
+    # Group keys the learning-rate schedule owns: the checkpoint's values are loaded (torch's convention).
+    SCHEDULE_KEYS = ("lr", "initial_lr")
+    ALGORITHM_KEY = "memopt_algorithm"
+
+    def _layout(self, group: dict) -> dict:
+        """The facts of a group that the saved state depends on (``LAYOUT_KEYS`` by default)."""
+        return {key: group.get(key) for key in self.LAYOUT_KEYS}
+
+    def _describe(self, group: dict) -> str:
+        """``Class(key=value, ...)`` of a group's layout: how checkpoints name the algorithm that wrote them."""
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._layout(group).items()) + ")"
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        for saved, group in zip(out["param_groups"], self.param_groups):
+            saved[self.ALGORITHM_KEY] = self._describe(group)
+        return out
+
+    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
+        """Shape of each state tensor a parameter ``p`` may hold (8-bit ``<key>_codes`` take ``<key>``'s shape)."""
+        return {key: tuple(p.shape) for key in self.SHAPED_STATE_KEYS}
+
+    def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
+        """Refuse a saved per-parameter state whose keys, shapes, dtypes or numbers cannot belong to ``p`` under
+        ``group``'s settings, before anything is written (checks run on the local shard of a DTensor)."""
+        name = type(self).__name__
+        unknown = set(st) - self.STATE_KEYS
+        if unknown:
+            raise ValueError(f"this state dict was not written by {name}: state of param {pid} has keys "
+                             f"{sorted(unknown)}")
+        expected = self._expected_state_shapes(group, p, st)
+        for key, value in st.items():
+            where = f"state {key!r} of param {pid} (shape {tuple(p.shape)})"
+            if isinstance(value, Tensor):
+                local = value.to_local() if is_dtensor(value) else value
+                base = key[: -len("_codes")] if key.endswith("_codes") else key
+                if key.endswith("_absmax"):
+                    codes = st.get(key[: -len("_absmax")] + "_codes")
+                    n_codes = codes.numel() if isinstance(codes, Tensor) else None
+                    n_blocks = None if n_codes is None else -(-n_codes // group["blocksize"])
+                    if value.dtype != torch.float32 or (n_blocks is not None and value.numel() != n_blocks):
+                        raise ValueError(f"{where}: expected {n_blocks} float32 block maxima, got {value.dtype} of "
+                                         f"{value.numel()}: the checkpoint belongs to another model or layout")
+                    if local.numel() and not bool(torch.isfinite(local).all() and (local >= 0).all()):
+                        raise ValueError(f"{where} holds NaN, Inf or negative block maxima: the checkpoint is corrupt")
+                    continue
+                if key.endswith("_codes") and value.dtype != torch.uint8:
+                    raise ValueError(f"{where}: 8-bit codes must be uint8, got {value.dtype}")
+                if base in expected and tuple(value.shape) != tuple(expected[base]):
+                    raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {tuple(expected[base])}: "
+                                     "the checkpoint belongs to another model or optimizer settings")
+                if value.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+                    raise ValueError(f"{where} holds NaN or Inf values: the checkpoint is corrupt")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where} is {value}: the checkpoint is corrupt")
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a checkpoint, after checking everything in it (nothing is changed when a check fails).
+
+        Rules (docs/reliability.md): the state must come from the same algorithm and state layout (class and
+        ``LAYOUT_KEYS``: e.g. 8-bit vs 32-bit state), else ``ValueError`` naming both; every saved group passes
+        the constructor's checks; every state tensor has the shape and dtype its parameter implies and holds
+        finite numbers. Hyper-parameters the optimizer was built with (momentum, betas, weight decay, ...) win
+        over the checkpoint's, and each difference is logged as a warning; the learning rate and step counters
+        come from the checkpoint.
+        """
         name = type(self).__name__
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or "state" not in state_dict:
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        for i, group in enumerate(groups):
-            missing = self.REQUIRED_GROUP_KEYS - set(group)
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the checkpoint has {len(groups)} parameter groups, this {name} has "
+                             f"{len(self.param_groups)}: it belongs to another model or optimizer set-up")
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"not an optimizer state dict: param group {i} has no 'params'")
+            writer = saved.get(self.ALGORITHM_KEY)
+            if writer is not None and writer != self._describe(group):
+                raise ValueError(f"the checkpoint was not written by {self._describe(group)}: it was written by "
+                                 f"{writer}. Resume with the optimizer and state settings it was saved with")
+            missing = self.REQUIRED_GROUP_KEYS - set(saved)
             if missing:
                 raise ValueError(f"this state dict was not written by {name}: param group {i} lacks {sorted(missing)}")
-        for pid, st in state_dict["state"].items():
-            unknown = set(st) - self.STATE_KEYS
-            if unknown:
-                raise ValueError(f"this state dict was not written by {name}: state of param {pid} has keys "
-                                 f"{sorted(unknown)}")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i} of the checkpoint has {len(saved['params'])} parameters, this "
+                                 f"{name} has {len(group['params'])}: it belongs to another model")
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != self.ALGORITHM_KEY}}
+            try:
+                self._validate_group(merged)
+            except ValueError as exc:
+                raise ValueError(f"param group {i} of the checkpoint is invalid: {exc}") from None
+            self._normalize_group(merged)
+            if writer is None and self._layout(merged) != self._layout(group):
+                raise ValueError(f"the checkpoint was not written by {self._describe(group)}: its param group {i} "
+                                 f"has {self._describe(merged)}")
         id_to_param = {
-            pid: p
+            pid: (p, group)
             for saved, group in zip(groups, self.param_groups)
             for pid, p in zip(saved["params"], group["params"])
         }
         for pid, st in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            for key in self.SHAPED_STATE_KEYS:
-                if p is not None and key in st and st[key].shape != p.shape:
-                    raise ValueError(
-                        f"{key} of param {pid} has shape {tuple(st[key].shape)}, the parameter has "
-                        f"{tuple(p.shape)}: the checkpoint belongs to another model"
-                    )
-        super().load_state_dict(state_dict)
+            if pid not in id_to_param:
+                raise ValueError(f"the checkpoint has state for param {pid!r}, which is in none of its param groups")
+            if not isinstance(st, dict):
+                raise ValueError(f"state of param {pid} is not a dict: not an optimizer state dict")
+            p, group = id_to_param[pid]
+            self._check_param_state(pid, group, p, st)
+        requested = [dict(group) for group in self.param_groups]
+        clean = dict(state_dict, param_groups=[{k: v for k, v in g.items() if k != self.ALGORITHM_KEY}
+                                               for g in groups])
+        super().load_state_dict(clean)
         self._group_index = None
-        for group in self.param_groups:  # keys added after a checkpoint was written take their defaults
-            for key, value in self.defaults.items():
+        changes = []
+        keep = set(self.SCHEDULE_KEYS) | set(self.GROUP_STATE_KEYS) | {"params"}
+        for i, (group, wanted) in enumerate(zip(self.param_groups, requested)):
+            for key, value in self.defaults.items():  # keys added after a checkpoint was written take defaults
                 group.setdefault(key, value)
+            for key, value in wanted.items():
+                if key in keep or key not in self.defaults or group.get(key) == value:
+                    continue
+                changes.append(f"group {i} {key}: {group.get(key)!r} -> {value!r}")
+                group[key] = value
+        if changes:
+            logger.warning("%s.load_state_dict: the settings this optimizer was built with replace the checkpoint's "
+                           "(%s)", name, "; ".join(changes))
         # torch casts floating state to the param dtype; every state tensor keeps the dtype it was saved with
         # (a state dtype may differ from the param dtype; 8-bit absmax is fp32), only the device follows.
         for pid, st in state_dict["state"].items():
-            p = id_to_param.get(pid)
-            if p is None:
-                continue
+            p = id_to_param[pid][0]
             for key, value in st.items():
                 if isinstance(value, Tensor) and not is_dtensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)

@@ -42,6 +42,7 @@ class AdamW8bit(MemoptOptimizer):
     STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", *_CODES})
     SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")
     REQUIRED_GROUP_KEYS = frozenset({"betas", "eps", "state_bits"})
+    LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size")
 
     def __init__(
         self,

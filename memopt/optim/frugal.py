@@ -82,6 +82,9 @@ class FRUGAL(MatrixOptimizer):
                             "proj_refreshed_at", "refreshes", "iteration", "gsnr", "block_round"})
     SHAPED_STATE_KEYS = ()
     REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
+    LAYOUT_KEYS = ("project", "inner", "selection", "density", "rank", "update_gap", "on_refresh", "state_free",
+                   "free_scale", "block_order", "state_bits", "blocksize", "min_8bit_size")
+    GROUP_STATE_KEYS = ("block_step",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
@@ -124,6 +127,16 @@ class FRUGAL(MatrixOptimizer):
         # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
         _config(dict(group, selection=sel,
                      density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
+
+    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
+        shape = tuple(p.shape)
+        whole = not self._projected(group, p) or group["selection"] == "blocks" or (
+            group["density"] == 0 and group["rank"] is None)
+        if whole:
+            return {key: shape for key, _ in _MOMENTS[group["inner"]]}
+        cfg = _config(group)
+        low = proj.projected_shape(shape, cfg)
+        return {**proj.selector_shapes(shape, cfg), **{key: low for key, _ in _MOMENTS[group["inner"]]}}
 
     # ------------------------------------------------------------------------------------ inner optimizer
     def _moment(self, state: dict, key: str, signed: bool, group: dict) -> Optional[Tensor]:
@@ -247,7 +260,7 @@ class FRUGAL(MatrixOptimizer):
                 if projected and group["selection"] == "blocks" and p.requires_grad:
                     blocks[id(p)] = len(blocks)
                 wants = group["inner"] == "sgdsai" or (group["free_scale"] == "sai" and projected)
-                if wants and p.numel() and "gsnr" not in self.state[p] and self._grad(p, group) is not None:
+                if wants and p.numel() and self._grad(p, group) is not None and "gsnr" not in self.state[p]:
                     s = gsnr(p.grad, 1e-8)
                     if s is not None and math.isfinite(s):
                         self.state[p]["gsnr"] = s

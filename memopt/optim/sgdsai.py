@@ -16,8 +16,7 @@ from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
 
 SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
-_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "float64": torch.float64}
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr", "started"})
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
@@ -28,17 +27,21 @@ DEFAULT_LR = 3e-2
 def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     if dtype is None:
         return None
+    name = None
     if isinstance(dtype, torch.dtype):
-        for name, d in _STATE_DTYPES.items():
-            if d == dtype:
-                return name
-        raise ValueError(f"state_dtype={dtype} is not supported; use one of {sorted(_STATE_DTYPES)} or None")
-    if isinstance(dtype, str):
+        name = next((n for n, d in _STATE_DTYPES.items() if d == dtype), str(dtype).replace("torch.", ""))
+    elif isinstance(dtype, str):
         name = dtype.replace("torch.", "")
         name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
                 "float": "float32", "double": "float64", "fp64": "float64"}.get(name, name)
-        if name in _STATE_DTYPES:
-            return name
+    if name == "float16":
+        # fp16 tops out at 65504: an fp32/bf16 gradient above it overflows the buffer into Inf and then NaN
+        # weights. bf16 has the same size and fp32's range. (fp16 parameters with the default state_dtype=None
+        # get an fp16 buffer, which is safe: it averages fp16 gradients, which are bounded by the same limit.)
+        raise ValueError("state_dtype='float16' is refused: the momentum overflows for gradients above 65504; use "
+                         "'bfloat16' (same size, fp32's range)")
+    if name in _STATE_DTYPES:
+        return name
     raise ValueError(f"state_dtype={dtype!r} is not supported; use one of {sorted(_STATE_DTYPES)} or None")
 
 
@@ -102,6 +105,7 @@ class SGDSaI(MemoptOptimizer):
     STATE_KEYS = _STATE_KEYS
     SHAPED_STATE_KEYS = ("momentum_buffer", "momentum_codes")
     REQUIRED_GROUP_KEYS = frozenset({"scale", "momentum", "check_finite"})
+    LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size", "state_dtype")
 
     LR_HINT = ("SGD-SaI (scale=gsnr_max) wants learning_rate ~3e-2 for full fine-tuning and ~1.0 for LoRA "
                "(docs/sgdsai.md).")

@@ -18,6 +18,11 @@ def subset_sum_sq(g: Tensor) -> Tensor:
     return (g * g).sum(dim=1, keepdim=True) if m >= n else (g * g).sum(dim=0, keepdim=True)
 
 
+def _sm_config(group: dict) -> proj.ProjectionConfig:
+    """Subspace-Momentum's projector: the top-``rank`` SVD basis, refreshed every ``update_gap`` steps."""
+    return proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None, update_gap=group["update_gap"])
+
+
 class SubsetNormSM(MatrixOptimizer):
     """AdamSN, AdamSNSM and SGD-SM (Nguyen et al. 2024) for 2-D weights; plain AdamW for everything else.
 
@@ -42,6 +47,18 @@ class SubsetNormSM(MatrixOptimizer):
     STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "sn", "sm", "sm_step", "proj_basis",
                             "proj_refreshed_at", "iteration"})
     REQUIRED_GROUP_KEYS = frozenset({"subset_norm", "subspace_momentum", "rank"})
+    LAYOUT_KEYS = ("project", "subset_norm", "subspace_momentum", "rank", "update_gap")
+
+    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
+        shape = tuple(p.shape)
+        if not self._projected(group, p):
+            return {"exp_avg": shape, "exp_avg_sq": shape}
+        m, n = shape
+        out = {"exp_avg": shape, "sn": (m, 1) if m >= n else (1, n)}
+        if group["subspace_momentum"]:
+            cfg = _sm_config(group)
+            out.update(proj.selector_shapes(shape, cfg), sm=proj.projected_shape(shape, cfg))
+        return out
 
     def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 128, update_gap: int = 200,
@@ -59,8 +76,7 @@ class SubsetNormSM(MatrixOptimizer):
         for flag in ("subset_norm", "subspace_momentum"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag}={group[flag]!r} must be a bool")
-        proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
-                              update_gap=group["update_gap"]).validate()
+        _sm_config(group).validate()
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         beta1, beta2 = group["betas"]
@@ -68,8 +84,7 @@ class SubsetNormSM(MatrixOptimizer):
         state["iteration"] = it + 1
         shape = tuple(g.shape)
         if group["subspace_momentum"]:
-            cfg = proj.ProjectionConfig(selection="svd", rank=group["rank"], density=None,
-                                        update_gap=group["update_gap"])
+            cfg = _sm_config(group)
             if proj.refresh_due(state, it, cfg):
                 proj.refresh(state, g, it, cfg)
                 state.pop("sm", None)  # momentum restarts in the new subspace
