@@ -267,3 +267,86 @@ def test_corrupt_8bit_state_in_memory_raises_before_the_weights_are_written(name
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+# --------------------------------------------------------------------------- Trainer: settings an optimizer cannot honour
+def test_gradient_release_built_in_python_refuses_gradient_clipping_in_the_trainer(tmp_path):
+    model = tiny_llama()
+    opt = memopt.SGDSaI(model.parameters(), lr=0.05, grad_release=True)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_grad_norm=1.0), train_dataset=PatternDataset(),
+                      optimizers=(opt, None))
+    with pytest.raises(ValueError, match="SGDSaI\\(grad_release=True\\): max_grad_norm must be 0"):
+        trainer.train()
+    ok = Trainer(model=model, args=_args(tmp_path, max_grad_norm=0.0), train_dataset=PatternDataset(),
+                 optimizers=(opt, None))
+    ok.train()
+    assert ok.state.global_step == 6
+
+
+# --------------------------------------------------------------------------- resume never silently drops state
+def _checkpointed_run(tmp_path, optim="sgdsai", **kw):
+    args = _args(tmp_path, optim=optim, max_steps=4, save_strategy="steps", save_steps=2, **kw)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=PatternDataset())
+    trainer.train()
+    return tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+
+
+@pytest.mark.parametrize("missing", ["optimizer.pt", "scheduler.pt"])
+def test_resume_refuses_a_checkpoint_without_optimizer_or_scheduler_state(tmp_path, missing):
+    _, last = _checkpointed_run(tmp_path)
+    (last / missing).unlink()
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, max_steps=6), train_dataset=PatternDataset())
+    with pytest.raises(FileNotFoundError, match=f"{missing} is missing"):
+        trainer.train(resume_from_checkpoint=str(last))
+
+
+def test_resume_true_skips_an_incomplete_newest_checkpoint_and_continues_exactly(tmp_path, caplog):
+    straight = Trainer(model=tiny_llama(), args=_args(tmp_path / "a", max_steps=6), train_dataset=PatternDataset())
+    straight.train()
+    want = {h["step"]: h["loss"] for h in straight.state.log_history if "loss" in h}
+    first, last = _checkpointed_run(tmp_path / "b")
+    (last / "trainer_state.json").write_text('{"global_step": 4, "log_hist')  # a kill while writing it
+    resumed = Trainer(model=tiny_llama(seed=5), args=_args(tmp_path / "b", max_steps=6), train_dataset=PatternDataset())
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        resumed.train(resume_from_checkpoint=True)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped incomplete checkpoint" in text and str(last) in text and f"resuming from {first}" in text
+    got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 2}
+    assert sorted(got) == [3, 4, 5, 6] and all(got[s] == want[s] for s in got), (got, want)
+
+
+def test_resume_true_with_no_complete_checkpoint_fails_clearly(tmp_path):
+    _, last = _checkpointed_run(tmp_path)
+    for ck in tmp_path.glob("checkpoint-*"):
+        (ck / "trainer_state.json").unlink()
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, max_steps=6), train_dataset=PatternDataset())
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume_continues_exactly(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "launchers", "kill_during_checkpoint.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEMOPT_MEMORY_REPORT="off")
+
+    def launch(mode):
+        return subprocess.run([sys.executable, script, str(tmp_path), mode], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    killed = launch("kill")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    broken = tmp_path / "run" / "checkpoint-6"
+    assert (broken / "optimizer.pt").exists() and not (broken / "trainer_state.json").exists()
+    resumed = launch("resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipped incomplete checkpoint" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    straight = launch("straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got = {s: v for s, v in json.loads((tmp_path / "resume.json").read_text()).items() if int(s) > 4}
+    want = json.loads((tmp_path / "straight.json").read_text())
+    assert sorted(int(s) for s in got) == [5, 6, 7, 8]
+    assert all(got[s] == want[s] for s in got), (got, want)

@@ -39,6 +39,19 @@ def is_memopt_optimizer(optimizer) -> bool:
     return inner is not None and type(inner).__module__.startswith("memopt.")
 
 
+class GuardCallback(TrainerCallback):
+    """Refuses, when training starts, Trainer settings that an optimizer built outside the ``optim=`` route
+    cannot honour (the ``optim=``/``optim_args`` route checks the same when it builds the optimizer): gradient
+    release with ``max_grad_norm > 0``, gradient accumulation, fp16 or several processes."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        inner = _unwrap(optimizer) if optimizer is not None else None
+        if getattr(inner, "gradient_release", False):
+            from memopt.integrations.transformers import check_release_args
+
+            check_release_args(f"{type(inner).__name__}(grad_release=True)", args)
+
+
 class MemoryReportCallback(TrainerCallback):
     """Logs what each device holds: parameter bytes (trainable/frozen), gradient bytes, optimizer-state bytes,
     peak memory, and the state saving against a torch AdamW baseline for the same trainable parameters.

@@ -7,8 +7,12 @@ Transformers (v5) has no public registry for third-party optimizer names, so mem
    ``HfArgumentParser`` choices accept it),
 2. a handler in the private ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS`` dict (how the Trainer maps a
    name to ``(optimizer class, kwargs)``),
-3. :class:`MemoryReportCallback` in ``transformers.trainer.DEFAULT_CALLBACKS`` (it only reports for memopt
-   optimizers unless ``MEMOPT_MEMORY_REPORT=all``; ``=off`` disables it).
+3. :class:`MemoryReportCallback` and :class:`GuardCallback` in ``transformers.trainer.DEFAULT_CALLBACKS`` (the
+   report covers memopt optimizers unless ``MEMOPT_MEMORY_REPORT=all``; ``=off`` disables it; the guard refuses
+   settings a memopt optimizer cannot honour),
+4. resume guards in ``transformers.trainer``: ``get_last_checkpoint`` skips checkpoints a kill left incomplete, and
+   ``Trainer._load_optimizer_and_scheduler`` refuses a checkpoint without the optimizer or scheduler file of a
+   memopt optimizer (docs/reliability.md).
 
 Each step is idempotent and checks that the private names it needs exist, with a clear error otherwise. The
 no-patch route is :func:`optimizer_cls_and_kwargs` for ``Trainer(optimizer_cls_and_kwargs=...)``.
@@ -126,12 +130,42 @@ def _patch_trainer_optimizer(module) -> None:
 
 def _patch_trainer(module) -> None:
     callbacks = getattr(module, "DEFAULT_CALLBACKS", None)
+    trainer_cls = getattr(module, "Trainer", None)
     if not isinstance(callbacks, list):
         raise _unsupported("DEFAULT_CALLBACKS list", module)
-    from memopt.integrations.trainer_callback import MemoryReportCallback
+    if not callable(getattr(module, "get_last_checkpoint", None)) or not callable(
+            getattr(trainer_cls, "_load_optimizer_and_scheduler", None)):
+        raise _unsupported("get_last_checkpoint / Trainer._load_optimizer_and_scheduler", module)
+    from memopt.integrations.trainer_callback import GuardCallback, MemoryReportCallback
 
-    if MemoryReportCallback not in callbacks:
-        callbacks.append(MemoryReportCallback)
+    for callback in (GuardCallback, MemoryReportCallback):
+        if callback not in callbacks:
+            callbacks.append(callback)
+    _guard_resume(module, trainer_cls)
+
+
+def _guard_resume(module, trainer_cls) -> None:
+    """Resume never silently drops state (docs/reliability.md): ``resume_from_checkpoint=True`` skips checkpoints a
+    kill left incomplete (for every optimizer: the Trainer would otherwise crash on or load a truncated file), and
+    a memopt optimizer refuses a checkpoint without its optimizer or scheduler file."""
+    from memopt.integrations import checkpoints
+
+    if getattr(module.get_last_checkpoint, "memopt_wrapped", False):
+        return
+    module.get_last_checkpoint = checkpoints.last_complete_checkpoint
+    checkpoints.last_complete_checkpoint.memopt_wrapped = True
+    load = trainer_cls._load_optimizer_and_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        from memopt.integrations.trainer_callback import is_memopt_optimizer
+
+        if checkpoint is not None and not getattr(self, "is_deepspeed_enabled", False) \
+                and is_memopt_optimizer(self.optimizer):
+            checkpoints.check_resume_files(checkpoint)
+        return load(self, checkpoint)
+
+    _load_optimizer_and_scheduler.memopt_wrapped = True
+    trainer_cls._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
 
 
 _PATCHES = {
@@ -196,7 +230,7 @@ def optimizer_cls_and_kwargs(
     elif args is not None:
         kwargs["lr"] = args.learning_rate
     if kwargs.get("grad_release") and args is not None:
-        _check_release_args(name, args)
+        check_release_args(f"optim={name!r} with grad_release=true", args)
     if freeze == "untie":
         # the Trainer loads a checkpoint's weights before it builds the optimizer: untying here would load both
         # the head and the embedding of a resumed run into the one shared tensor
@@ -236,8 +270,9 @@ def _trainer_groups(model, args) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _check_release_args(name: str, args) -> None:
-    """Training arguments that gradient release cannot honour are refused, naming the setting to change."""
+def check_release_args(what: str, args) -> None:
+    """Training arguments that gradient release cannot honour are refused, naming the setting to change
+    (``what`` names the optimizer set-up in the message)."""
     problems = []
     if getattr(args, "gradient_accumulation_steps", 1) != 1:
         problems.append("gradient_accumulation_steps must be 1 (each backward is an update; use a larger batch)")
@@ -250,7 +285,7 @@ def _check_release_args(name: str, args) -> None:
         problems.append("distributed training (DDP/FSDP/DeepSpeed) is not supported: the hook runs before the "
                         "gradient reduction")
     if problems:
-        raise ValueError(f"optim={name!r} with grad_release=true: " + "; ".join(problems))
+        raise ValueError(f"{what}: " + "; ".join(problems))
 
 
 def _trainer_decay_names(model) -> Optional[set]:
