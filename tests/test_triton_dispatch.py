@@ -88,3 +88,44 @@ def test_kernel_path_leaves_the_global_rng_alone_without_stochastic_rounding():
     before = torch.get_rng_state()
     opt.step()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.fixture
+def fresh_self_check(monkeypatch):
+    from memopt import kernels
+
+    monkeypatch.setattr(kernels, "_SELF_CHECKED", {})
+    yield kernels
+
+
+def test_the_kernels_pass_their_first_use_self_check(fresh_self_check):
+    for name in ("quantize", "sgdsai", "adamw"):
+        assert fresh_self_check.kernel_usable(name, torch.device(DEV)) == (True, "self-check passed")
+
+
+@pytest.mark.parametrize("fault", ["wrong_result", "compile_error"])
+def test_a_kernel_failing_its_self_check_falls_back_with_one_warning_or_raises_when_required(
+        fresh_self_check, monkeypatch, fault):
+    from memopt.kernels import sgdsai as sgdsai_kernels
+
+    real = sgdsai_kernels.sgdsai_update_8bit_
+
+    def broken(param, *args, **kwargs):
+        if fault == "compile_error":
+            raise RuntimeError("PTX assembly aborted")
+        real(param, *args, **kwargs)
+        param.add_(1e-3)  # a subtly wrong kernel
+
+    monkeypatch.setattr(sgdsai_kernels, "sgdsai_update_8bit_", broken)
+    with pytest.raises(RuntimeError, match="use_triton=True but self-check of the 'sgdsai' kernels failed"):
+        with pytest.warns(RuntimeWarning, match="'sgdsai' failed its first-use self-check"):
+            _run(MAKERS["sgdsai_8bit"], True)
+    # automatic choice: the device "has" Triton, the failed kernels are skipped and the result is the reference's
+    monkeypatch.setattr("memopt.kernels.triton_status", lambda device, allow_interpreter=False: (True, "triton (test)"))
+    ref, _ = _run(MAKERS["sgdsai_8bit"], False)
+    auto, opt = _run(MAKERS["sgdsai_8bit"], None)
+    assert opt.update_paths == {"torch": 3}
+    assert all(torch.equal(a, b) for a, b in zip(ref, auto))
+    # the AdamW kernels passed their own check and stay in use
+    _, adam = _run(MAKERS["adamw_8bit"], None)
+    assert adam.update_paths.get("triton", 0) >= 2

@@ -270,18 +270,23 @@ class MemoptOptimizer(Optimizer):
         self._record_paths(n_triton + self._release_paths[0], n_torch + self._release_paths[1])
         self._release_paths = [0, 0]
 
-    def _use_triton(self, group: dict, p: Tensor, g: Tensor) -> bool:
-        """Whether this tensor's update runs the fused Triton kernel. ``use_triton=None`` (default): on CUDA
-        when triton is installed; ``True``: required (CPU only under TRITON_INTERPRET=1), else RuntimeError;
-        ``False``: the PyTorch reference. Tensors the kernels do not take (fp64, non-contiguous) always use
-        the reference. The choice is logged once and counted in ``update_paths``."""
-        from memopt.kernels import triton_status
+    def _use_triton(self, group: dict, p: Tensor, g: Tensor, kernel: str) -> bool:
+        """Whether this tensor's update runs the fused Triton kernel module ``kernel``. ``use_triton=None``
+        (default): on CUDA when triton is installed and the kernels passed their first-use self-check;
+        ``True``: required (CPU only under TRITON_INTERPRET=1), else RuntimeError; ``False``: the PyTorch
+        reference. Tensors the kernels do not take (fp64, non-contiguous) always use the reference. The choice
+        is logged once and counted in ``update_paths``."""
+        from memopt.kernels import kernel_usable, triton_status
 
         flag = group["use_triton"]
         if flag is False:
             ok, reason = False, "use_triton=False"
         else:
             ok, reason = triton_status(p.device, allow_interpreter=flag is True)
+            if ok:
+                checked, why = kernel_usable(kernel, p.device)
+                if not checked:
+                    ok, reason = False, why
             if flag is True and not ok:
                 raise RuntimeError(f"{type(self).__name__}: use_triton=True but {reason}")
             # tensors the kernels do not take fall back to the reference, one log line per reason

@@ -105,7 +105,7 @@ class AdamW8bit(MemoptOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["step"] += 1
         if "exp_avg_codes" in state:
-            fused = self._use_triton(group, p, g)
+            fused = self._use_triton(group, p, g, "adamw")
             update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
             update(p, g, *(state[k] for k in _CODES), step=state["step"], blocksize=group["blocksize"], **common)
             return fused

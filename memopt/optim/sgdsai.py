@@ -379,7 +379,7 @@ class SGDSaI(MemoptOptimizer):
                     n_blocks = -(-p.numel() // group["blocksize"])
                     state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
                     state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
-                fused = self._use_triton(group, p, g)
+                fused = self._use_triton(group, p, g, "sgdsai")
                 if fused:
                     n_triton += 1
                     kernels = load_kernels("sgdsai")
