@@ -1,5 +1,5 @@
 """Whole-tensor statistics of FSDP2 (DTensor) shards, reduced over the shard group, so every rank computes what
-a single device computes (spec algorithms.md §1: g-SNR under sharded training; issue 6).
+a single device computes (docs/multi_gpu.md).
 
 Collectives are matched by call order: every rank must call these with the same tensors in the same order.
 """
@@ -87,3 +87,30 @@ def gsnr_many(grads: Sequence[Tensor], eps: float = 1e-8) -> list[Optional[float
             std = math.sqrt(ssd / (n - 1))
             out.append(math.sqrt(n) if std <= _STD_REL_FLOOR * norm / math.sqrt(n) else norm / (std + eps))
     return out
+
+
+def any_nonzero(grads: Sequence[Tensor]) -> list[bool]:
+    """Whether each whole (all shards) gradient has a non-zero element: one all-reduce for the whole list."""
+    if not grads:
+        return []
+    flags = torch.stack([(local(g) != 0).any() for g in grads]).to(torch.int32)
+    _all_reduce(flags, _shard_groups(grads[0]))
+    return [bool(f) for f in flags.tolist()]
+
+
+def column_reducer(grad: Tensor):
+    """For :func:`memopt.functional.sgdsai.normalized_gradient` of a DTensor gradient sharded by rows (FSDP2's
+    ``Shard(0)``): sums the column statistics over the shard group; the row count is the global one. ``None`` for
+    a plain tensor."""
+    groups = _shard_groups(grad)
+    if not groups:
+        return None
+    if any(pl.is_shard() and pl.dim != 0 for pl in grad.placements):
+        raise NotImplementedError(f"scale='factored' needs parameters sharded by rows (Shard(0), as FSDP2 does), "
+                                  f"got placements {grad.placements}")
+    rows = grad.shape[0]
+
+    def reduce(col_ss: Tensor, _local_rows: int):
+        return _all_reduce(col_ss.clone(), groups), rows
+
+    return reduce

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 import memopt  # noqa: E402,F401
 from memopt.loss import chunk_tokens_of  # noqa: E402
-from tiny import PatternDataset, tiny_llama  # noqa: E402
+from tiny import PatternDataset, leave_distributed_run, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 out = sys.argv[1]
@@ -29,3 +29,4 @@ with open(os.path.join(out, f"info_rank{rank}.json"), "w") as f:
                "distributed": torch.distributed.is_initialized(),
                "optimizer": type(trainer.optimizer.optimizer).__name__,
                "chunk_tokens": chunk_tokens_of(model)}, f)
+leave_distributed_run()

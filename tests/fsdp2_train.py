@@ -19,11 +19,13 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import memopt  # noqa: E402
-from tiny import PatternDataset, tiny_llama  # noqa: E402
+from tiny import PatternDataset, leave_distributed_run, tiny_llama  # noqa: E402
 
 OPTIMIZERS = {
-    "sgdsai": lambda ps: memopt.SGDSaI(ps, lr=3e-2, weight_decay=1e-2),
-    "sgdsai_m0": lambda ps: memopt.SGDSaI(ps, lr=3e-2, momentum=0.0),
+    "sgdsai": lambda ps: memopt.SGDSaI(ps, lr=1e-2, weight_decay=1e-2),
+    "sgdsai_m0": lambda ps: memopt.SGDSaI(ps, lr=1e-2, momentum=0.0),
+    "sgdsai_gsnr_max": lambda ps: memopt.SGDSaI(ps, lr=3e-2, weight_decay=1e-2, scale="gsnr_max"),
+    "sgdsai_factored": lambda ps: memopt.SGDSaI(ps, lr=1e-2, weight_decay=1e-2, scale="factored"),
     "sgdsai_8bit": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256),
     "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3),
     "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),
@@ -109,8 +111,7 @@ def main():
         params = full_params(model)
         if rank == 0:
             torch.save(params, os.path.join(out, f"resumed_world{world}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed_run()
 
 
 if __name__ == "__main__":

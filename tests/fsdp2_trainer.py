@@ -34,7 +34,7 @@ def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 accel_state.AcceleratorState.__init__ = _fsdp_on_cpu
 
 import memopt  # noqa: E402,F401
-from tiny import PatternDataset, tiny_llama  # noqa: E402
+from tiny import PatternDataset, leave_distributed_run, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 out = sys.argv[1]
@@ -57,11 +57,4 @@ if args.process_index == 0:
         json.dump({"losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
                    "distributed_type": str(trainer.accelerator.distributed_type),
                    "param_type": type(p).__name__, "optimizer": type(opt).__name__}, f)
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-# Everything this script checks is written above. Leave without the interpreter's teardown: under load, a rank
-# once aborted there ("terminate called without an active exception", SIGABRT, after training, saving and the
-# report had finished), which fails the launch although the run was right.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_distributed_run()

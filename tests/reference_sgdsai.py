@@ -52,3 +52,43 @@ def reference_sgdsai(params, grads_per_step, *, lr, momentum, weight_decay, eps,
             p = p * (1 - lr * weight_decay)
             params[i] = p - lr * sc * m
     return params
+
+
+def reference_factored(params, grads_per_step, *, lr, momentum, weight_decay, eps, maximize=False):
+    """scale="factored", written out with loops in fp64: per element u = g / (sqrt(R_i C_j / M) + eps) (rows =
+    shape[0], columns = the rest; a vector: u = g / (|g| + eps)), m = β m + (1 − β) u from m = 0, and
+    θ ← θ(1 − lr λ) − lr m / (1 − β^t). A tensor starts counting t at its first non-zero gradient."""
+    params = [p.detach().clone().double() for p in params]
+    bufs = [None] * len(params)
+    steps = [0] * len(params)
+    for grads in grads_per_step:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = g.double()
+            if maximize:
+                g = -g
+            p = params[i]
+            if steps[i] == 0 and not bool((g != 0).any()):
+                params[i] = p * (1 - lr * weight_decay)
+                continue
+            if g.dim() < 2:
+                u = [x / (abs(x) + eps) for x in g.tolist()]
+                u = g.new_tensor(u)
+            else:
+                rows = g.reshape(g.shape[0], -1).tolist()
+                n_r, n_c = len(rows), len(rows[0])
+                R = [sum(x * x for x in row) / n_c for row in rows]
+                C = [sum(rows[i][j] ** 2 for i in range(n_r)) / n_r for j in range(n_c)]
+                M = sum(R) / n_r
+                u = [[rows[i][j] / (math.sqrt(R[i] * C[j] / M) + eps) if M > 0 else 0.0 for j in range(n_c)]
+                     for i in range(n_r)]
+                u = g.new_tensor(u).reshape(g.shape)
+            steps[i] += 1
+            if momentum == 0:
+                m = u
+            else:
+                bufs[i] = (momentum * bufs[i] if bufs[i] is not None else 0) + (1 - momentum) * u
+                m = bufs[i] / (1 - momentum ** steps[i])
+            params[i] = p * (1 - lr * weight_decay) - lr * m
+    return params

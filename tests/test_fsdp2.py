@@ -43,7 +43,7 @@ def equal_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0"])
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored"])
 def test_sgdsai_on_fsdp2_shards_equals_one_device(equal_run, name):
     out, results = equal_run
     assert results[name] == {"ok": True}

@@ -87,3 +87,41 @@ def test_gsnr_values():
     assert gsnr(torch.tensor([5.0])) == 1.0
     assert gsnr(torch.full((100,), 0.1)) == pytest.approx(10.0)  # all equal: sqrt(numel), not 1e7
     assert math.isnan(gsnr(torch.tensor([1.0, float("nan")])))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("state", ["fp32", "bf16_params"])
+def test_factored_mode_matches_hand_written_reference(momentum, maximize, state):
+    from reference_sgdsai import reference_factored
+
+    params0, grads = _random_problem()
+    # a tensor whose first gradients are zero starts later (LoRA A behind a zero B)
+    grads[0][0] = torch.zeros(SHAPES[0])
+    grads[1][0] = torch.zeros(SHAPES[0])
+    kw = dict(lr=1e-3, momentum=momentum, weight_decay=0.1, eps=1e-8, maximize=maximize)
+    if state == "bf16_params":
+        params0 = [p.to(torch.bfloat16) for p in params0]
+        grads = [[g.to(torch.bfloat16) for g in gs] for gs in grads]
+    got, opt = _run_memopt(params0, grads, scale="factored", stochastic_rounding=False, **kw)
+    want = reference_factored(params0, grads, **kw)
+    tol = dict(atol=1e-6, rtol=1e-6) if state == "fp32" else dict(atol=2e-2, rtol=1e-2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.detach().double(), w.to(g.dtype).double(), **tol)
+    assert opt.state[got[0]]["step"] == 3 and opt.state[got[1]]["step"] == 5
+
+
+def test_factored_direction_is_scale_free_and_adam_like():
+    from memopt.functional.sgdsai import normalized_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    row_scale = 1 + 99 * torch.rand(64, 1, generator=gen)
+    col_scale = (0.5 + torch.rand(1, 32, generator=gen)) * 1e-2
+    g = torch.randn(64, 32, generator=gen) * row_scale * col_scale  # a rank-1 magnitude structure
+    u = normalized_gradient(g)
+    torch.testing.assert_close(normalized_gradient(g * 1e4), u, atol=1e-3, rtol=1e-3)  # up to eps: scale-free
+    rms = u.square().mean().sqrt()
+    assert 0.9 < float(rms) < 1.1  # an update of ~lr per element, whatever the gradient's size (as Adam's first step)
+    assert torch.equal(normalized_gradient(torch.zeros(5, 7)), torch.zeros(5, 7))
+    v = torch.tensor([3.0, -0.5, 0.0])
+    torch.testing.assert_close(normalized_gradient(v), torch.tensor([1.0, -1.0, 0.0]), atol=1e-7, rtol=0)

@@ -58,6 +58,41 @@ def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
     return norm / (std + eps)
 
 
+# Below this tensor mean square the gradient is treated as all zero (it is ~1e-30 of fp32's smallest normal).
+_TINY = 1e-30
+
+
+def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, reduce_columns=None) -> Tensor:
+    """The gradient divided, element by element, by an estimate of its RMS: the update direction of
+    ``scale="factored"`` (docs/sgdsai.md).
+
+    A tensor of two or more dimensions is viewed as ``rows × rest`` (``shape[0]`` rows). With ``R_i`` the mean
+    square of row i, ``C_j`` that of column j and ``M`` that of the whole tensor, the RMS of element (i, j) is
+    estimated by the rank-1 ("factored") form ``d_ij = sqrt(R_i · C_j / M)`` (Adafactor's factorisation,
+    arXiv 1804.04235, here of the current gradient alone: no state), and the result is ``g_ij / (d_ij + eps)``.
+    A vector is divided by its own magnitude, ``g / (|g| + eps)``. Computed in fp32 (fp64 for fp64); an all-zero
+    gradient gives zeros.
+
+    Args:
+        reduce_columns: for a tensor sharded by rows over several processes (FSDP2): a function
+            ``(column_sums_of_squares, local_rows) -> (global sums, global rows)`` so every rank divides by the
+            statistics of the whole tensor.
+    """
+    g = grad.detach().to(compute_dtype(grad.dtype))
+    if g.dim() < 2:
+        return g / (g.abs() + eps)
+    g2 = g.reshape(g.shape[0], -1)
+    row_ms = torch.linalg.vector_norm(g2, dim=1).square_().div_(g2.shape[1])
+    col_ss = torch.linalg.vector_norm(g2, dim=0).square_()
+    rows = g2.shape[0]
+    if reduce_columns is not None:
+        col_ss, rows = reduce_columns(col_ss, rows)
+    col_ms = col_ss / max(rows, 1)
+    ms = col_ms.mean().clamp_min(_TINY)
+    d = torch.outer(row_ms.sqrt_(), col_ms.div_(ms).sqrt_()).add_(eps)
+    return torch.div(g2, d, out=d).reshape(grad.shape)
+
+
 def _update_low_precision_(
     param: Tensor,
     grad: Tensor,

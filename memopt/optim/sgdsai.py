@@ -11,13 +11,14 @@ from torch import Tensor
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
-from memopt.functional.sgdsai import gsnr, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
 
-SCALE_MODES = ("gsnr_max", "gsnr", "sqrt_numel")
+SCALE_MODES = ("factored", "gsnr_max", "gsnr", "sqrt_numel")
+PAPER_MODES = SCALE_MODES[1:]  # the SGD-SaI paper's per-tensor scales: the buffer holds the momentum of the gradient
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr", "started"})
+_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr", "started", "step"})
 
 # Chosen from the sweep in docs/sgdsai.md (SmolLM2-135M on pydoc text, same seed/steps for every point).
 DEFAULT_SCALE = "gsnr_max"
@@ -166,6 +167,49 @@ class SGDSaI(MemoptOptimizer):
     def _normalize_group(self, group: dict) -> None:
         group["state_dtype"] = _dtype_name(group["state_dtype"])
 
+    def _layout(self, group: dict) -> dict:
+        # the paper's modes share a buffer (momentum of the gradient); "factored" keeps the momentum of the
+        # normalised gradient, so a checkpoint cannot move between the two families
+        return {**super()._layout(group), "buffer": "normalized" if group["scale"] == "factored" else "gradient"}
+
+    def _factored_update(self, group: dict, p: Tensor, g: Tensor) -> Optional[bool]:
+        """One tensor's ``scale="factored"`` step: ``u = normalized_gradient(g)``, ``m ← β m + (1 − β) u`` (m starts
+        at 0), ``θ ← θ(1 − lr·λ) − lr · m / (1 − β^t)``. Returns whether the fused kernel ran, or ``None`` when the
+        tensor still waits for its first non-zero gradient (then only the decay applies, as for a deferred g-SNR)."""
+        state, beta = self.state[p], group["momentum"]
+        if not state.get("step"):
+            if not bool(g.detach().abs().amax() > 0):  # one host sync, at a tensor's first steps only
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                return None
+            self._zero_momentum(group, p)
+        state["step"] = state.get("step", 0) + 1
+        u = normalized_gradient(g, group["eps"]).to(g.dtype)
+        scale = 1.0 / (1.0 - beta ** state["step"]) if beta != 0.0 else 1.0
+        fused = self._use_triton(group, p, u, "sgdsai")
+        impl = load_kernels("sgdsai") if fused else _reference
+        common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
+                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
+        if "momentum_codes" in state:
+            impl.sgdsai_update_8bit_(p, u, state["momentum_codes"], state["momentum_absmax"],
+                                     blocksize=group["blocksize"], **common)
+        else:
+            impl.sgdsai_update_(p, u, state.get("momentum_buffer"), **common)
+        return fused
+
+    def _zero_momentum(self, group: dict, p: Tensor) -> None:
+        """A zero momentum buffer for ``p`` (8-bit codes with absmax 0, or full precision), unless it has one."""
+        state = self.state[p]
+        if group["momentum"] == 0.0 or "momentum_buffer" in state or "momentum_codes" in state:
+            return
+        if self._wants_8bit(group, p):
+            n_blocks = -(-p.numel() // group["blocksize"])
+            state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+            state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+        else:
+            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else self._full_state_dtype(group, p)
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+
     def _scale_of(self, group: dict, p: Tensor, gsnr_max: float) -> Optional[float]:
         mode = group["scale"]
         if mode == "sqrt_numel":
@@ -199,7 +243,7 @@ class SGDSaI(MemoptOptimizer):
 
     def _record_gsnr(self, group: dict, p: Tensor, g: Tensor) -> Optional[float]:
         state = self.state[p]
-        if group["scale"] != "sqrt_numel" and not state.get("gsnr"):
+        if group["scale"] in ("gsnr_max", "gsnr") and not state.get("gsnr"):
             self._store_gsnr(state, gsnr(g, group["eps"]))
         return state.get("gsnr")
 
@@ -220,6 +264,11 @@ class SGDSaI(MemoptOptimizer):
 
     def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
         state = self.state[p]
+        if group["scale"] == "factored":  # per-tensor statistics only: the update can happen right here
+            fused = self._factored_update(group, p, g)
+            if fused is not None:
+                self._release_paths[0 if fused else 1] += 1
+            return False
         if any(q is p for q in self._deferred):
             raise RuntimeError("SGDSaI with gradient release: call step() after each backward (a tensor's first "
                                "update is still pending from the previous backward)")
@@ -287,8 +336,8 @@ class SGDSaI(MemoptOptimizer):
     @torch.no_grad()
     def init_state(self) -> None:
         """Create the state of every trainable parameter now, instead of at its first gradient: a zero momentum
-        buffer (a DTensor for FSDP2 parameters), ``gsnr`` 0.0 (not computed yet) and ``started`` False (the next
-        gradient is the first: ``m = g``). The FSDP2 path does this at its first step. Call it on a fresh optimizer
+        buffer (a DTensor for FSDP2 parameters), and ``step`` 0 (``scale="factored"``) or ``gsnr`` 0.0 (not
+        computed yet) and ``started`` False (the next gradient is the first: ``m = g``). The FSDP2 path does this at its first step. Call it on a fresh optimizer
         before loading a ``torch.distributed.checkpoint`` checkpoint into it: DCP fills only the keys its
         template (``get_optimizer_state_dict``) already holds. Groups with ``state_bits=8`` are left lazy."""
         for group in self.param_groups:
@@ -296,7 +345,13 @@ class SGDSaI(MemoptOptimizer):
                 continue
             for p in group["params"]:
                 st = self.state[p]
-                if p.requires_grad and "started" not in st:
+                if not p.requires_grad:
+                    continue
+                if group["scale"] == "factored":
+                    if "step" not in st:
+                        self._zero_momentum(group, p)
+                        st["step"] = 0
+                elif "started" not in st:
                     has = "momentum_buffer" in st
                     if group["momentum"] != 0.0 and not has:
                         dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else p.dtype
@@ -316,7 +371,11 @@ class SGDSaI(MemoptOptimizer):
             raise RuntimeError("gradient release is not supported with FSDP2 parameters")
         self.init_state()
         work = []
+        n_factored = 0
         for group in self.param_groups:
+            if group["scale"] == "factored":
+                n_factored += self._step_sharded_factored(group)
+                continue
             params = [p for p in group["params"] if self._grad(p, group) is not None]
             grads = [p.grad for p in params]
             if group["check_finite"] and grads:
@@ -353,7 +412,36 @@ class SGDSaI(MemoptOptimizer):
                 sgdsai_update_foreach_(ps, gs, bufs if beta != 0.0 else None, lr=lr, scales=scales, momentum=beta,
                                        weight_decay=wd, maximize=group["maximize"], first_steps=firsts,
                                        stochastic_rounding=group["stochastic_rounding"])
-        self._record_paths(0, sum(len(w[1]) for w in work))
+        self._record_paths(0, n_factored + sum(len(w[1]) for w in work))
+
+    def _step_sharded_factored(self, group: dict) -> int:
+        """``scale="factored"`` on FSDP2 shards: rows are whole on each rank (FSDP2 shards dim 0), so only the
+        column statistics are summed over the shard group; the update is then elementwise on the local shard."""
+        from memopt.distributed import any_nonzero, column_reducer, finite_flags, local
+
+        params = [p for p in group["params"] if self._grad(p, group) is not None]
+        grads = [p.grad for p in params]
+        if group["check_finite"] and grads:
+            ok = finite_flags(grads)
+            if not all(ok):
+                self._count_skips(ok.count(False))
+                params = [p for p, k in zip(params, ok) if k]
+                grads = [g for g, k in zip(grads, ok) if k]
+        started = [bool(self.state[p]["step"]) for p in params]
+        nonzero = any_nonzero([g for g, s in zip(grads, started) if not s])
+        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        for p, g, s in zip(params, grads, started):
+            st = self.state[p]
+            if not s and not nonzero.pop(0):  # waits for its first non-zero gradient: only the decay
+                local(p).mul_(1.0 - lr * wd)
+                continue
+            st["step"] += 1
+            u = normalized_gradient(local(g), group["eps"], reduce_columns=column_reducer(g)).to(g.dtype)
+            buf = local(st["momentum_buffer"]) if beta != 0.0 else None
+            sgdsai_update_(local(p), u, buf, lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0,
+                           momentum=beta, weight_decay=wd, maximize=group["maximize"], first_step=False,
+                           stochastic_rounding=group["stochastic_rounding"])
+        return len(params)
 
     def _update_work(self, work: list, gsnr_max: float) -> tuple[int, int]:
         """Update every ``(group, params, grads)`` of ``work``; returns the (Triton, torch) tensor counts."""
@@ -365,6 +453,11 @@ class SGDSaI(MemoptOptimizer):
                           stochastic_rounding=group["stochastic_rounding"])
             active_p, active_g, bufs, scales, firsts = [], [], [], [], []
             for p, g in zip(params, grads):
+                if group["scale"] == "factored":
+                    fused = self._factored_update(group, p, g)
+                    n_triton += bool(fused)
+                    n_torch += fused is False
+                    continue
                 scale = self._scale_of(group, p, gsnr_max)
                 if scale is None:
                     # All-zero gradient so far: no scale yet, so only the decoupled decay applies.
