@@ -116,12 +116,16 @@ def _opt(name, params, release):
         return memopt.SGDSaI(params, lr=3e-2, momentum=0.0, grad_release=release)
     if name == "sgdsai_8bit":
         return memopt.SGDSaI(params, lr=3e-2, state_bits=8, min_8bit_size=256, grad_release=release)
-    if name in ("gsnr", "sqrt_numel"):
-        return memopt.SGDSaI(params, lr=1e-4, scale=name, grad_release=release)
+    if name in ("gsnr", "sqrt_numel", "gsnr_max"):
+        return memopt.SGDSaI(params, lr=1e-4 if name != "gsnr_max" else 3e-2, scale=name, grad_release=release)
+    if name.startswith("factored"):
+        return memopt.SGDSaI(params, lr=3e-3, scale="factored", grad_release=release,
+                             **({"state_bits": 8, "min_8bit_size": 256} if name == "factored_8bit" else {}))
     return memopt.AdamW8bit(params, lr=3e-3, min_8bit_size=256, grad_release=release)
 
 
-@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_8bit", "gsnr", "sqrt_numel", "adamw_8bit"])
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_8bit", "gsnr", "sqrt_numel", "gsnr_max", "factored",
+                                  "factored_8bit", "adamw_8bit"])
 def test_release_equals_the_normal_step(name):
     a, b = tiny_llama(), tiny_llama()
     oa, ob = _opt(name, list(a.parameters()), False), _opt(name, list(b.parameters()), True)

@@ -82,3 +82,19 @@ def test_tensor_subclasses_are_counted_by_their_inner_tensors():
     assert memopt.memory.tensor_bytes(w) == 1000 + 16
     fake = SimpleNamespace(state={0: {"exp_avg": w, "step": torch.tensor(1.0)}})
     assert memopt.state_bytes(fake) == 1000 + 16 + 4
+
+
+def test_factored_sgdsai_state_is_one_buffer_exactly():
+    from tiny import tiny_llama
+
+    for bits in (32, 8):
+        model = tiny_llama()
+        opt = memopt.SGDSaI(model.parameters(), lr=1e-3, scale="factored", state_bits=bits, min_8bit_size=256)
+        model(input_ids=torch.arange(3, 19).view(2, 8), labels=torch.arange(3, 19).view(2, 8)).loss.backward()
+        opt.step()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if bits == 32:
+            want = 4 * sum(p.numel() for p in params)
+        else:
+            want = sum(p.numel() + 4 * -(-p.numel() // 256) if p.numel() >= 256 else 4 * p.numel() for p in params)
+        assert memopt.state_bytes(opt) == want

@@ -191,13 +191,27 @@ def test_trl_sft_trainer_with_sgdsai(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_trainer_default_lr_gets_a_hint(tmp_path, caplog):
+def test_trainer_default_lr_trains_the_default_mode_and_paper_modes_get_a_hint(tmp_path, caplog):
     import logging
 
-    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, learning_rate=5e-5), train_dataset=PatternDataset())
+    args = _args(tmp_path, learning_rate=5e-5, optim_args="scale=gsnr_max")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=PatternDataset())
     with caplog.at_level(logging.WARNING, logger="memopt"):
         trainer.create_optimizer()
     assert "default learning_rate" in caplog.text and "LoRA" in caplog.text
+    caplog.clear()
+    # scale=factored takes AdamW's learning rates: the Trainer's default trains, without a warning
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path, learning_rate=5e-5, optim_args="scale=factored"),
+                      train_dataset=PatternDataset())
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        trainer.train()
+    assert "default learning_rate" not in caplog.text
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    adamw = Trainer(model=tiny_llama(), args=_args(tmp_path, learning_rate=5e-5, optim="adamw_torch"),
+                    train_dataset=PatternDataset())
+    adamw.train()
+    adam_losses = [h["loss"] for h in adamw.state.log_history if "loss" in h]
+    assert losses[0] - losses[-1] > 0.5 * (adam_losses[0] - adam_losses[-1]) > 0  # it trains as AdamW does
 
 
 def test_no_patch_route_with_model_keeps_embeddings_32bit(tmp_path):

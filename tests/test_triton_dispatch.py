@@ -30,6 +30,9 @@ MAKERS = {
     "sgdsai_fp32": lambda ps, t: SGDSaI(ps, lr=0.05, use_triton=t),
     "sgdsai_8bit": lambda ps, t: SGDSaI(ps, lr=0.05, state_bits=8, min_8bit_size=256, use_triton=t),
     "adamw_8bit": lambda ps, t: AdamW8bit(ps, lr=1e-3, min_8bit_size=256, use_triton=t),
+    "factored_fp32": lambda ps, t: SGDSaI(ps, lr=1e-3, scale="factored", use_triton=t),
+    "factored_8bit": lambda ps, t: SGDSaI(ps, lr=1e-3, scale="factored", state_bits=8, min_8bit_size=256,
+                                          use_triton=t),
 }
 
 

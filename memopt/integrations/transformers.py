@@ -76,7 +76,7 @@ def _add_enum_member(enum_cls, value: str):
 def _handler_for(name: str):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
         cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args, model=ctx.model)
-        hint = getattr(cls, "LR_HINT", None)
+        hint = cls.lr_hint(kwargs) if hasattr(cls, "lr_hint") else None
         if hint and ctx.args.learning_rate == _TRAINER_DEFAULT_LR:
             logger.warning(
                 "optim=%r runs with the Trainer's default learning_rate=%g, which is tuned for AdamW. %s",

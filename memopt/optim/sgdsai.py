@@ -108,8 +108,15 @@ class SGDSaI(MemoptOptimizer):
     REQUIRED_GROUP_KEYS = frozenset({"scale", "momentum", "check_finite"})
     LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size", "state_dtype")
 
-    LR_HINT = ("SGD-SaI (scale=gsnr_max) wants learning_rate ~3e-2 for full fine-tuning and ~1.0 for LoRA "
-               "(docs/sgdsai.md).")
+    @staticmethod
+    def lr_hint(kwargs: dict) -> Optional[str]:
+        """The learning-rate advice for the Trainer's AdamW-tuned default lr, or ``None`` when it applies as is
+        (``scale="factored"`` takes AdamW's learning rates)."""
+        if kwargs.get("scale", DEFAULT_SCALE) in PAPER_MODES:
+            return ("SGD-SaI's paper modes (scale=gsnr_max|gsnr|sqrt_numel) need learning rates far from AdamW's: "
+                    "~3e-2 (full fine-tuning) and ~1.0 (LoRA) for gsnr_max (docs/sgdsai.md); the default "
+                    "scale=factored takes AdamW's.")
+        return None
 
     def __init__(
         self,

@@ -1,0 +1,187 @@
+"""Does each optimizer train as well as AdamW? Eval loss on several fine-tuning tasks, each optimizer at the best
+point of its learning-rate grid, AdamW (``adamw_torch``) in the same table.
+
+Tasks (SmolLM2-135M-Instruct, batch 4 x 128 tokens, seed 42, cosine schedule without warm-up, weight decay 0,
+max_grad_norm 1.0, eval on the held-out last 10% of the text; each run in this process through
+``examples/finetune.py``):
+
+- ``full20``: full fine-tuning, 20 steps, pydoc text (the demo);
+- ``lora30``: LoRA r=8 on q_proj/v_proj, 30 steps, pydoc text;
+- ``full100``: full fine-tuning, 100 steps, pydoc text (the longer run);
+- ``lee20``: full fine-tuning, 20 steps, the Lee news corpus (another text: ``pip install --no-deps gensim``);
+- ``leelora30``: LoRA as ``lora30`` on the Lee corpus.
+
+Every (task, optimizer, lr) row is appended to the CSV as soon as it finishes, so an interrupted sweep resumes
+where it stopped (rows already in the CSV are not rerun). ``--plot`` writes the table (best lr per optimizer and
+task, ratio to AdamW) and a PNG from the CSV without training.
+
+    python benchmarks/quality.py [--tasks full20 lora30 ...] [--optims sgdsai adamw_torch ...]
+    python benchmarks/quality.py --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "quality"
+
+TASKS = {  # name: (finetune.py arguments, description)
+    "full20": (["--max_steps", "20", "--no-lora"], "full FT, 20 steps, pydoc"),
+    "lora30": (["--max_steps", "30", "--lora"], "LoRA r=8, 30 steps, pydoc"),
+    "full100": (["--max_steps", "100", "--no-lora"], "full FT, 100 steps, pydoc"),
+    "lee20": (["--max_steps", "20", "--no-lora", "--corpus", "lee"], "full FT, 20 steps, Lee news"),
+    "leelora30": (["--max_steps", "30", "--lora", "--corpus", "lee"], "LoRA r=8, 30 steps, Lee news"),
+}
+FULL = ("full20", "full100", "lee20")
+ADAM_FULL, ADAM_LORA = (1e-4, 3e-4, 1e-3), (3e-3, 1e-2, 3e-2)
+# (label, optim, optim_args, {task kind: lr grid}); "full" covers the full fine-tuning tasks, "lora" the LoRA ones.
+# AdamW-like optimizers share AdamW's grid (the claim is that its learning rates carry over); the paper's SGD-SaI
+# gets the grid of its own sweep (docs/sgdsai.md), Lion its paper's 3-10x smaller one.
+OPTIMIZERS = [
+    ("adamw_torch", "adamw_torch", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
+    ("sgdsai", "sgdsai", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
+    ("sgdsai_8bit", "sgdsai_8bit", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
+    ("sgdsai scale=gsnr_max (paper)", "sgdsai", "scale=gsnr_max", {"full": (1e-2, 3e-2, 1e-1, 3e-1),
+                                                                   "lora": (0.3, 1.0, 3.0, 10.0)}),
+]
+FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "steps", "eval_loss_before", "eval_loss_after",
+          "train_loss_last_log", "trainable_params", "optimizer_state_bytes", "state_bytes_per_param",
+          "train_runtime_s", "threads", "torch", "machine"]
+
+
+def _key(row) -> tuple:
+    return (row["task"], row["label"], float(row["learning_rate"]))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def sweep(tasks, labels, path: Path) -> None:
+    os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")  # the report's state bytes go into the CSV
+    sys.path.insert(0, str(ROOT / "examples"))
+    import torch
+
+    import finetune
+
+    done = {_key(r) for r in read_rows(path)}
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for task in tasks:
+            for label, optim, optim_args, grids in OPTIMIZERS:
+                if label not in labels:
+                    continue
+                for lr in grids["full" if task in FULL else "lora"]:
+                    if (task, label, float(lr)) in done:
+                        continue
+                    argv = ["--optim", optim, "--compare", "none", "--learning_rate", str(lr), "--output_dir",
+                            "/tmp/memopt_quality", "--logging_steps", "5", *TASKS[task][0]]
+                    if optim_args:
+                        argv += ["--optim_args", optim_args]
+                    t0 = time.time()
+                    r = finetune.run(finetune.parse_args(argv))
+                    row = {k: r.get(k) for k in FIELDS if k in r}
+                    row.update(task=task, label=label, optim=optim, optim_args=optim_args or "", learning_rate=lr,
+                               state_bytes_per_param=round(r["optimizer_state_bytes"] / r["trainable_params"], 4),
+                               threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
+                    for k in ("eval_loss_before", "eval_loss_after", "train_loss_last_log"):
+                        row[k] = round(row[k], 4)
+                    writer.writerow(row)
+                    f.flush()
+                    print(f"QUALITY {task} {label} lr={lr:g}: eval {row['eval_loss_after']:.4f} "
+                          f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def best_rows(rows: list[dict]) -> dict:
+    """{(task, label): the row with the lowest eval loss over the lr grid}."""
+    best: dict = {}
+    for r in rows:
+        key = (r["task"], r["label"])
+        if key not in best or float(r["eval_loss_after"]) < float(best[key]["eval_loss_after"]):
+            best[key] = r
+    return best
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per task, each optimizer's best eval loss, its lr, the ratio to AdamW's best, state B/param."""
+    best = best_rows(rows)
+    tasks = [t for t in TASKS if any(k[0] == t for k in best)]
+    labels = [o[0] for o in OPTIMIZERS if any(k[1] == o[0] for k in best)]
+    head = "| optimizer | state B/param | " + " | ".join(f"{t}: {TASKS[t][1]}" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for label in labels:
+        cells, bpp = [], ""
+        for t in tasks:
+            r, ref = best.get((t, label)), best.get((t, "adamw_torch"))
+            if r is None:
+                cells.append("-")
+                continue
+            ratio = f" (×{float(r['eval_loss_after']) / float(ref['eval_loss_after']):.3f})" if ref else ""
+            cells.append(f"{float(r['eval_loss_after']):.4f} @ {float(r['learning_rate']):g}{ratio}")
+            if t in FULL:
+                bpp = f"{float(r['state_bytes_per_param']):.3f}"
+        lines.append(f"| {label} | {bpp} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for label, *_ in OPTIMIZERS:
+            pts = sorted((float(r["learning_rate"]), float(r["eval_loss_after"])) for r in rows
+                         if r["task"] == task and r["label"] == label)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        before = next(float(r["eval_loss_before"]) for r in rows if r["task"] == task)
+        ax.axhline(before, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_ylim(min(float(r["eval_loss_after"]) for r in rows if r["task"] == task) - 0.05, before + 0.3)
+        ax.set_title(TASKS[task][1], fontsize=10)
+        ax.set_xlabel("learning rate")
+    axes[0][0].set_ylabel("eval loss (dashed: before training)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--optims", nargs="*", default=[o[0] for o in OPTIMIZERS], help="labels of OPTIMIZERS")
+    ap.add_argument("--out", default=str(OUT), help="CSV/PNG path without suffix")
+    ap.add_argument("--plot", action="store_true", help="only write the table and PNG from the CSV")
+    cli = ap.parse_args()
+    path = Path(cli.out).with_suffix(".csv")
+    unknown = set(cli.optims) - {o[0] for o in OPTIMIZERS}
+    if unknown:
+        ap.error(f"unknown optimizer labels {sorted(unknown)}")
+    if not cli.plot:
+        sweep(cli.tasks, set(cli.optims), path)
+    rows = read_rows(path)
+    print(table(rows))
+    plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
