@@ -23,6 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import logging  # noqa: E402
+
+# bitsandbytes (a test dependency, not the demo's) logs a warning at import on CPUs with AVX512-BF16 when the
+# optional `kernels` package is missing; transformers imports it when it builds TrainingArguments. It concerns
+# 4-bit CPU matmuls, which the demo does not use.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" with transformers)
 import torch  # noqa: E402
 
@@ -72,7 +79,9 @@ def parse_args(argv=None):
                    help="dtype the weights are loaded and trained in (bfloat16: no fp32 master copy; memopt "
                         "optimizers round bf16 writes stochastically by default)")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping (needed by grad_release)")
-    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--gradient_checkpointing", "--activation_checkpointing", dest="gradient_checkpointing",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in backward (TrainingArguments.activation_checkpointing)")
     p.add_argument("--do_eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate after training")
     return p.parse_args(argv)
 
@@ -129,7 +138,7 @@ def run(args, callbacks=()) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
     )
 
     class LossPrinter(TrainerCallback):
@@ -176,10 +185,12 @@ def run(args, callbacks=()) -> dict:
         "train_runtime_s": train_out.metrics.get("train_runtime"),
         "weights_dtype": args.weights_dtype,
     }
-    if trainer.is_world_process_zero():
-        print(f"[{args.optim}] eval loss {eval_before:.4f} -> {eval_after:.4f}", flush=True)
-        if args.results_json:
-            Path(args.results_json).write_text(json.dumps(summary, indent=2))
+    if trainer.is_world_process_zero() and (args.eval_before or args.do_eval):
+        shown = [f"{v:.4f}" for v, on in ((eval_before, args.eval_before), (eval_after, args.do_eval)) if on]
+        what = "eval loss" if len(shown) == 2 else ("eval loss before" if args.eval_before else "eval loss after")
+        print(f"[{args.optim}] {what} {' -> '.join(shown)}", flush=True)
+    if trainer.is_world_process_zero() and args.results_json:
+        Path(args.results_json).write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -154,7 +154,7 @@ def measure(model: torch.nn.Module, optimizer=None, *, rank: int = 0, grads_byte
         live_grads = max(live_grads, inner.max_released_grad_bytes)
     return DeviceMemory(
         rank=rank,
-        device=str(device),
+        device="cpu" if device.type == "cpu" else str(device),  # one CPU for every process: no index
         optimizer=type(inner).__name__ if inner is not None else "-",
         params_trainable_bytes=trainable,
         params_frozen_bytes=frozen,
