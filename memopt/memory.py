@@ -205,3 +205,48 @@ def format_table(rows: list[DeviceMemory]) -> str:
     sep = "-+-".join("-" * w for w in widths)
     return "\n".join(["memopt memory report (optimizer state vs a torch AdamW baseline on the same trainable "
                       "params)", line(headers), sep, *(line(b) for b in body)])
+
+
+def plot_rows(rows: list[DeviceMemory], path: str) -> bool:
+    """Write the report as a picture (PNG): per rank, stacked bars of weights, gradients and optimizer state
+    (exact counts) for this optimizer and, beside them, with a torch AdamW state instead; the measured peak of
+    each rank is written above its bars. Needs matplotlib; returns False (nothing written) without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    top = max(r.params_trainable_bytes + r.params_frozen_bytes + r.grads_bytes
+              + max(r.optimizer_state_bytes, r.adamw_state_bytes) for r in rows)
+    unit, size = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if top >= s), ("B", 1))
+    fig, ax = plt.subplots(figsize=(4.0 + 2.4 * len(rows), 4.6))
+    colours = {"weights": "tab:blue", "gradients": "tab:orange", "optimizer state": "tab:green"}
+    ticks, x = [], 0.0
+    for r in rows:
+        weights = r.params_trainable_bytes + r.params_frozen_bytes
+        for name, state in ((r.optimizer, r.optimizer_state_bytes), ("AdamW (torch)", r.adamw_state_bytes)):
+            bottom = 0.0
+            for part, value in (("weights", weights), ("gradients", r.grads_bytes), ("optimizer state", state)):
+                ax.bar(x, value / size, bottom=bottom, color=colours[part], width=0.8, label=part if x == 0 else None)
+                bottom += value / size
+            ax.text(x, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontsize=8)
+            ticks.append((x, f"{name}\nrank {r.rank} ({r.device})"))
+            x += 1.0
+        rest = max(0, r.peak_bytes - weights - r.grads_bytes - r.optimizer_state_bytes)
+        ax.text(x - 1.5, top / size * 1.1, f"peak {_fmt(r.peak_bytes)} ({r.peak_kind})\nactivations + other: "
+                f"{_fmt(rest)}", ha="center", fontsize=7)
+        x += 0.6
+    ax.set_ylim(0, top / size * 1.3)
+    ax.set_xticks([p for p, _ in ticks], [t for _, t in ticks], fontsize=8)
+    ax.set_ylabel(unit)
+    saving = sum(r.state_saving_bytes for r in rows)
+    ax.set_title(f"memopt memory report: weights + gradients + optimizer state\n"
+                 f"optimizer state {_fmt(sum(r.optimizer_state_bytes for r in rows))} vs AdamW "
+                 f"{_fmt(sum(r.adamw_state_bytes for r in rows))} (saving {_fmt(saving)})", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

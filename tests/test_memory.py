@@ -98,3 +98,29 @@ def test_factored_sgdsai_state_is_one_buffer_exactly():
         else:
             want = sum(p.numel() + 4 * -(-p.numel() // 256) if p.numel() >= 256 else 4 * p.numel() for p in params)
         assert memopt.state_bytes(opt) == want
+
+
+def test_report_picture_and_tensorboard_scalars(tmp_path, monkeypatch):
+    pytest = __import__("pytest")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from tiny import PatternDataset, tiny_llama
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    args = TrainingArguments(output_dir=str(tmp_path), optim="sgdsai", learning_rate=1e-3, max_steps=4,
+                             per_device_train_batch_size=8, logging_steps=2, save_strategy="no",
+                             report_to=["tensorboard"], use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=tiny_llama(), args=args, train_dataset=PatternDataset()).train()
+    png = tmp_path / "memory_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("optimizer_state_bytes", "adamw_state_bytes", "state_saving_bytes", "grads_bytes"):
+        assert any(t.endswith("memory/" + tag) for t in tags), tags
+    state = next(t for t in tags if t.endswith("memory/optimizer_state_bytes"))
+    n = sum(p.numel() for p in tiny_llama().parameters())
+    assert [e.value for e in events.Scalars(state)] == [4 * n, 4 * n]  # logged at steps 2 and 4

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from memopt.memory import DeviceMemory, _unwrap, format_table, gather_rows, measure
+from memopt.memory import DeviceMemory, _unwrap, format_table, gather_rows, measure, plot_rows
 
 logger = logging.getLogger("memopt")
 
@@ -56,9 +56,10 @@ class MemoryReportCallback(TrainerCallback):
     """Logs what each device holds: parameter bytes (trainable/frozen), gradient bytes, optimizer-state bytes,
     peak memory, and the state saving against a torch AdamW baseline for the same trainable parameters.
 
-    Metrics go into every training log entry as ``memory/...`` (so ``state.log_history``, tensorboard and W&B
-    see them); at the end of training every rank's row is gathered and the main process prints a table and
-    writes ``<output_dir>/memory_report.json``.
+    Metrics go into every training log entry as ``memory/...`` (so ``state.log_history`` and the reporting
+    integrations of ``report_to``, TensorBoard or W&B, record them as scalars); at the end of training every
+    rank's row is gathered and the main process prints a table and writes ``<output_dir>/memory_report.json`` and,
+    with matplotlib installed, ``memory_report.png``.
 
     Args:
         mode: ``"auto"`` (report only when the optimizer is a memopt optimizer; the default instance that
@@ -160,3 +161,6 @@ class MemoryReportCallback(TrainerCallback):
                 os.makedirs(args.output_dir, exist_ok=True)
                 with open(os.path.join(args.output_dir, "memory_report.json"), "w") as f:
                     json.dump([r.as_dict() for r in self.rows], f, indent=2)
+                png = os.path.join(args.output_dir, "memory_report.png")
+                if plot_rows(self.rows, png):
+                    logger.info("memopt memory report written to %s", png)
