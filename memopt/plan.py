@@ -6,6 +6,9 @@ the prediction are exact, counted from the meta model's parameters with the same
 
 - weights: every unique parameter (a tied LM head counts once) and buffer, in the chosen weights dtype;
   LoRA adapters in fp32 (peft's default ``autocast_adapter_dtype=True`` upcasts them on bf16/fp16 bases);
+  QLoRA: every ``nn.Linear`` weight but the LM head as bitsandbytes NF4 with double quantisation
+  (:func:`nf4_bytes`, what ``BitsAndBytesConfig(load_in_4bit=True)`` of the QLoRA recipe stores), the rest in the
+  weights dtype;
 - gradients: one per trainable parameter, in its dtype; with gradient release only the largest trainable
   tensor's gradient (one alive at a time: each is freed by its backward hook), plus a trainable tied
   embedding's, which autograd holds from the LM head until the end of backward;
@@ -320,6 +323,28 @@ def _elem_bytes(p: ParamInfo, weights_bytes: int) -> int:
     return 4 if p.fp32 else weights_bytes
 
 
+# bitsandbytes' 4-bit layout (NF4, double quantisation): 4-bit codes packed two per byte; one block maximum per 64
+# weights, itself quantised to uint8 in blocks of 256 maxima (one fp32 maximum each); per tensor, the 16-entry NF4
+# map, the 256-entry map of the nested state (fp32) and one fp32 offset.
+NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE = 64, 256
+_NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight of ``numel`` elements stored by bitsandbytes as NF4 with double quantisation (the
+    QLoRA recipe's ``BitsAndBytesConfig``), its quantisation state included (checked against bitsandbytes'
+    objects in the tests)."""
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    return -(-numel // 2) + blocks + 4 * -(-blocks // NF4_NESTED_BLOCKSIZE) + _NF4_PER_TENSOR_BYTES
+
+
+def quantized_4bit(summary: "ModelSummary") -> set:
+    """Names of the weights a 4-bit load quantises: every ``nn.Linear`` weight except the LM head's (transformers
+    keeps the output embedding in the weights dtype; a tied head is the input embedding, not a Linear weight)."""
+    names = {p.name for p in summary.params}
+    return {f"{lin.name}.weight" for lin in summary.linears if not lin.output and f"{lin.name}.weight" in names}
+
+
 def _blockwise_8bit_bytes(numel: int, blocksize: int = BLOCKSIZE) -> int:
     """uint8 codes + one fp32 absmax per block."""
     return numel + 4 * -(-numel // blocksize)
@@ -437,6 +462,7 @@ class Setup:
     freeze_embeddings: bool = False
     lora: bool = False
     chunked_loss: bool = False
+    qlora: bool = False  # LoRA on a 4-bit (NF4) base: implies lora
 
 
 def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128) -> tuple:
@@ -454,6 +480,9 @@ def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int =
         Setup(f"GaLore-style AdamW r={galore_rank}", "galore"),
         Setup(f"LoRA r={lora_rank} + AdamW", "adamw", lora=True),
         Setup(f"LoRA r={lora_rank} + SGD-SaI", "sgdsai", lora=True),
+        Setup(f"QLoRA r={lora_rank} (NF4) + AdamW", "adamw", lora=True, qlora=True),
+        Setup(f"QLoRA r={lora_rank} (NF4) + SGD-SaI", "sgdsai", lora=True, qlora=True),
+        Setup(f"QLoRA r={lora_rank} (NF4) + SGD-SaI 8-bit", "sgdsai_8bit", lora=True, qlora=True),
     )
 
 
@@ -501,7 +530,9 @@ def exact_parts(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16"
     else:
         trainable = [p for p in base if not (setup.freeze_embeddings and p.input_embedding)]
         params = base
-    weights = sum(p.numel * _elem_bytes(p, wb) for p in params) + summary.buffer_numel * wb
+    four_bit = quantized_4bit(summary) if setup.qlora else set()
+    weights = sum(nf4_bytes(p.numel) if p.name in four_bit else p.numel * _elem_bytes(p, wb) for p in params) \
+        + summary.buffer_numel * wb
     grads = _released_grads_bytes(trainable, wb, summary.tied_embeddings) if setup.grad_release else \
         sum(p.numel * _elem_bytes(p, wb) for p in trainable)
     state = state_bytes_for(setup.optimizer, trainable, wb, density=density, galore_rank=galore_rank)
@@ -780,6 +811,6 @@ def format_plan(plan: Plan) -> str:
     if o.gpu_mem is not None:
         for mode in o.ckpt_modes:
             ok = [r.setup for r in plan.rows if r.fits[mode]]
-            lines.append(f"fits in {_device(o.gpu_mem)} with checkpointing {mode}: "
+            lines.append(f"fits in {_device(o.gpu_mem)} ({_gib(plan.usable_bytes)} GiB usable) with checkpointing {mode}: "
                          + ("; ".join(ok) if ok else "none"))
     return "\n".join(lines)
