@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import char_tokenizer, tiny_llama
+from tiny import char_tokenizer, free_port, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune.py"
@@ -61,3 +61,20 @@ def test_example_under_accelerate_launch_ddp(tiny_model_dir, tmp_path):
     assert "(2 process(es))" in proc.stdout
     rows = json.loads((tmp_path / "memory_report.json").read_text())
     assert [r["rank"] for r in rows] == [0, 1]
+
+
+def test_trl_sft_recipe_under_accelerate_launch_with_sgdsai(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(ROOT / "examples" / "sft_trl.py"),
+           "--model_name_or_path", str(tiny_model_dir), "--optim", "sgdsai", "--optim_args", "scale=factored",
+           "--learning_rate", "3e-3", "--max_steps", "6", "--per_device_train_batch_size", "2", "--max_length", "48",
+           "--logging_steps", "2", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+           "--text_chars", "120", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("[sft_trl]"))
+    first, last = (float(x) for x in line.split("loss ")[1].split(" -> "))
+    assert "optim=sgdsai steps=6" in line and last < first
+    rows = json.loads((tmp_path / "memory_report.json").read_text())
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["optimizer"] == "SGDSaI" for r in rows)
