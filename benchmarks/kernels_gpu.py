@@ -1,4 +1,4 @@
-"""GPU kernel and step benchmarks for the 8-bit work, one run on a lent H100/H200 (or any CUDA GPU).
+"""GPU kernel and step benchmarks for the 8-bit work, one run on a CUDA GPU (H100/H200 or any other).
 
 Questions: (1) what bandwidth do memopt's Triton kernels reach on flat buffers (1M-256M elements) and real
 shapes (4096², 4096x11008), as a % of the device-to-device copy bandwidth measured in the same process;

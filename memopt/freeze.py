@@ -1,4 +1,4 @@
-"""Embedding freezing (spec §6; Kumar et al. 2022, "How to fine-tune vision models with SGD", arXiv 2211.09359).
+"""Embedding freezing (docs/lean.md; Kumar et al. 2022, "How to fine-tune vision models with SGD", arXiv 2211.09359).
 
 SGD-type optimizers trail AdamW in fine-tuning when the input embedding (token embedding, ViT patch embedding:
 < 1% of the parameters here, 21% of SmolLM2-135M because of its 49k vocabulary) has much larger gradients than

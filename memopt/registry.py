@@ -175,7 +175,7 @@ def _projection_groups(model, args, decay_names):
 
 
 def _snsm_groups(model, args, decay_names):
-    # SN-SM (spec §5): every nn.Linear including an untied LM head; embeddings and norms get plain Adam
+    # SN-SM (docs/projection.md): every nn.Linear including an untied LM head; embeddings and norms get plain Adam
     from memopt.targets import projection_groups
 
     targets = getattr(args, "optim_target_modules", None) or "all-linear"

@@ -1,4 +1,4 @@
-"""A hand-written, step-by-step SGD-SaI of spec §1, independent of memopt's code paths (plain loops, fp64)."""
+"""A hand-written, step-by-step SGD-SaI (docs/sgdsai.md), independent of memopt's code paths (plain loops, fp64)."""
 
 import math
 

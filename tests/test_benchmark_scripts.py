@@ -1,4 +1,4 @@
-"""The GPU benchmark script must not rot between lent GPUs: run its CPU interpreter dry run."""
+"""The GPU benchmark script must not rot between GPU runs: run its CPU interpreter dry run."""
 
 import csv
 import os

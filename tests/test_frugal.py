@@ -1,4 +1,4 @@
-"""FRUGAL (issue 4, first part): limits that pin the math, refresh, resume, refusals, state bytes."""
+"""FRUGAL: limits that pin the math, refresh, resume, refusals, state bytes."""
 
 import io
 

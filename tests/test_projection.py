@@ -1,4 +1,4 @@
-"""The shared projector (issue 4, item 1): bases, residuals, index selections, refresh policies, state."""
+"""The shared projector: bases, residuals, index selections, refresh policies, state."""
 
 import io
 

@@ -1,4 +1,4 @@
-"""Every edge case of spec §1, each with a test that fails on the reference implementations' behaviour."""
+"""Every edge case of docs/sgdsai.md, each with a test that fails on the reference implementations' behaviour."""
 
 import io
 

@@ -1,4 +1,4 @@
-"""Subset-Norm + Subspace-Momentum (issue 4): SM limit, SN statistic, state bytes, Trainer names."""
+"""Subset-Norm + Subspace-Momentum: SM limit, SN statistic, state bytes, Trainer names."""
 
 import io
 

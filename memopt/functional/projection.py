@@ -1,4 +1,4 @@
-"""Low-rank / subset projections of gradient matrices, shared by GaLore-style, FRUGAL and SN-SM (spec §3-5).
+"""Low-rank / subset projections of gradient matrices, shared by GaLore-style, FRUGAL and SN-SM (docs/projection.md).
 
 Plain functions over plain tensors: the projector's state lives in the parameter's optimizer-state dict as
 tensors and ints only (``proj_basis`` or ``proj_indices``/``proj_seed``, ``proj_refreshed_at``), so it

@@ -1,4 +1,4 @@
-"""FRUGAL: full-rank updates with gradient splitting (arXiv 2411.07837; spec: algorithms.md §4)."""
+"""FRUGAL: full-rank updates with gradient splitting (arXiv 2411.07837; docs/projection.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Subset-Norm + Subspace-Momentum (arXiv 2411.07120; spec: algorithms.md §5)."""
+"""Subset-Norm + Subspace-Momentum (arXiv 2411.07120; docs/projection.md)."""
 
 from __future__ import annotations
 
