@@ -32,24 +32,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "quality"
 
-TASKS = {  # name: (finetune.py arguments, description)
-    "full20": (["--max_steps", "20", "--no-lora"], "full FT, 20 steps, pydoc"),
-    "lora30": (["--max_steps", "30", "--lora"], "LoRA r=8, 30 steps, pydoc"),
-    "full100": (["--max_steps", "100", "--no-lora"], "full FT, 100 steps, pydoc"),
-    "lee20": (["--max_steps", "20", "--no-lora", "--corpus", "lee"], "full FT, 20 steps, Lee news"),
-    "leelora30": (["--max_steps", "30", "--lora", "--corpus", "lee"], "LoRA r=8, 30 steps, Lee news"),
+TASKS = {  # name: (finetune.py arguments, description, lr grid kind)
+    "full20": (["--max_steps", "20", "--no-lora"], "full FT, 20 steps, pydoc", "full"),
+    "lora30": (["--max_steps", "30", "--lora"], "LoRA r=8, 30 steps, pydoc", "lora"),
+    "full100": (["--max_steps", "100", "--no-lora"], "full FT, 100 steps, pydoc", "long"),
+    "lee20": (["--max_steps", "20", "--no-lora", "--corpus", "lee"], "full FT, 20 steps, Lee news", "full"),
+    "leelora30": (["--max_steps", "30", "--lora", "--corpus", "lee"], "LoRA r=8, 30 steps, Lee news", "lora"),
 }
-FULL = ("full20", "full100", "lee20")
-ADAM_FULL, ADAM_LORA = (1e-4, 3e-4, 1e-3), (3e-3, 1e-2, 3e-2)
-# (label, optim, optim_args, {task kind: lr grid}); "full" covers the full fine-tuning tasks, "lora" the LoRA ones.
-# AdamW-like optimizers share AdamW's grid (the claim is that its learning rates carry over); the paper's SGD-SaI
-# gets the grid of its own sweep (docs/sgdsai.md), Lion its paper's 3-10x smaller one.
+ADAM = {"full": (3e-5, 1e-4, 3e-4, 1e-3), "long": (3e-5, 1e-4, 3e-4), "lora": (1e-3, 3e-3, 1e-2, 3e-2)}
+# (label, optim, optim_args, {grid kind: learning rates}). AdamW-like optimizers share AdamW's grid (the claim is
+# that its learning rates carry over); the paper's SGD-SaI gets the grid of its own sweep (docs/sgdsai.md).
 OPTIMIZERS = [
-    ("adamw_torch", "adamw_torch", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
-    ("sgdsai", "sgdsai", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
-    ("sgdsai_8bit", "sgdsai_8bit", None, {"full": ADAM_FULL, "lora": ADAM_LORA}),
-    ("sgdsai scale=gsnr_max (paper)", "sgdsai", "scale=gsnr_max", {"full": (1e-2, 3e-2, 1e-1, 3e-1),
-                                                                   "lora": (0.3, 1.0, 3.0, 10.0)}),
+    ("adamw_torch", "adamw_torch", None, ADAM),
+    ("sgdsai", "sgdsai", None, ADAM),
+    ("sgdsai_8bit", "sgdsai_8bit", None, ADAM),
+    ("sgdsai scale=gsnr_max (paper)", "sgdsai", "scale=gsnr_max",
+     {"full": (1e-2, 3e-2, 1e-1, 3e-1), "long": (3e-2, 1e-1), "lora": (0.3, 1.0, 3.0, 10.0)}),
 ]
 FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "steps", "eval_loss_before", "eval_loss_after",
           "train_loss_last_log", "trainable_params", "optimizer_state_bytes", "state_bytes_per_param",
@@ -74,7 +72,9 @@ def sweep(tasks, labels, path: Path) -> None:
 
     import finetune
 
-    done = {_key(r) for r in read_rows(path)}
+    existing = read_rows(path)
+    done = {_key(r) for r in existing}
+    before_of = {r["task"]: float(r["eval_loss_before"]) for r in existing}
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
@@ -85,16 +85,21 @@ def sweep(tasks, labels, path: Path) -> None:
             for label, optim, optim_args, grids in OPTIMIZERS:
                 if label not in labels:
                     continue
-                for lr in grids["full" if task in FULL else "lora"]:
+                for lr in grids[TASKS[task][2]]:
                     if (task, label, float(lr)) in done:
                         continue
+                    before = before_of.get(task)  # the same for every run of a task: evaluated once
                     argv = ["--optim", optim, "--compare", "none", "--learning_rate", str(lr), "--output_dir",
-                            "/tmp/memopt_quality", "--logging_steps", "5", *TASKS[task][0]]
+                            "/tmp/memopt_quality", "--logging_steps", "5", *TASKS[task][0],
+                            "--eval_before" if before is None else "--no-eval_before"]
                     if optim_args:
                         argv += ["--optim_args", optim_args]
                     t0 = time.time()
                     r = finetune.run(finetune.parse_args(argv))
                     row = {k: r.get(k) for k in FIELDS if k in r}
+                    if before is None:
+                        before_of[task] = before = r["eval_loss_before"]
+                    r["eval_loss_before"] = before
                     row.update(task=task, label=label, optim=optim, optim_args=optim_args or "", learning_rate=lr,
                                state_bytes_per_param=round(r["optimizer_state_bytes"] / r["trainable_params"], 4),
                                threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
@@ -132,7 +137,7 @@ def table(rows: list[dict]) -> str:
                 continue
             ratio = f" (×{float(r['eval_loss_after']) / float(ref['eval_loss_after']):.3f})" if ref else ""
             cells.append(f"{float(r['eval_loss_after']):.4f} @ {float(r['learning_rate']):g}{ratio}")
-            if t in FULL:
+            if TASKS[t][2] != "lora":
                 bpp = f"{float(r['state_bytes_per_param']):.3f}"
         lines.append(f"| {label} | {bpp} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -189,7 +189,8 @@ def _register_builtin() -> None:
     from memopt.optim.sgdsai import SGDSaI
 
     sgdsai_args = {
-        "momentum": "float", "eps": "float", "scale": "str", "maximize": "bool", "foreach": "optional_bool",
+        "momentum": "float", "eps": "float", "scale": "str", "clip": "float", "maximize": "bool",
+        "foreach": "optional_bool",
         "state_dtype": "str", "check_finite": "bool", "state_bits": "int", "blocksize": "int",
         "min_8bit_size": "int", "use_triton": "optional_bool", "stochastic_rounding": "bool", "grad_release": "bool",
     }

@@ -54,9 +54,9 @@ def reference_sgdsai(params, grads_per_step, *, lr, momentum, weight_decay, eps,
     return params
 
 
-def reference_factored(params, grads_per_step, *, lr, momentum, weight_decay, eps, maximize=False):
-    """scale="factored", written out with loops in fp64: per element u = g / (sqrt(R_i C_j / M) + eps) (rows =
-    shape[0], columns = the rest; a vector: u = g / (|g| + eps)), m = β m + (1 − β) u from m = 0, and
+def reference_factored(params, grads_per_step, *, lr, momentum, weight_decay, eps, maximize=False, clip=3.0):
+    """scale="factored", written out with loops in fp64: per element u = g / (sqrt(R_i C_j / M) + eps) clamped to
+    [-clip, clip] (rows = shape[0], columns = the rest; a vector: u = g / (|g| + eps)), m = β m + (1 − β) u from m = 0, and
     θ ← θ(1 − lr λ) − lr m / (1 − β^t). A tensor starts counting t at its first non-zero gradient."""
     params = [p.detach().clone().double() for p in params]
     bufs = [None] * len(params)
@@ -83,6 +83,8 @@ def reference_factored(params, grads_per_step, *, lr, momentum, weight_decay, ep
                 M = sum(R) / n_r
                 u = [[rows[i][j] / (math.sqrt(R[i] * C[j] / M) + eps) if M > 0 else 0.0 for j in range(n_c)]
                      for i in range(n_r)]
+                if clip is not None:
+                    u = [[min(max(x, -clip), clip) for x in row] for row in u]
                 u = g.new_tensor(u).reshape(g.shape)
             steps[i] += 1
             if momentum == 0:

@@ -92,14 +92,15 @@ def test_gsnr_values():
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("state", ["fp32", "bf16_params"])
-def test_factored_mode_matches_hand_written_reference(momentum, maximize, state):
+@pytest.mark.parametrize("clip", [3.0, 1.0, None])
+def test_factored_mode_matches_hand_written_reference(momentum, maximize, state, clip):
     from reference_sgdsai import reference_factored
 
     params0, grads = _random_problem()
     # a tensor whose first gradients are zero starts later (LoRA A behind a zero B)
     grads[0][0] = torch.zeros(SHAPES[0])
     grads[1][0] = torch.zeros(SHAPES[0])
-    kw = dict(lr=1e-3, momentum=momentum, weight_decay=0.1, eps=1e-8, maximize=maximize)
+    kw = dict(lr=1e-3, momentum=momentum, weight_decay=0.1, eps=1e-8, maximize=maximize, clip=clip)
     if state == "bf16_params":
         params0 = [p.to(torch.bfloat16) for p in params0]
         grads = [[g.to(torch.bfloat16) for g in gs] for gs in grads]

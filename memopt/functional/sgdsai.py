@@ -62,7 +62,8 @@ def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
 _TINY = 1e-30
 
 
-def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, reduce_columns=None) -> Tensor:
+def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float] = None,
+                        reduce_columns=None) -> Tensor:
     """The gradient divided, element by element, by an estimate of its RMS: the update direction of
     ``scale="factored"`` (docs/sgdsai.md).
 
@@ -74,13 +75,16 @@ def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, reduce_columns=None)
     gradient gives zeros.
 
     Args:
+        clip: clamp every element of the result to ``[-clip, clip]`` (``None``: no clamp). The rank-1 estimate
+            is too small for the few elements far above their row's and column's scale; clipping bounds their
+            step, as Adam's per-element normalisation does.
         reduce_columns: for a tensor sharded by rows over several processes (FSDP2): a function
             ``(column_sums_of_squares, local_rows) -> (global sums, global rows)`` so every rank divides by the
             statistics of the whole tensor.
     """
     g = grad.detach().to(compute_dtype(grad.dtype))
     if g.dim() < 2:
-        return g / (g.abs() + eps)
+        return g / (g.abs() + eps)  # |u| <= 1: nothing to clip
     g2 = g.reshape(g.shape[0], -1)
     row_ms = torch.linalg.vector_norm(g2, dim=1).square_().div_(g2.shape[1])
     col_ss = torch.linalg.vector_norm(g2, dim=0).square_()
@@ -90,7 +94,10 @@ def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, reduce_columns=None)
     col_ms = col_ss / max(rows, 1)
     ms = col_ms.mean().clamp_min(_TINY)
     d = torch.outer(row_ms.sqrt_(), col_ms.div_(ms).sqrt_()).add_(eps)
-    return torch.div(g2, d, out=d).reshape(grad.shape)
+    u = torch.div(g2, d, out=d)
+    if clip is not None:
+        u.clamp_(-clip, clip)
+    return u.reshape(grad.shape)
 
 
 def _update_low_precision_(
