@@ -1,6 +1,7 @@
 """optim="sgdsai" inside the Hugging Face Trainer, the CLI parser, optim_args, resume, PEFT and TRL."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,32 @@ def test_no_patch_route_with_model_keeps_embeddings_32bit(tmp_path):
     opt = trainer.optimizer.optimizer
     assert "momentum_buffer" in opt.state[model.get_input_embeddings().weight]
     assert "momentum_codes" in opt.state[model.model.layers[0].mlp.up_proj.weight]
+
+
+def test_no_patch_route_as_documented_with_auto_registration_off(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import memopt
+        assert "transformers" not in sys.modules  # import memopt stays transformers-free
+        from transformers import Trainer, TrainingArguments
+        from transformers.training_args import OptimizerNames
+        from tiny import PatternDataset, tiny_llama
+        assert "sgdsai" not in OptimizerNames._value2member_map_  # nothing was patched
+        args = TrainingArguments(output_dir={str(tmp_path)!r}, learning_rate=1e-3, max_steps=3,
+                                 per_device_train_batch_size=8, save_strategy="no", report_to="none", use_cpu=True)
+        trainer = Trainer(model=tiny_llama(), args=args, train_dataset=PatternDataset(),
+                          optimizer_cls_and_kwargs=memopt.integrations.transformers.optimizer_cls_and_kwargs(
+                              "sgdsai", args))
+        trainer.train()
+        assert type(trainer.optimizer.optimizer).__name__ == "SGDSaI"
+        print("ok")
+    """)
+    env = dict(os.environ, MEMOPT_AUTO_REGISTER="0", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -8,6 +8,7 @@ the no-patch route ``optimizer_cls_and_kwargs``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
@@ -84,3 +85,11 @@ def install_transformers_hooks() -> None:
             _finder.pending.add(name)
     if _finder.pending and _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def __getattr__(name: str):
+    # ``memopt.integrations.transformers`` (and ``.trainer_callback``) load on first attribute access, so the
+    # no-patch route works after a plain ``import memopt`` while ``import memopt`` itself stays transformers-free.
+    if name in ("transformers", "trainer_callback", "checkpoints"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
