@@ -1,8 +1,8 @@
 """Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2` (FSDP2 `fully_shard`, gloo on CPU).
 
     fsdp2_train.py equal OUT    each optimizer on a sharded tiny Llama, 4 steps; full params (or the refusal) -> OUT
-    fsdp2_train.py save OUT     sgdsai: 3 steps, DCP checkpoint OUT/ckpt, 3 more steps, full params -> OUT
-    fsdp2_train.py resume OUT   sgdsai: load OUT/ckpt into a fresh sharded model at this world size, 3 steps
+    fsdp2_train.py save OUT [NAME]    NAME (default sgdsai): 3 steps, DCP checkpoint OUT/ckpt, 3 more steps -> OUT
+    fsdp2_train.py resume OUT [NAME]  load OUT/ckpt into a fresh sharded model at this world size, 3 steps
 """
 
 import json
@@ -65,6 +65,7 @@ def full_params(model):
 
 def main():
     mode, out = sys.argv[1], sys.argv[2]
+    name = sys.argv[3] if len(sys.argv) > 3 else "sgdsai"
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -91,7 +92,7 @@ def main():
                 json.dump(results, f)
     elif mode == "save":
         model = sharded_model()
-        opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+        opt = OPTIMIZERS[name](list(model.parameters()))
         bs = list(batches(6, rank, world))
         train(model, opt, bs[:3])
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -102,7 +103,7 @@ def main():
             torch.save(params, os.path.join(out, "uninterrupted.pt"))
     elif mode == "resume":
         model = sharded_model(seed=7)  # other weights: the load must overwrite them
-        opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+        opt = OPTIMIZERS[name](list(model.parameters()))
         msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "ckpt"))
         set_model_state_dict(model, msd)

@@ -9,7 +9,7 @@ import torch
 
 import memopt
 from memopt import create_optimizer, list_optimizers, state_bytes
-from memopt.optim._base import MatrixOptimizer
+from memopt.optim._matrix import MatrixOptimizer
 
 NAMES = list_optimizers()
 

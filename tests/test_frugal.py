@@ -226,7 +226,8 @@ def test_density_one_with_sgdsai_inner_equals_sgdsai():
     shapes = [(24, 16), (16,)]
     a, b = _params(*shapes), _params(*shapes)
     grads = _grads(shapes, 6)
-    _run(memopt.SGDSaI(a, lr=1e-2, momentum=0.9, weight_decay=0.1), a, grads)
+    # FRUGAL's inner SGD-SaI is the paper's (gsnr_max: momentum of the raw gradient, SaI scale)
+    _run(memopt.SGDSaI(a, lr=1e-2, momentum=0.9, weight_decay=0.1, scale="gsnr_max"), a, grads)
     _run(FRUGAL(b, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, density=1.0, selection="columns",
                 inner="sgdsai"), b, grads)
     for x, y in zip(a, b):

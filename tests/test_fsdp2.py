@@ -19,13 +19,13 @@ from fsdp2_train import OPTIMIZERS, batches, train  # noqa: E402
 from tiny import free_port, tiny_llama  # noqa: E402
 
 
-def _torchrun(out: Path, mode: str, nproc: int = 2):
+def _torchrun(out: Path, mode: str, nproc: int = 2, *extra: str):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.fail("torchrun is not on PATH (it comes with torch)")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(HERE / "fsdp2_train.py"), mode, str(out)]
+           str(HERE / "fsdp2_train.py"), mode, str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -69,27 +69,31 @@ def test_gradient_release_is_refused_under_fsdp2(equal_run):
     assert "gradient release is not supported with more than one process" in results["grad_release"]["refused"]
 
 
-def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path):
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_gsnr_max"])
+def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    _torchrun(tmp_path, "save")
+    _torchrun(tmp_path, "save", 2, name)
     straight = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
-    ref = _single("sgdsai", 6)
+    ref = _single(name, 6)
     for k, v in straight.items():  # the sharded run equals one device over 6 steps
         torch.testing.assert_close(v, ref[k].detach(), atol=1e-6, rtol=1e-5)
-    _torchrun(tmp_path, "resume")  # 2 -> 2
+    _torchrun(tmp_path, "resume", 2, name)  # 2 -> 2
     resumed2 = torch.load(tmp_path / "resumed_world2.pt", weights_only=True)
     # 2 -> 1: a plain (unsharded) model and optimizer in this process, no process group
     model = tiny_llama(seed=7)
-    opt = OPTIMIZERS["sgdsai"](list(model.parameters()))
+    opt = OPTIMIZERS[name](list(model.parameters()))
     opt.init_state()  # DCP fills only the keys its template holds
     msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
-    assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
+    if name == "sgdsai":  # scale="factored": each tensor's step count came back
+        assert all(st["step"] == 3 for st in opt.state.values())
+    else:
+        assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
     train(model, opt, list(batches(6))[3:])
     for k, v in straight.items():
         torch.testing.assert_close(resumed2[k], v, atol=1e-6, rtol=1e-5)
@@ -110,11 +114,15 @@ def test_deepspeed_partitions_are_refused():
         opt.step()
 
 
-def test_init_state_before_the_first_step_changes_nothing():
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_gsnr_max"])
+def test_init_state_before_the_first_step_changes_nothing(name):
     a, b = tiny_llama(), tiny_llama()
-    oa, ob = OPTIMIZERS["sgdsai"](list(a.parameters())), OPTIMIZERS["sgdsai"](list(b.parameters()))
+    oa, ob = OPTIMIZERS[name](list(a.parameters())), OPTIMIZERS[name](list(b.parameters()))
     ob.init_state()
-    assert all(st["started"] is False and st["gsnr"] == 0.0 for st in ob.state.values())
+    if name == "sgdsai":
+        assert all(st["step"] == 0 for st in ob.state.values())
+    else:
+        assert all(st["started"] is False and st["gsnr"] == 0.0 for st in ob.state.values())
     train(a, oa, batches(4))
     train(b, ob, batches(4))
     for pa, pb in zip(a.parameters(), b.parameters()):

@@ -1,6 +1,6 @@
 """memopt optimizers: one algorithm family per module."""
 
-from memopt.optim._base import keep_32bit_state
+from memopt.optim._checks import keep_32bit_state
 from memopt.optim.adamw import AdamW8bit
 from memopt.optim.frugal import FRUGAL, GaLoreAdamW
 from memopt.optim.sgdsai import SGDSaI

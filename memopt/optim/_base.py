@@ -1,144 +1,27 @@
-"""What every memopt optimizer shares: argument checks, non-finite gradient handling, 8-bit state choice,
-and a ``load_state_dict`` that refuses foreign checkpoints and keeps state dtypes."""
+"""The base of every memopt optimizer: parameter checks at construction, non-finite gradient handling, the
+update-path choice (Triton kernel or PyTorch reference), 8-bit state choice, and a ``load_state_dict`` that
+checks everything it loads (docs/reliability.md)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import weakref
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.distributed import is_deepspeed_partitioned, is_dtensor
+from memopt.distributed import is_dtensor
 from memopt.functional.sgdsai import compute_dtype
+from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
+                                  check_gradient)
+from memopt.optim._release import GradientReleaseMixin
 
 logger = logging.getLogger("memopt")
 
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_BITS = (8, 32)
-_OVERRIDE_ATTR = "_memopt_state_bits"
-_RELEASE_OWNER_ATTR = "_memopt_release_owner"
 
-
-def keep_32bit_state(params, bits: int = 32) -> None:
-    """Per-parameter override of ``state_bits`` (e.g. keep embeddings in 32-bit state under ``state_bits=8``).
-
-    Accepts a tensor, an iterable of tensors or an ``nn.Module`` (all its parameters). The mark lives on the
-    tensor, so it must be set before the parameter's first step; a tensor's state format never changes later.
-    """
-    if bits not in STATE_BITS:
-        raise ValueError(f"bits={bits!r} is not one of {STATE_BITS}")
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    elif isinstance(params, Tensor):
-        params = [params]
-    for p in params:
-        setattr(p, _OVERRIDE_ATTR, bits)
-
-
-def _refuse_dtensor(name: str, p: Tensor, why: str) -> None:
-    if is_dtensor(p):
-        raise NotImplementedError(
-            f"{name} does not support FSDP2 / DTensor-sharded parameters{why}. Use optim='sgdsai' (32-bit state), "
-            "DDP (accelerate launch --multi_gpu), or a single device."
-        )
-
-
-def _refuse_deepspeed(name: str, p: Tensor) -> None:
-    if is_deepspeed_partitioned(p):
-        raise NotImplementedError(
-            f"{name} does not support DeepSpeed ZeRO-partitioned parameters: its per-tensor statistics would be "
-            "computed per partition. Use DDP, FSDP2 (optim='sgdsai'), or a single device."
-        )
-
-
-def check_gradient(name: str, p: Tensor, g: Tensor) -> None:
-    """The gradients no memopt optimizer can use, refused with one message per kind for every optimizer."""
-    if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError(f"{name} does not support sparse gradients (layout {g.layout}): use a dense embedding "
-                           "(nn.Embedding(sparse=False)) or an optimizer for sparse gradients such as "
-                           "torch.optim.SparseAdam")
-    if p.is_meta or g.is_meta:
-        raise RuntimeError(f"{name} cannot update a parameter of shape {tuple(p.shape)} on the meta device (it holds "
-                           "no data): materialise the model (load its weights or call to_empty) before training")
-
-
-def check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True):
-    if isinstance(value, Tensor):
-        raise ValueError(f"{name}={value!r}: a tensor is not supported here, pass a Python float")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name}={value!r} is out of range {lo}{low}, {high}{hi}")
-
-
-def check_adam_args(group: dict) -> None:
-    """lr, betas, eps and weight_decay of an Adam-family group."""
-    check_float("lr", group["lr"], 0.0)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas={betas!r} must be a pair of floats")
-    check_float("betas[0]", betas[0], 0.0, 1.0)
-    check_float("betas[1]", betas[1], 0.0, 1.0)
-    check_float("eps", group["eps"], 0.0, low_open=True)
-    check_float("weight_decay", group["weight_decay"], 0.0)
-
-
-def check_8bit_args(group: dict) -> None:
-    if group["use_triton"] is not None and not isinstance(group["use_triton"], bool):
-        raise ValueError(f"use_triton={group['use_triton']!r} must be None or a bool")
-    if not isinstance(group["stochastic_rounding"], bool):
-        raise ValueError(f"stochastic_rounding={group['stochastic_rounding']!r} must be a bool")
-    check_8bit_layout(group)
-
-
-def check_8bit_layout(group: dict) -> None:
-    """state_bits, blocksize and min_8bit_size (and the check_finite/maximize flags) of a group."""
-    for flag in ("maximize", "check_finite"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"{flag}={group[flag]!r} must be a bool")
-    if group["state_bits"] not in STATE_BITS or isinstance(group["state_bits"], bool):
-        raise ValueError(f"state_bits={group['state_bits']!r} is not one of {STATE_BITS}")
-    for key in ("blocksize", "min_8bit_size"):
-        v = group[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{key}={v!r} must be a positive int")
-    b = group["blocksize"]
-    if b < 16 or b > 8192 or b & (b - 1):
-        # the same layout must work on every path: the Triton kernels take powers of two in [16, 8192]
-        raise ValueError(f"blocksize={b!r} must be a power of two in [16, 8192]")
-    if group["state_bits"] == 8 and not group["check_finite"]:
-        raise ValueError("check_finite=False is not supported with state_bits=8: a non-finite value would "
-                         "poison a whole quantization block")
-
-
-def _refuse_distributed_release() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise RuntimeError(
-            "gradient release is not supported with more than one process: its hook runs before DDP's all-reduce "
-            "(and FSDP's reduce-scatter), so each rank would update from its own local gradient. Train without "
-            "grad_release under DDP/FSDP, or on one device"
-        )
-
-
-def _accumulating() -> bool:
-    """True inside accelerate (the Trainer) during a backward that is not the last of an accumulation cycle."""
-    import sys
-
-    state = sys.modules.get("accelerate.state")
-    if state is None:
-        return False
-    return state.GradientState._shared_state.get("sync_gradients", True) is False
-
-
-class MemoptOptimizer(Optimizer):
+class MemoptOptimizer(GradientReleaseMixin, Optimizer):
     """Base class. Subclasses set ``STATE_KEYS`` (allowed per-param state keys), ``SHAPED_STATE_KEYS`` (state
     tensors shaped like the param), ``REQUIRED_GROUP_KEYS`` (how a checkpoint is recognised) and implement
     ``_validate_group``."""
@@ -152,10 +35,7 @@ class MemoptOptimizer(Optimizer):
         self.nonfinite_skips = 0
         self.update_paths: dict[str, int] = {}
         self._logged_paths: set = set()
-        self._release_handles: list = []
-        self._release_paths = [0, 0]
-        self._group_index: Optional[dict[int, int]] = None
-        self.max_released_grad_bytes = 0  # largest gradient alive at once under gradient release
+        self._init_release()
         self._known_params: set[int] = set()
         super().__init__(params, defaults)
 
@@ -164,111 +44,7 @@ class MemoptOptimizer(Optimizer):
         self.__dict__.setdefault("nonfinite_skips", 0)
         self.__dict__.setdefault("update_paths", {})
         self.__dict__.setdefault("_logged_paths", set())
-        self.__dict__.setdefault("_release_handles", [])
-        self.__dict__.setdefault("_release_paths", [0, 0])
-        self.__dict__.setdefault("_group_index", None)
-        self.__dict__.setdefault("max_released_grad_bytes", 0)
         self.__dict__.setdefault("_known_params", {id(p) for g in self.param_groups for p in g["params"]})
-
-    # --------------------------------------------------------------------------------- gradient release
-    @property
-    def gradient_release(self) -> bool:
-        """Whether parameters are updated inside backward (see :meth:`enable_gradient_release`)."""
-        return bool(self._release_handles)
-
-    def enable_gradient_release(self) -> None:
-        """Update each parameter inside ``backward()`` as soon as its gradient is complete, then free that
-        gradient (``Tensor.register_post_accumulate_grad_hook``), so the full set of gradients never exists.
-
-        Contract: every ``backward()`` is one optimizer update of the parameters it reaches; call ``step()``
-        once after it (it finishes deferred work and updates any parameter whose gradient was set without a
-        backward) and ``zero_grad()`` as usual. The learning rate and other group values are read when the
-        hook runs, so a scheduler stepped after ``step()`` acts on the next backward, as it does normally.
-
-        Refused (RuntimeError): distributed runs with more than one process (the hook fires before DDP's
-        all-reduce and before FSDP's reduce-scatter, so each rank would step on its local gradient); inside
-        accelerate / the Trainer, a backward that is not the last of a gradient-accumulation cycle; a parameter
-        that already has the hooks of another live optimizer. Not supported: global gradient-norm clipping (it
-        cannot see freed gradients: the Trainer integration refuses ``max_grad_norm > 0``) and fp16 loss scaling
-        (``GradScaler``: the hook would step with scaled gradients; the Trainer integration refuses ``fp16``).
-        """
-        if self._release_handles:
-            return
-        if not self._supports_release():
-            raise NotImplementedError(f"{type(self).__name__} does not support gradient release")
-        _refuse_distributed_release()
-        params = [p for group in self.param_groups for p in group["params"]]
-        for p in params:
-            owner = getattr(p, _RELEASE_OWNER_ATTR, lambda: None)()
-            if owner is not None and owner is not self and owner.gradient_release:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} already has gradient-release hooks from another live "
-                    f"{type(owner).__name__}: call disable_gradient_release() on that optimizer (or delete it) first"
-                )
-        self._release_handles = [self._register_release_hook(p) for p in params if p.requires_grad]
-
-    def _register_release_hook(self, p: Tensor):
-        # The hook holds the optimizer weakly: a dropped optimizer's hooks do nothing and do not keep it alive.
-        ref = weakref.ref(self)
-
-        def hook(param: Tensor) -> None:
-            opt = ref()
-            if opt is not None and opt._release_handles:
-                opt._release_hook(param)
-
-        setattr(p, _RELEASE_OWNER_ATTR, ref)
-        return p.register_post_accumulate_grad_hook(hook)
-
-    def disable_gradient_release(self) -> None:
-        """Remove the backward hooks (``step()`` then updates from ``.grad`` as usual)."""
-        for handle in self._release_handles:
-            handle.remove()
-        self._release_handles = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if getattr(p, _RELEASE_OWNER_ATTR, lambda: None)() is self:
-                    delattr(p, _RELEASE_OWNER_ATTR)
-
-    def _supports_release(self) -> bool:
-        return False
-
-    def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
-        """Update ``p`` from its finite gradient ``g`` inside backward; return True to keep ``p.grad`` for
-        ``step()`` instead of freeing it. Counts the update path in ``self._release_paths``."""
-        raise NotImplementedError
-
-    def _group_of(self, p: Tensor) -> dict:
-        # groups are looked up by index at hook time: load_state_dict replaces the group dicts
-        if self._group_index is None or id(p) not in self._group_index:
-            self._group_index = {id(q): i for i, group in enumerate(self.param_groups) for q in group["params"]}
-        return self.param_groups[self._group_index[id(p)]]
-
-    @torch.no_grad()
-    def _release_hook(self, p: Tensor) -> None:
-        g = self._grad(p)
-        if g is None:
-            return
-        if _accumulating():
-            raise RuntimeError(
-                f"{type(self).__name__} with gradient release updates parameters inside backward and cannot "
-                "accumulate gradients: set gradient_accumulation_steps=1 (use a larger per-device batch instead)"
-            )
-        _refuse_distributed_release()
-        group = self._group_of(p)
-        self.max_released_grad_bytes = max(self.max_released_grad_bytes, g.numel() * g.element_size())
-        keep = False
-        if p.numel():
-            if group["check_finite"] and not self._finite_mask([g])[0]:
-                self._count_skips(1)
-            else:
-                keep = self._release_update(group, p, g)
-        if not keep:
-            p.grad = None
-
-    def _finish_release_step(self, n_triton: int, n_torch: int) -> None:
-        """Called by ``step()``: the update paths of this step, released tensors included."""
-        self._record_paths(n_triton + self._release_paths[0], n_torch + self._release_paths[1])
-        self._release_paths = [0, 0]
 
     def _use_triton(self, group: dict, p: Tensor, g: Tensor, kernel: str) -> bool:
         """Whether this tensor's update runs the fused Triton kernel module ``kernel``. ``use_triton=None``
@@ -564,85 +340,3 @@ class MemoptOptimizer(Optimizer):
             for key, value in st.items():
                 if isinstance(value, Tensor) and not is_dtensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
-
-
-class MatrixOptimizer(MemoptOptimizer):
-    """Base for the projection methods: per-parameter math in fp32 with decoupled weight decay, and a group key
-    ``project`` ("auto": 2-D params take the matrix update, others plain AdamW; True: every param, a non-2-D
-    one is refused, e.g. a DeepSpeed-flattened partition; False: plain AdamW). Subclasses implement
-    ``_matrix_update(group, state, p32, g)``."""
-
-    def _normalize_group(self, group: dict) -> None:
-        group["betas"] = tuple(float(b) for b in group["betas"])
-
-    @staticmethod
-    def _check_project(group: dict) -> None:
-        if group["project"] not in ("auto", True, False):
-            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
-        for flag in ("check_finite", "maximize"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
-
-    def add_param_group(self, param_group: dict) -> None:
-        if param_group.get("project", self.defaults.get("project")) is True:
-            params = param_group["params"]
-            for p in ([params] if isinstance(params, Tensor) else list(params)):
-                if p.dim() != 2:
-                    raise ValueError(
-                        f"{type(self).__name__} projects 2-D matrices; a parameter of shape {tuple(p.shape)} is in "
-                        "a group with project=True (put 1-D params, or DeepSpeed-flattened partitions, in a group "
-                        "with project=False)"
-                    )
-        super().add_param_group(param_group)
-
-    @staticmethod
-    def _projected(group: dict, p: Tensor) -> bool:
-        return group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
-
-    @staticmethod
-    def adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
-        """Update AdamW moments (``exp_avg``, ``exp_avg_sq``, ``step``; created or re-created when ``g``'s shape
-        changes) and return the bias-corrected direction ``m̂ / (sqrt(v̂) + eps)``."""
-        if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)
-            state["step"] = 0
-        state["step"] += 1
-        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-        return m / denom / (1.0 - beta1**t)
-
-    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
-        """Update of a projected parameter: ``p32`` is its fp32 value (updated in place), ``g`` the fp32
-        gradient, ``p`` the parameter itself (for per-tensor marks)."""
-        raise NotImplementedError
-
-    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
-        """Update of a parameter that is not projected: plain AdamW (subclasses may use their inner optimizer)."""
-        beta1, beta2 = group["betas"]
-        p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
-
-    def _before_updates(self) -> None:
-        """Hook run after the closure and before any parameter is updated (whole-step statistics)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self._evaluate(closure)
-        self._before_updates()
-        for group in self.param_groups:
-            params, grads = self._collect(group)
-            for p, grad in zip(params, grads):
-                g = (-grad if group["maximize"] else grad).float()
-                state = self.state[p]
-                p32 = p if p.dtype == torch.float32 else p.float()
-                if group["weight_decay"]:
-                    p32.mul_(1.0 - group["lr"] * group["weight_decay"])
-                if self._projected(group, p):
-                    self._matrix_update(group, state, p32, g, p)
-                else:
-                    self._dense_update(group, state, p32, g, p)
-                if p32 is not p:
-                    p.copy_(p32)
-        return loss

@@ -8,7 +8,8 @@ import torch
 
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
 from memopt.kernels import load as load_kernels
-from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_adam_args
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim._checks import check_8bit_args, check_adam_args
 
 _CODES = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 

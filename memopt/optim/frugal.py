@@ -11,7 +11,8 @@ from torch import Tensor
 from memopt.functional import projection as proj
 from memopt.functional.quantize import default_code, dequantize_blockwise, quantize_blockwise
 from memopt.functional.sgdsai import gsnr
-from memopt.optim._base import MatrixOptimizer, check_8bit_layout, check_adam_args, check_float
+from memopt.optim._checks import check_8bit_layout, check_adam_args, check_float
+from memopt.optim._matrix import MatrixOptimizer
 
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
 FREE_SCALES = ("none", "sai")

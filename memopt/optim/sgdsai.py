@@ -13,7 +13,8 @@ from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
 from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
-from memopt.optim._base import MemoptOptimizer, check_8bit_args, check_float as _check_float
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim._checks import check_8bit_args, check_float as _check_float
 
 SCALE_MODES = ("factored", "gsnr_max", "gsnr", "sqrt_numel")
 PAPER_MODES = SCALE_MODES[1:]  # the SGD-SaI paper's per-tensor scales: the buffer holds the momentum of the gradient

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
-from memopt.optim._base import MatrixOptimizer, check_adam_args
+from memopt.optim._checks import check_adam_args
+from memopt.optim._matrix import MatrixOptimizer
 
 
 def subset_sum_sq(g: Tensor) -> Tensor:

@@ -1,0 +1,94 @@
+"""The base of the projection methods (FRUGAL, GaLore-style, SN-SM): per-parameter fp32 math with decoupled weight
+decay, 2-D parameters through a matrix update, the others through plain AdamW (docs/projection.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from memopt.optim._base import MemoptOptimizer
+
+
+
+class MatrixOptimizer(MemoptOptimizer):
+    """Base for the projection methods: per-parameter math in fp32 with decoupled weight decay, and a group key
+    ``project`` ("auto": 2-D params take the matrix update, others plain AdamW; True: every param, a non-2-D
+    one is refused, e.g. a DeepSpeed-flattened partition; False: plain AdamW). Subclasses implement
+    ``_matrix_update(group, state, p32, g)``."""
+
+    def _normalize_group(self, group: dict) -> None:
+        group["betas"] = tuple(float(b) for b in group["betas"])
+
+    @staticmethod
+    def _check_project(group: dict) -> None:
+        if group["project"] not in ("auto", True, False):
+            raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
+        for flag in ("check_finite", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag}={group[flag]!r} must be a bool")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if param_group.get("project", self.defaults.get("project")) is True:
+            params = param_group["params"]
+            for p in ([params] if isinstance(params, Tensor) else list(params)):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"{type(self).__name__} projects 2-D matrices; a parameter of shape {tuple(p.shape)} is in "
+                        "a group with project=True (put 1-D params, or DeepSpeed-flattened partitions, in a group "
+                        "with project=False)"
+                    )
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _projected(group: dict, p: Tensor) -> bool:
+        return group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
+
+    @staticmethod
+    def adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
+        """Update AdamW moments (``exp_avg``, ``exp_avg_sq``, ``step``; created or re-created when ``g``'s shape
+        changes) and return the bias-corrected direction ``m̂ / (sqrt(v̂) + eps)``."""
+        if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
+            state["exp_avg"] = torch.zeros_like(g)
+            state["exp_avg_sq"] = torch.zeros_like(g)
+            state["step"] = 0
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
+        return m / denom / (1.0 - beta1**t)
+
+    def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        """Update of a projected parameter: ``p32`` is its fp32 value (updated in place), ``g`` the fp32
+        gradient, ``p`` the parameter itself (for per-tensor marks)."""
+        raise NotImplementedError
+
+    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        """Update of a parameter that is not projected: plain AdamW (subclasses may use their inner optimizer)."""
+        beta1, beta2 = group["betas"]
+        p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
+
+    def _before_updates(self) -> None:
+        """Hook run after the closure and before any parameter is updated (whole-step statistics)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._evaluate(closure)
+        self._before_updates()
+        for group in self.param_groups:
+            params, grads = self._collect(group)
+            for p, grad in zip(params, grads):
+                g = (-grad if group["maximize"] else grad).float()
+                state = self.state[p]
+                p32 = p if p.dtype == torch.float32 else p.float()
+                if group["weight_decay"]:
+                    p32.mul_(1.0 - group["lr"] * group["weight_decay"])
+                if self._projected(group, p):
+                    self._matrix_update(group, state, p32, g, p)
+                else:
+                    self._dense_update(group, state, p32, g, p)
+                if p32 is not p:
+                    p.copy_(p32)
+        return loss
