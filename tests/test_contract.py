@@ -1,6 +1,7 @@
 """The optimizer contract (docs/reliability.md), written once and run for every registered optimizer."""
 
 import copy
+import math
 import io
 import pickle
 
@@ -206,3 +207,30 @@ def test_sparse_gradients_and_meta_parameters_get_one_clear_message(name):
     q.grad = torch.empty(10, 4, device="meta")
     with pytest.raises(RuntimeError, match="on the meta device"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_after_real_steps_is_exactly_the_state_layout(name, dtype):
+    # the one description of every optimizer's state: what it creates, what checkpoints are checked against and
+    # what memopt plan counts
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 4)).to(dtype)
+    small = {"min_8bit_size": 256} if name.endswith("_8bit") else {}  # the subspaces of this model are small
+    opt = create_optimizer(name, m.parameters(), lr=1e-3, **small)
+    for t in range(2):
+        opt.zero_grad()
+        x = torch.randn(6, 80, generator=torch.Generator().manual_seed(t)).to(dtype)
+        (m(x).float() ** 2).mean().backward()
+        opt.step()
+    expected_bytes = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            layout = {k: (tuple(s), d) for k, (s, d) in opt.state_layout(group, p).items()}
+            held = {k: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            assert held == layout, (tuple(p.shape), held, layout)
+            expected_bytes += sum(math.prod(s) * d.itemsize for s, d in layout.values())
+    assert state_bytes(opt) == expected_bytes
+    if name.endswith("_8bit"):
+        assert any(d == torch.uint8 for g in opt.param_groups for p in g["params"]
+                   for _, d in opt.state_layout(g, p).values())

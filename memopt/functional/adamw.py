@@ -13,11 +13,20 @@ from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
 
-def _adam_moments_(g: Tensor, m: Tensor, v: Tensor, *, beta1, beta2, maximize) -> None:
+def adam_moments_(g: Tensor, m: Tensor, v: Tensor, *, beta1: float, beta2: float, maximize: bool = False) -> None:
+    """Adam's moment update, in place: ``m ← β1 m + (1 − β1) g``, ``v ← β2 v + (1 − β2) g²`` (``-g`` when
+    maximizing). Every Adam-type update in memopt uses it."""
     if maximize:
         g = -g
     m.lerp_(g, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def adam_direction(m: Tensor, v: Tensor, *, beta1: float, beta2: float, eps: float, step: int) -> Tensor:
+    """The bias-corrected Adam direction ``m̂ / (sqrt(v̂) + eps)`` as a new tensor (the update is ``−lr`` times
+    it): how the projection methods apply Adam to a (projected) gradient."""
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    return m / denom / (1.0 - beta1**step)
 
 
 def _adamw_apply_(p: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
@@ -31,7 +40,7 @@ def _adamw_apply_(p: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, wei
 def _adamw_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step,
                  maximize) -> None:
     # the moments do not depend on p: the same result as torch's order (decay, moments, update), bit for bit
-    _adam_moments_(g, m, v, beta1=beta1, beta2=beta2, maximize=maximize)
+    adam_moments_(g, m, v, beta1=beta1, beta2=beta2, maximize=maximize)
     _adamw_apply_(p, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
@@ -80,7 +89,7 @@ def adamw_update_8bit_(
     cdt = compute_dtype(param.dtype)
     m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
     v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
-    _adam_moments_(grad.to(cdt), m, v, beta1=beta1, beta2=beta2, maximize=maximize)
+    adam_moments_(grad.to(cdt), m, v, beta1=beta1, beta2=beta2, maximize=maximize)
     # quantize first: a non-finite moment (corrupt state) raises here, before the parameter is written
     stored = [quantize_blockwise(m, signed_code, blocksize), quantize_blockwise(v, unsigned_code, blocksize)]
     p = param if param.dtype == cdt else param.to(cdt)

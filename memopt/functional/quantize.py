@@ -218,3 +218,39 @@ def dequantize_blockwise(
     code = default_code(True, codes.device) if code is None else code.to(device=codes.device)
     values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
+
+
+# ------------------------------------------------------------------------------- 8-bit optimizer state helpers
+# A state tensor ``key`` held in 8 bits is two tensors: ``<key>_codes`` (uint8, the tensor's shape) and
+# ``<key>_absmax`` (float32, one per block). These helpers are the one place that knows it.
+def blocks_of(numel: int, blocksize: int) -> int:
+    """How many quantization blocks ``numel`` elements take."""
+    return -(-numel // blocksize)
+
+
+def layout_8bit(key: str, shape: tuple, blocksize: int) -> dict:
+    """``{state key: (shape, dtype)}`` of state ``key`` held in 8 bits."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return {f"{key}_codes": (tuple(shape), torch.uint8), f"{key}_absmax": ((blocks_of(numel, blocksize),), torch.float32)}
+
+
+def load_moment(state: dict, key: str, blocksize: int, signed: bool = True) -> Optional[Tensor]:
+    """State ``key`` in full precision: the tensor itself, or its 8-bit form dequantized to fp32 (``signed``: which
+    dynamic map); ``None`` when the state has neither."""
+    if key in state:
+        return state[key]
+    codes = state.get(f"{key}_codes")
+    if codes is None:
+        return None
+    return dequantize_blockwise(codes, state[f"{key}_absmax"], default_code(signed, codes.device), blocksize)
+
+
+def store_moment(state: dict, key: str, value: Tensor, blocksize: int, signed: bool, eight: bool) -> None:
+    """Keep ``value`` as state ``key``: quantized to 8 bits (``eight``) or as it is."""
+    if eight:
+        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_blockwise(value, default_code(signed, value.device),
+                                                                           blocksize)
+    else:
+        state[key] = value

@@ -22,12 +22,11 @@ logger = logging.getLogger("memopt")
 
 
 class MemoptOptimizer(GradientReleaseMixin, Optimizer):
-    """Base class. Subclasses set ``STATE_KEYS`` (allowed per-param state keys), ``SHAPED_STATE_KEYS`` (state
-    tensors shaped like the param), ``REQUIRED_GROUP_KEYS`` (how a checkpoint is recognised) and implement
-    ``_validate_group``."""
+    """Base class. Subclasses implement ``_validate_group`` and :meth:`state_layout` (the state tensors), and set
+    ``STATE_KEYS`` (the non-tensor state entries, e.g. step counts), ``REQUIRED_GROUP_KEYS`` (how a checkpoint
+    without a descriptor is recognised) and ``LAYOUT_KEYS`` (group keys that fix the state format)."""
 
     STATE_KEYS: frozenset = frozenset()
-    SHAPED_STATE_KEYS: tuple = ()
     REQUIRED_GROUP_KEYS: frozenset = frozenset()
 
     def __init__(self, params, defaults: dict):
@@ -226,41 +225,47 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             saved[self.ALGORITHM_KEY] = self._describe(group)
         return out
 
-    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
-        """Shape of each state tensor a parameter ``p`` may hold (8-bit ``<key>_codes`` take ``<key>``'s shape)."""
-        return {key: tuple(p.shape) for key in self.SHAPED_STATE_KEYS}
+    def state_layout(self, group: dict, p: Tensor) -> dict[str, tuple[tuple, torch.dtype]]:
+        """``{state key: (shape, dtype)}`` of every tensor the state of ``p`` can hold under ``group``'s settings:
+        the one description of the state format. State is created from it (:meth:`_create_state`, or checked
+        against it after one real step for every registered optimizer in the tests), checkpoints are checked
+        against it, and ``memopt plan`` counts bytes with it. Non-tensor entries (step counts, the g-SNR) are
+        listed in ``STATE_KEYS``. A tensor's format never changes once created."""
+        return {}
+
+    def _create_state(self, group: dict, p: Tensor) -> dict:
+        """Zero state tensors of ``p`` per :meth:`state_layout` for the keys it does not hold yet (same-shape ones
+        are ``zeros_like(p)``: a DTensor for an FSDP2 parameter)."""
+        state = self.state[p]
+        for key, (shape, dtype) in self.state_layout(group, p).items():
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype) if tuple(shape) == tuple(p.shape) else \
+                    torch.zeros(shape, dtype=dtype, device=p.device)
+        return state
 
     def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
         """Refuse a saved per-parameter state whose keys, shapes, dtypes or numbers cannot belong to ``p`` under
         ``group``'s settings, before anything is written (checks run on the local shard of a DTensor)."""
         name = type(self).__name__
-        unknown = set(st) - self.STATE_KEYS
+        layout = self.state_layout(group, p)
+        unknown = {k for k, v in st.items() if k not in (layout if isinstance(v, Tensor) else self.STATE_KEYS)}
         if unknown:
-            raise ValueError(f"this state dict was not written by {name}: state of param {pid} has keys "
-                             f"{sorted(unknown)}")
-        expected = self._expected_state_shapes(group, p, st)
+            raise ValueError(f"this state dict was not written by {name} with these settings: state of param {pid} "
+                             f"(shape {tuple(p.shape)}) has keys {sorted(unknown)}; this optimizer expects "
+                             f"{sorted(layout)} (and scalars {sorted(self.STATE_KEYS)})")
         for key, value in st.items():
             where = f"state {key!r} of param {pid} (shape {tuple(p.shape)})"
             if isinstance(value, Tensor):
+                shape, dtype = layout[key]
+                if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                    raise ValueError(f"{where} is {value.dtype} of shape {tuple(value.shape)}, expected {dtype} of "
+                                     f"shape {tuple(shape)}: the checkpoint belongs to another model or optimizer "
+                                     "settings")
                 local = value.to_local() if is_dtensor(value) else value
-                base = key[: -len("_codes")] if key.endswith("_codes") else key
-                if key.endswith("_absmax"):
-                    codes = st.get(key[: -len("_absmax")] + "_codes")
-                    n_codes = codes.numel() if isinstance(codes, Tensor) else None
-                    n_blocks = None if n_codes is None else -(-n_codes // group["blocksize"])
-                    if value.dtype != torch.float32 or (n_blocks is not None and value.numel() != n_blocks):
-                        raise ValueError(f"{where}: expected {n_blocks} float32 block maxima, got {value.dtype} of "
-                                         f"{value.numel()}: the checkpoint belongs to another model or layout")
-                    if local.numel() and not bool(torch.isfinite(local).all() and (local >= 0).all()):
-                        raise ValueError(f"{where} holds NaN, Inf or negative block maxima: the checkpoint is corrupt")
-                    continue
-                if key.endswith("_codes") and value.dtype != torch.uint8:
-                    raise ValueError(f"{where}: 8-bit codes must be uint8, got {value.dtype}")
-                if base in expected and tuple(value.shape) != tuple(expected[base]):
-                    raise ValueError(f"{where} has shape {tuple(value.shape)}, expected {tuple(expected[base])}: "
-                                     "the checkpoint belongs to another model or optimizer settings")
                 if value.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
                     raise ValueError(f"{where} holds NaN or Inf values: the checkpoint is corrupt")
+                if key.endswith("_absmax") and local.numel() and not bool((local >= 0).all()):
+                    raise ValueError(f"{where} holds negative block maxima: the checkpoint is corrupt")
             elif isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{where} is {value}: the checkpoint is corrupt")
 

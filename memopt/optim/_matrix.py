@@ -3,11 +3,10 @@ decay, 2-D parameters through a matrix update, the others through plain AdamW (d
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.optim._base import MemoptOptimizer
 
 
@@ -54,11 +53,9 @@ class MatrixOptimizer(MemoptOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(g)
             state["step"] = 0
         state["step"] += 1
-        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(eps)
-        return m / denom / (1.0 - beta1**t)
+        adam_moments_(g, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2)
+        return adam_direction(state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps,
+                              step=state["step"])
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         """Update of a projected parameter: ``p32`` is its fp32 value (updated in place), ``g`` the fp32

@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
+from memopt.functional.quantize import layout_8bit
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_8bit_args, check_adam_args
@@ -40,8 +41,7 @@ class AdamW8bit(MemoptOptimizer):
     Not for: sparse gradients, complex params (refused).
     """
 
-    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", *_CODES})
-    SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")
+    STATE_KEYS = frozenset({"step"})
     REQUIRED_GROUP_KEYS = frozenset({"betas", "eps", "state_bits"})
     LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size")
 
@@ -77,6 +77,16 @@ class AdamW8bit(MemoptOptimizer):
         check_adam_args(group)
         check_8bit_args(group)
 
+    def state_layout(self, group: dict, p: torch.Tensor) -> dict:
+        """Both moments as 8-bit codes + block maxima for the tensors :meth:`_wants_8bit` picks, else full
+        precision (the parameter's dtype; fp32 for fp16 parameters and under ``state_bits=8``)."""
+        shape = tuple(p.shape)
+        if self._wants_8bit(group, p):
+            return {**layout_8bit("exp_avg", shape, group["blocksize"]),
+                    **layout_8bit("exp_avg_sq", shape, group["blocksize"])}
+        dtype = self._full_state_dtype(group, p)
+        return {"exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype)}
+
     def _normalize_group(self, group: dict) -> None:
         group["betas"] = tuple(float(b) for b in group["betas"])
 
@@ -95,15 +105,7 @@ class AdamW8bit(MemoptOptimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-            if self._wants_8bit(group, p):
-                n_blocks = -(-p.numel() // group["blocksize"])
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[f"{key}_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                    state[f"{key}_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
-            else:
-                dtype = self._full_state_dtype(group, p)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            self._create_state(group, p)
         state["step"] += 1
         if "exp_avg_codes" in state:
             fused = self._use_triton(group, p, g, "adamw")

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
-from memopt.functional.quantize import default_code, dequantize_blockwise, quantize_blockwise
+from memopt.functional.adamw import adam_direction, adam_moments_
+from memopt.functional.quantize import layout_8bit, load_moment, store_moment
 from memopt.functional.sgdsai import gsnr
 from memopt.optim._checks import check_8bit_layout, check_adam_args, check_float
 from memopt.optim._matrix import MatrixOptimizer
@@ -79,9 +80,8 @@ class FRUGAL(MatrixOptimizer):
     Not for: DeepSpeed-flattened (1-D) partitions, which lose the matrix shape: ``project=True`` refuses them.
     """
 
-    STATE_KEYS = frozenset({*_INNER_KEYS, "proj_basis", "proj_indices", "proj_seed", "proj_k",
-                            "proj_refreshed_at", "refreshes", "iteration", "gsnr", "block_round"})
-    SHAPED_STATE_KEYS = ()
+    STATE_KEYS = frozenset({"step", "proj_seed", "proj_k", "proj_refreshed_at", "refreshes", "iteration", "gsnr",
+                            "block_round"})
     REQUIRED_GROUP_KEYS = frozenset({"density", "selection", "state_free"})
     LAYOUT_KEYS = ("project", "inner", "selection", "density", "rank", "update_gap", "on_refresh", "state_free",
                    "free_scale", "block_order", "state_bits", "blocksize", "min_8bit_size")
@@ -129,64 +129,55 @@ class FRUGAL(MatrixOptimizer):
         _config(dict(group, selection=sel,
                      density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
 
-    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
+    def state_layout(self, group: dict, p: Tensor) -> dict:
+        """The projector's tensor (``proj_basis`` fp32 or ``proj_indices`` int32) and the inner optimizer's moments
+        in the subspace's shape (the whole shape for parameters that are not projected, and for ``blocks``, where
+        only the active tensors hold them); moments of at least ``min_8bit_size`` elements in 8 bits under
+        ``state_bits=8``. State-free (``density=0``) matrices hold nothing."""
         shape = tuple(p.shape)
-        whole = not self._projected(group, p) or group["selection"] == "blocks" or (
-            group["density"] == 0 and group["rank"] is None)
-        if whole:
-            return {key: shape for key, _ in _MOMENTS[group["inner"]]}
-        cfg = _config(group)
-        low = proj.projected_shape(shape, cfg)
-        return {**proj.selector_shapes(shape, cfg), **{key: low for key, _ in _MOMENTS[group["inner"]]}}
+        projected = self._projected(group, p)
+        if projected and group["density"] == 0 and group["rank"] is None:
+            return {}
+        out, low = {}, shape
+        if projected and group["selection"] != "blocks":
+            cfg = _config(group)
+            low = proj.projected_shape(shape, cfg)
+            out = {k: (s, torch.int32 if k == "proj_indices" else torch.float32)
+                   for k, s in proj.selector_shapes(shape, cfg).items()}
+        eight = self._wants_8bit(group, p) and math.prod(low) >= group["min_8bit_size"]
+        for key, _ in _MOMENTS[group["inner"]]:
+            out.update(layout_8bit(key, low, group["blocksize"]) if eight else {key: (low, torch.float32)})
+        return out
 
     # ------------------------------------------------------------------------------------ inner optimizer
-    def _moment(self, state: dict, key: str, signed: bool, group: dict) -> Optional[Tensor]:
-        if key in state:
-            return state[key]
-        if f"{key}_codes" in state:
-            codes = state[f"{key}_codes"]
-            return dequantize_blockwise(codes, state[f"{key}_absmax"], default_code(signed, codes.device),
-                                        group["blocksize"])
-        return None
-
-    @staticmethod
-    def _store(state: dict, key: str, value: Tensor, signed: bool, group: dict, eight: bool) -> None:
-        if eight:
-            state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_blockwise(
-                value, default_code(signed, value.device), group["blocksize"])
-        else:
-            state[key] = value
-
     def inner_direction(self, group: dict, state: dict, x: Tensor, p: Tensor) -> Optional[Tensor]:
         """Step the inner optimizer on ``x`` (the projected or whole fp32 gradient of ``p``) and return its
         update direction (to be multiplied by the lr), or ``None`` when SGD-SaI has no scale yet."""
         beta1, beta2 = group["betas"]
+        bs = group["blocksize"]
         eight = self._wants_8bit(group, p) and x.numel() >= group["min_8bit_size"]
-        moments = _MOMENTS[group["inner"]]
         if group["inner"] == "sgdsai":
             s = state.get("gsnr")
             if s is None:  # all-zero gradient so far: the scale (and the step) waits for a non-zero one
                 return None
-            buf = self._moment(state, "momentum_buffer", True, group)
+            buf = load_moment(state, "momentum_buffer", bs)
             if buf is None or buf.shape != x.shape:
                 buf = x.clone()  # first step after a (re)start: m = g
             else:
                 buf.lerp_(x, 1.0 - beta1)
-            self._store(state, "momentum_buffer", buf, True, group, eight)
+            store_moment(state, "momentum_buffer", buf, bs, True, eight)
             return buf * (s / self._gsnr_max)
-        m = self._moment(state, "exp_avg", True, group)
+        m = load_moment(state, "exp_avg", bs)
         if m is None or m.shape != x.shape:
             _clear_inner(state)
             m, v, state["step"] = torch.zeros_like(x), torch.zeros_like(x), 0
         else:
-            v = self._moment(state, "exp_avg_sq", False, group)
+            v = load_moment(state, "exp_avg_sq", bs, signed=False)
         state["step"] += 1
-        t = state["step"]
-        m.lerp_(x, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(x, x, value=1.0 - beta2)
-        direction = m / (v.sqrt() / math.sqrt(1.0 - beta2**t)).add_(group["eps"]) / (1.0 - beta1**t)
-        for (key, signed), value in zip(moments, (m, v)):
-            self._store(state, key, value, signed, group, eight)
+        adam_moments_(x, m, v, beta1=beta1, beta2=beta2)
+        direction = adam_direction(m, v, beta1=beta1, beta2=beta2, eps=group["eps"], step=state["step"])
+        for (key, signed), value in zip(_MOMENTS["adamw"], (m, v)):
+            store_moment(state, key, value, bs, signed, eight)
         return direction
 
     def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
@@ -205,11 +196,11 @@ class FRUGAL(MatrixOptimizer):
             new = state["proj_basis"]
             eight = any(f"{key}_codes" in state for key, _ in _MOMENTS[group["inner"]])
             for key, signed in _MOMENTS[group["inner"]]:
-                value = self._moment(state, key, signed, group)
+                value = load_moment(state, key, group["blocksize"], signed)
                 if value is None:
                     continue
                 move = proj.reproject_square if key == "exp_avg_sq" else proj.reproject_linear
-                self._store(state, key, move(value, old, new, side), signed, group, eight)
+                store_moment(state, key, move(value, old, new, side), group["blocksize"], signed, eight)
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         if group["density"] == 0 and group["rank"] is None:  # no subspace: every coordinate is state-free

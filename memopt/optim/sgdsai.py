@@ -10,7 +10,7 @@ from torch import Tensor
 
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
-from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
+from memopt.functional.quantize import layout_8bit, load_moment, quantize_blockwise
 from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
@@ -19,7 +19,7 @@ from memopt.optim._checks import check_8bit_args, check_float as _check_float
 SCALE_MODES = ("factored", "gsnr_max", "gsnr", "sqrt_numel")
 PAPER_MODES = SCALE_MODES[1:]  # the SGD-SaI paper's per-tensor scales: the buffer holds the momentum of the gradient
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_STATE_KEYS = frozenset({"momentum_buffer", "momentum_codes", "momentum_absmax", "gsnr", "started", "step"})
+_SCALAR_STATE = frozenset({"gsnr", "started", "step"})
 
 # Chosen from the quality benchmark in docs/sgdsai.md (several tasks, AdamW at its best lr beside it).
 DEFAULT_SCALE = "factored"
@@ -111,8 +111,7 @@ class SGDSaI(MemoptOptimizer):
     with ``m = g``); the scales live in ``state_dict()`` and are never recomputed on resume.
     """
 
-    STATE_KEYS = _STATE_KEYS
-    SHAPED_STATE_KEYS = ("momentum_buffer", "momentum_codes")
+    STATE_KEYS = _SCALAR_STATE
     REQUIRED_GROUP_KEYS = frozenset({"scale", "momentum", "check_finite"})
     LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size", "state_dtype")
 
@@ -216,18 +215,20 @@ class SGDSaI(MemoptOptimizer):
             impl.sgdsai_update_(p, u, state.get("momentum_buffer"), **common)
         return fused
 
+    def state_layout(self, group: dict, p: Tensor) -> dict:
+        """One momentum buffer (none with ``momentum=0``): 8-bit codes + block maxima for the tensors
+        :meth:`_wants_8bit` picks, else ``state_dtype`` (default: the parameter's dtype, fp32 for fp16 parameters
+        and for the 32-bit tensors of an 8-bit optimizer)."""
+        if group["momentum"] == 0.0:
+            return {}
+        if self._wants_8bit(group, p):
+            return layout_8bit("momentum", tuple(p.shape), group["blocksize"])
+        dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else self._full_state_dtype(group, p)
+        return {"momentum_buffer": (tuple(p.shape), dtype)}
+
     def _zero_momentum(self, group: dict, p: Tensor) -> None:
         """A zero momentum buffer for ``p`` (8-bit codes with absmax 0, or full precision), unless it has one."""
-        state = self.state[p]
-        if group["momentum"] == 0.0 or "momentum_buffer" in state or "momentum_codes" in state:
-            return
-        if self._wants_8bit(group, p):
-            n_blocks = -(-p.numel() // group["blocksize"])
-            state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-            state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
-        else:
-            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else self._full_state_dtype(group, p)
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+        self._create_state(group, p)
 
     def _scale_of(self, group: dict, p: Tensor, gsnr_max: float) -> Optional[float]:
         mode = group["scale"]
@@ -274,12 +275,11 @@ class SGDSaI(MemoptOptimizer):
 
     def _new_momentum(self, group: dict, p: Tensor, g: Tensor) -> None:
         """Create the buffer of a tensor's first step holding ``g`` (8-bit codes or full precision)."""
-        state = self.state[p]
-        if self._wants_8bit(group, p):
+        state = self._create_state(group, p)
+        if "momentum_codes" in state:
             state["momentum_codes"], state["momentum_absmax"] = quantize_blockwise(g, None, group["blocksize"])
         else:
-            dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else self._full_state_dtype(group, p)
-            state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
+            state["momentum_buffer"].copy_(g)
 
     def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
         state = self.state[p]
@@ -311,10 +311,8 @@ class SGDSaI(MemoptOptimizer):
         gsnr_max = self._running_gsnr_max()
         for p in self._deferred:
             group, state = self._group_of(p), self.state[p]
-            if "momentum_codes" in state:
-                m = dequantize_blockwise(state["momentum_codes"], state["momentum_absmax"], None, group["blocksize"])
-            else:
-                m = state["momentum_buffer"]
+            m = load_moment(state, "momentum", group["blocksize"]) if "momentum_codes" in state else \
+                state["momentum_buffer"]
             sgdsai_update_(p, m, None, lr=group["lr"], scale=self._scale_of(group, p, gsnr_max), momentum=0.0,
                            weight_decay=group["weight_decay"], maximize=group["maximize"],
                            stochastic_rounding=group["stochastic_rounding"])
@@ -372,9 +370,7 @@ class SGDSaI(MemoptOptimizer):
                         st["step"] = 0
                 elif "started" not in st:
                     has = "momentum_buffer" in st
-                    if group["momentum"] != 0.0 and not has:
-                        dtype = _STATE_DTYPES[group["state_dtype"]] if group["state_dtype"] else p.dtype
-                        st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                    self._create_state(group, p)
                     st.setdefault("gsnr", 0.0)
                     st["started"] = has
 
@@ -468,7 +464,6 @@ class SGDSaI(MemoptOptimizer):
         n_triton = n_torch = 0
         for group, params, grads in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
-            state_dtype = group["state_dtype"]
             common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"],
                           stochastic_rounding=group["stochastic_rounding"])
             active_p, active_g, bufs, scales, firsts = [], [], [], [], []
@@ -489,9 +484,7 @@ class SGDSaI(MemoptOptimizer):
                 if "started" in state:
                     state["started"] = True
                 if beta != 0.0 and first and self._wants_8bit(group, p):
-                    n_blocks = -(-p.numel() // group["blocksize"])
-                    state["momentum_codes"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                    state["momentum_absmax"] = torch.zeros(n_blocks, dtype=torch.float32, device=p.device)
+                    self._create_state(group, p)  # zero codes: the first step writes m = g
                 fused = self._use_triton(group, p, g, "sgdsai")
                 if fused:
                     n_triton += 1
@@ -505,8 +498,7 @@ class SGDSaI(MemoptOptimizer):
                     )
                     continue
                 if beta != 0.0 and first:
-                    dtype = _STATE_DTYPES[state_dtype] if state_dtype else self._full_state_dtype(group, p)
-                    state["momentum_buffer"] = g.detach().to(dtype=dtype, copy=True)
+                    self._create_state(group, p)["momentum_buffer"].copy_(g)
                 if fused:
                     kernels.sgdsai_update_(p, g, state.get("momentum_buffer"), scale=scale, first_step=first,
                                            **common)

@@ -45,20 +45,25 @@ class SubsetNormSM(MatrixOptimizer):
     State per m×n matrix: M = max(m, n) (SN) + r·M (momentum) + r·min(m, n) (projector) elements.
     """
 
-    STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "sn", "sm", "sm_step", "proj_basis",
-                            "proj_refreshed_at", "iteration"})
+    STATE_KEYS = frozenset({"step", "sm_step", "proj_refreshed_at", "iteration"})
     REQUIRED_GROUP_KEYS = frozenset({"subset_norm", "subspace_momentum", "rank"})
     LAYOUT_KEYS = ("project", "subset_norm", "subspace_momentum", "rank", "update_gap")
 
-    def _expected_state_shapes(self, group: dict, p: Tensor, state: dict) -> dict[str, tuple]:
+    def state_layout(self, group: dict, p: Tensor) -> dict:
+        """fp32 throughout. A projected matrix: the Subset-Norm statistic (``sn``: one per row if m ≥ n, else per
+        column), and either Subspace-Momentum (``sm`` in the rank-r subspace + its ``proj_basis``) or a full
+        ``exp_avg``. Other parameters: AdamW's ``exp_avg`` and ``exp_avg_sq``."""
         shape = tuple(p.shape)
         if not self._projected(group, p):
-            return {"exp_avg": shape, "exp_avg_sq": shape}
+            return {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
         m, n = shape
-        out = {"exp_avg": shape, "sn": (m, 1) if m >= n else (1, n)}
+        out = {"sn": ((m, 1) if m >= n else (1, n), torch.float32)} if group["subset_norm"] else {}
         if group["subspace_momentum"]:
             cfg = _sm_config(group)
-            out.update(proj.selector_shapes(shape, cfg), sm=proj.projected_shape(shape, cfg))
+            out.update({k: (s, torch.float32) for k, s in proj.selector_shapes(shape, cfg).items()},
+                       sm=(proj.projected_shape(shape, cfg), torch.float32))
+        else:
+            out["exp_avg"] = (shape, torch.float32)
         return out
 
     def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
