@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-_STD_REL_FLOOR = 1e-6  # as memopt.functional.sgdsai: below it the std is rounding residue of an all-equal tensor
+from memopt.functional.sgdsai import gsnr_from_stats
+
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -75,17 +76,11 @@ def gsnr_many(grads: Sequence[Tensor], eps: float = 1e-8) -> list[Optional[float
     _all_reduce(stats, groups)
     out: list[Optional[float]] = []
     for n, (ssd, ssq, bad) in zip(counts, stats.tolist()):
-        if bad > 0 or not math.isfinite(ssq):
+        if bad > 0:
             out.append(float("nan"))
             continue
-        norm = math.sqrt(ssq)
-        if norm == 0.0:
-            out.append(None)
-        elif n == 1:
-            out.append(1.0)
-        else:
-            std = math.sqrt(ssd / (n - 1))
-            out.append(math.sqrt(n) if std <= _STD_REL_FLOOR * norm / math.sqrt(n) else norm / (std + eps))
+        std = math.sqrt(ssd / (n - 1)) if n > 1 and math.isfinite(ssd) else 0.0
+        out.append(gsnr_from_stats(n, math.sqrt(ssq), std, eps))
     return out
 
 

@@ -26,6 +26,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gsnr_from_stats(n: int, norm: float, std: float, eps: float = 1e-8) -> Optional[float]:
+    """The g-SNR rule from a whole tensor's element count, L2 norm and unbiased std (the single-device and the
+    sharded computations both end here): ``nan`` when non-finite, ``None`` for an all-zero gradient, ``1.0`` for
+    one element, ``sqrt(n)`` when the std is rounding residue of an all-equal tensor, else ``norm / (std + eps)``."""
+    if not (math.isfinite(norm) and math.isfinite(std)):
+        return float("nan")
+    if norm == 0.0:
+        return None
+    if n == 1:
+        return 1.0
+    if std <= _STD_REL_FLOOR * norm / math.sqrt(n):
+        return math.sqrt(n)
+    return norm / (std + eps)
+
+
 def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
     """Gradient signal-to-noise ratio ``||g||_2 / (std(g) + eps)`` of one whole tensor, as a Python float.
 
@@ -46,16 +61,9 @@ def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
         g = g.to(compute_dtype(g.dtype))
     norm_t = torch.linalg.vector_norm(g)
     if n == 1:
-        return float("nan") if not math.isfinite(norm_t.item()) else (None if norm_t.item() == 0 else 1.0)
+        return gsnr_from_stats(1, norm_t.item(), 0.0, eps)
     norm, std = torch.stack([norm_t, torch.std(g)]).tolist()
-    if not (math.isfinite(norm) and math.isfinite(std)):
-        return float("nan")
-    if norm == 0.0:
-        return None
-    rms = norm / math.sqrt(n)
-    if std <= _STD_REL_FLOOR * rms:
-        return math.sqrt(n)
-    return norm / (std + eps)
+    return gsnr_from_stats(n, norm, std, eps)
 
 
 # Below this tensor mean square the gradient is treated as all zero (it is ~1e-30 of fp32's smallest normal).

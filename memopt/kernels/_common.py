@@ -1,7 +1,34 @@
-"""Device functions shared by the kernels (Triton only)."""
+"""What the kernels share (Triton only): device functions, and the launchers' argument checks and RNG seed."""
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def random_seed(stochastic_rounding: bool, dtype: torch.dtype) -> int:
+    """Seed for a kernel's stochastic rounding, drawn from torch's global CPU RNG (no device sync; restored
+    with the RNG state on Trainer resume). Drawn only when used, so the RNG stream is the same as on the
+    reference path."""
+    if not (stochastic_rounding and dtype == torch.bfloat16):
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) -> None:
+    """What every fused update launcher requires: fp32/bf16/fp16 params, a gradient of the same dtype and shape,
+    and contiguous tensors on the param's device."""
+    if param.dtype not in KERNEL_FLOATS:
+        raise ValueError(f"{kernel} supports fp32/bf16/fp16 params, got {param.dtype}")
+    if grad.dtype != param.dtype or grad.shape != param.shape:
+        raise ValueError("grad must have the param's dtype and shape")
+    for t in (param, grad, *state):
+        if t.device != param.device:
+            raise ValueError(f"all tensors must be on {param.device}, got one on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{kernel} needs contiguous param, grad and state")
 
 
 @triton.jit

@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import quantize_block, store_param_sr, torch_lerp
+from memopt.kernels._common import check_update_args, quantize_block, random_seed, store_param_sr, torch_lerp
 from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
-from memopt.kernels.sgdsai import _check, random_seed
 
 
 @triton.jit
@@ -47,7 +46,7 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
                        unsigned_code: Optional[Tensor] = None, stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.adamw.adamw_update_8bit_`."""
     check_blocksize(blocksize)
-    _check(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
     n = param.numel()
     n_blocks = -(-n // blocksize)
     for codes, absmax in ((exp_avg_codes, exp_avg_absmax), (exp_avg_sq_codes, exp_avg_sq_absmax)):

@@ -10,10 +10,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import quantize_block, store_param, store_param_sr, torch_lerp
+from memopt.kernels._common import (KERNEL_FLOATS, check_update_args, quantize_block, random_seed, store_param,
+                                    store_param_sr, torch_lerp)
 from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_BLOCK = 1024
 
 
@@ -52,33 +52,12 @@ def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr,
     tl.store(absmax_ptr + pid, amax)
 
 
-def random_seed(stochastic_rounding: bool, dtype: torch.dtype) -> int:
-    """Seed for a kernel's stochastic rounding, drawn from torch's global CPU RNG (no device sync; restored
-    with the RNG state on Trainer resume). Drawn only when used, so the RNG stream is the same as on the
-    reference path."""
-    if not (stochastic_rounding and dtype == torch.bfloat16):
-        return 0
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
-def _check(param: Tensor, grad: Tensor, *state: Tensor) -> None:
-    if param.dtype not in _FLOATS:
-        raise ValueError(f"fused SGD-SaI supports fp32/bf16/fp16 params, got {param.dtype}")
-    if grad.dtype != param.dtype or grad.shape != param.shape:
-        raise ValueError("grad must have the param's dtype and shape")
-    for t in (param, grad, *state):
-        if t.device != param.device:
-            raise ValueError(f"all tensors must be on {param.device}, got one on {t.device}")
-        if not t.is_contiguous():
-            raise ValueError("fused SGD-SaI needs contiguous param, grad and state")
-
-
 def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], *, lr: float, scale: float,
                    momentum: float, weight_decay: float, maximize: bool = False, first_step: bool = False,
                    stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_` (full-precision momentum)."""
-    _check(param, grad, *([] if momentum_buffer is None else [momentum_buffer]))
-    if momentum_buffer is not None and momentum_buffer.dtype not in _FLOATS:
+    check_update_args("fused SGD-SaI", param, grad, *([] if momentum_buffer is None else [momentum_buffer]))
+    if momentum_buffer is not None and momentum_buffer.dtype not in KERNEL_FLOATS:
         raise ValueError(f"momentum buffer dtype {momentum_buffer.dtype} is not supported")
     n = param.numel()
     if n == 0:
@@ -100,7 +79,7 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     """Fused twin of :func:`memopt.functional.sgdsai.sgdsai_update_8bit_`: per block, dequantize → fp32 EMA →
     param update → new absmax → re-quantize, in registers."""
     check_blocksize(blocksize)
-    _check(param, grad, codes, absmax)
+    check_update_args("fused SGD-SaI", param, grad, codes, absmax)
     if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
         raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
     n = param.numel()
