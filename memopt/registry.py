@@ -15,14 +15,21 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 from torch.optim import Optimizer
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_ARG_TYPES = ("float", "int", "bool", "str", "optional_bool")
+_ARG_TYPES = ("float", "int", "bool", "str", "optional_bool", "optional_float", "optional_int")
+# constructor arguments that are never optim_args: the parameters, and what the Trainer's own arguments set
+_NOT_OPTIM_ARGS = frozenset({"params", "lr", "weight_decay", "betas"})
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One registered optimizer: ``factory(params, lr=..., **kwargs)`` builds it."""
+    """One registered optimizer, the single place for what the rest of memopt needs to know about it:
+    ``factory(params, lr=..., **kwargs)`` builds it; ``arg_types`` (the typed ``optim_args`` keys) are derived from
+    the factory's signature; ``defaults`` fix what the name stands for (e.g. ``state_bits=8``); ``label`` is the
+    short name ``memopt plan`` and the docs table show; ``from_training_args`` takes kwargs from the Trainer's
+    arguments (Adam betas); ``build_groups`` builds the parameter groups from the model (projection methods). The
+    state-bytes rule is the optimizer class's own ``state_layout`` (``memopt plan`` and the tests use it)."""
 
     name: str
     factory: Callable[..., Optimizer]
@@ -33,6 +40,7 @@ class OptimizerSpec:
     from_training_args: Optional[Callable[[Any], dict]] = None
     # builds the parameter groups itself from (model, args, decay_names) (projection methods need the model)
     build_groups: Optional[Callable[[Any, Any, Optional[set]], list]] = None
+    label: str = ""
 
     def parse_optim_args(self, optim_args: Union[None, str, Mapping[str, Any]]) -> dict[str, Any]:
         """Turn ``"k=v,k2=v2"`` (or a dict of strings/values) into typed keyword arguments.
@@ -91,9 +99,18 @@ def _convert(key: str, value: Any, kind: str) -> Any:
             return result
         if kind == "int":
             return int(text)
+        if kind.startswith("optional_") and low in ("none", "null", "auto"):
+            return None
+        if kind == "optional_float":
+            kind = "float"
+        if kind == "optional_int":
+            return int(text)
+        if kind == "float":
+            result = float(text)
+            if not math.isfinite(result):
+                raise ValueError
+            return result
         if kind in ("bool", "optional_bool"):
-            if kind == "optional_bool" and low in ("none", "null", "auto"):
-                return None
             if low in _TRUE:
                 return True
             if low in _FALSE:
@@ -116,24 +133,64 @@ _REGISTRY: dict[str, OptimizerSpec] = {}
 INTEGRATION_ARGS = {"freeze_embeddings": "str", "chunked_loss": "str"}
 
 
+def arg_types_of(factory: Callable, exclude=()) -> dict[str, str]:
+    """The ``optim_args`` keys of a factory and their types, read from its signature and annotations: ``float``,
+    ``int``, ``bool``, ``str`` and their ``Optional`` forms (``Union[None, str, ...]`` reads as ``str``). Arguments
+    without such a type, ``params``, ``lr``, ``weight_decay``, ``betas`` and ``exclude`` are not ``optim_args``."""
+    import inspect
+    import typing
+
+    target = factory.__init__ if isinstance(factory, type) else factory
+    hints = typing.get_type_hints(target)
+    out = {}
+    for name, param in inspect.signature(target).parameters.items():
+        if name in _NOT_OPTIM_ARGS or name in exclude or name == "self" or param.kind in (
+                param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        hint = hints.get(name)
+        args = set(typing.get_args(hint)) if typing.get_origin(hint) is Union else {hint}
+        optional = type(None) in args
+        args.discard(type(None))
+        if str in args:
+            out[name] = "str"
+        elif args == {bool}:
+            out[name] = "optional_bool" if optional else "bool"
+        elif args == {float}:
+            out[name] = "optional_float" if optional else "float"
+        elif args == {int}:
+            out[name] = "optional_int" if optional else "int"
+    return out
+
+
 def register_optimizer(
     name: str,
     factory: Callable[..., Optimizer],
     *,
-    arg_types: Mapping[str, str],
+    arg_types: Optional[Mapping[str, str]] = None,
     defaults: Optional[Mapping[str, Any]] = None,
     description: str = "",
     from_training_args: Optional[Callable[[Any], dict]] = None,
     build_groups: Optional[Callable[[Any, Any, Optional[set]], list]] = None,
+    label: str = "",
+    fixed: tuple = (),
 ) -> OptimizerSpec:
-    """Register ``name``. Registering the same name with the same factory and arguments again is a no-op."""
+    """Register ``name`` (registering the same name with the same factory and arguments again is a no-op).
+
+    Args:
+        arg_types: the ``optim_args`` keys and types; default: derived from the factory's signature
+            (:func:`arg_types_of`), minus ``fixed``: the ``defaults`` that define what the name stands for and that
+            ``optim_args`` must not change (e.g. SN-SM's ``subset_norm`` flags).
+        label: the short name ``memopt plan`` shows (default: the name).
+    """
     if not _NAME_RE.match(name):
         raise ValueError(f"optimizer name {name!r} must be lower-case letters, digits and underscores")
+    if arg_types is None:
+        arg_types = arg_types_of(factory, exclude=fixed)
     for key, kind in arg_types.items():
         if kind not in _ARG_TYPES:
             raise ValueError(f"arg type {kind!r} of {key!r} is not one of {_ARG_TYPES}")
     spec = OptimizerSpec(name, factory, dict(arg_types), dict(defaults or {}), description, from_training_args,
-                         build_groups)
+                         build_groups, label or name)
     existing = _REGISTRY.get(name)
     if existing is not None and existing != spec:
         raise ValueError(f"optimizer name {name!r} is already registered with a different factory")
@@ -188,62 +245,39 @@ def _register_builtin() -> None:
     from memopt.optim.snsm import SubsetNormSM
     from memopt.optim.sgdsai import SGDSaI
 
-    sgdsai_args = {
-        "momentum": "float", "eps": "float", "scale": "str", "clip": "float", "maximize": "bool",
-        "foreach": "optional_bool",
-        "state_dtype": "str", "check_finite": "bool", "state_bits": "int", "blocksize": "int",
-        "min_8bit_size": "int", "use_triton": "optional_bool", "stochastic_rounding": "bool", "grad_release": "bool",
-    }
     register_optimizer(
-        "sgdsai",
-        SGDSaI,
-        arg_types=sgdsai_args,
-        description="SGD-SaI: SGD momentum + per-tensor g-SNR lr scale (4 B/param fp32 state)",
-    )
+        "sgdsai", SGDSaI, label="SGD-SaI",
+        description="SGD-SaI: momentum of the factored-RMS-normalised gradient, AdamW's learning rates (4 B/param)")
     register_optimizer(
-        "sgdsai_8bit",
-        SGDSaI,
-        arg_types=sgdsai_args,
-        defaults={"state_bits": 8},
-        description="SGD-SaI with blockwise 8-bit momentum (~1.02 B/param; small tensors keep 32-bit state)",
-    )
+        "sgdsai_8bit", SGDSaI, defaults={"state_bits": 8}, label="SGD-SaI 8-bit",
+        description="SGD-SaI with blockwise 8-bit momentum (~1.02 B/param; small tensors keep 32-bit state)")
     # Not "adamw_8bit": that name is Transformers' alias for bitsandbytes' AdamW8bit.
     register_optimizer(
-        "memopt_adamw_8bit",
-        AdamW8bit,
-        arg_types={"eps": "float", "maximize": "bool", "check_finite": "bool", "state_bits": "int",
-                   "blocksize": "int", "min_8bit_size": "int", "use_triton": "optional_bool",
-                   "stochastic_rounding": "bool", "grad_release": "bool"},
-        defaults={"state_bits": 8},
-        description="AdamW with blockwise 8-bit moments (~2.03 B/param)",
-        from_training_args=_adam_training_args,
-    )
-    layout_8bit = {"state_bits": "int", "blocksize": "int", "min_8bit_size": "int"}
-    frugal_args = {"density": "float", "rank": "int", "selection": "str", "block_order": "str", "update_gap": "int",
-                   "on_refresh": "str", "state_free": "str", "inactive_lr_scale": "float", "active_scale": "float",
-                   "eps": "float", "check_finite": "bool", "maximize": "bool", "free_scale": "str", "inner": "str",
-                   **layout_8bit}
-    for name, defaults, what in (
-            ("frugal", {}, "FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest"),
-            ("frugal_8bit", {"state_bits": 8}, "FRUGAL with the subspace AdamW moments in blockwise 8-bit"),
-            ("frugal_sgdsai", {"inner": "sgdsai", "inactive_lr_scale": 0.03},
+        "memopt_adamw_8bit", AdamW8bit, defaults={"state_bits": 8}, label="AdamW 8-bit (memopt)",
+        description="AdamW with blockwise 8-bit moments (~2.03 B/param)", from_training_args=_adam_training_args)
+    for name, defaults, label, what in (
+            ("frugal", {}, "FRUGAL (AdamW inner)",
+             "FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest"),
+            ("frugal_8bit", {"state_bits": 8}, "FRUGAL 8-bit inner",
+             "FRUGAL with the subspace AdamW moments in blockwise 8-bit"),
+            ("frugal_sgdsai", {"inner": "sgdsai", "inactive_lr_scale": 0.03}, "FRUGAL (SGD-SaI inner)",
              "FRUGAL with SGD-SaI momentum in the subspace (SGD-SaI's lr; state-free step at 0.03 lr)")):
-        register_optimizer(name, FRUGAL, arg_types=frugal_args, defaults=defaults, description=what,
+        register_optimizer(name, FRUGAL, defaults=defaults, label=label, description=what,
                            from_training_args=_adam_training_args, build_groups=_projection_groups)
     # Not "galore_adamw": Transformers has its own galore_* names (galore-torch).
-    galore_args = {"rank": "int", "scale": "float", "selection": "str", "update_gap": "int", "on_refresh": "str",
-                   "eps": "float", "check_finite": "bool", "maximize": "bool", **layout_8bit}
-    for name, defaults, what in (
-            ("memopt_galore", {}, "GaLore-style AdamW: rank-r gradient projection, refreshed every update_gap steps"),
-            ("memopt_galore_8bit", {"state_bits": 8}, "GaLore-style AdamW with blockwise 8-bit moments")):
-        register_optimizer(name, GaLoreAdamW, arg_types=galore_args, defaults=defaults, description=what,
+    for name, defaults, label, what in (
+            ("memopt_galore", {}, "GaLore-style AdamW",
+             "GaLore-style AdamW: rank-r gradient projection, refreshed every update_gap steps"),
+            ("memopt_galore_8bit", {"state_bits": 8}, "GaLore-style AdamW 8-bit",
+             "GaLore-style AdamW with blockwise 8-bit moments")):
+        register_optimizer(name, GaLoreAdamW, defaults=defaults, label=label, description=what,
                            from_training_args=_adam_training_args, build_groups=_projection_groups)
-    snsm_args = {"rank": "int", "update_gap": "int", "eps": "float", "check_finite": "bool", "maximize": "bool"}
-    for name, sn, sm, what in (("adamsn", True, False, "Adam with Subset-Norm (one 2nd-moment scalar per row/col)"),
-                               ("adamsnsm", True, True, "AdamSN + Subspace-Momentum (rank-r momentum)"),
-                               ("sgdsm", False, True, "SGD with Subspace-Momentum")):
-        register_optimizer(name, SubsetNormSM, arg_types=snsm_args, defaults={"subset_norm": sn,
-                           "subspace_momentum": sm}, description=what, build_groups=_snsm_groups,
+    for name, sn, sm, label, what in (
+            ("adamsn", True, False, "AdamSN", "Adam with Subset-Norm (one 2nd-moment scalar per row/col)"),
+            ("adamsnsm", True, True, "AdamSNSM", "AdamSN + Subspace-Momentum (rank-r momentum)"),
+            ("sgdsm", False, True, "SGD-SM", "SGD with Subspace-Momentum")):
+        register_optimizer(name, SubsetNormSM, defaults={"subset_norm": sn, "subspace_momentum": sm}, label=label,
+                           description=what, build_groups=_snsm_groups, fixed=("subset_norm", "subspace_momentum"),
                            from_training_args=lambda args: {"betas": (args.adam_beta1, args.adam_beta2)})
 
 

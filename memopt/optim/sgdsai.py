@@ -380,7 +380,7 @@ class SGDSaI(MemoptOptimizer):
         one device would compute. State is created for every trainable parameter at its first step() (a DTensor
         momentum buffer, ``gsnr`` 0.0 = not computed yet, ``started``), so the template that
         ``torch.distributed.checkpoint`` builds for a fresh optimizer has every key a checkpoint holds."""
-        from memopt.distributed import finite_flags, gsnr_many, local
+        from memopt.distributed import gsnr_many, local
 
         if self.gradient_release:
             raise RuntimeError("gradient release is not supported with FSDP2 parameters")
@@ -391,14 +391,7 @@ class SGDSaI(MemoptOptimizer):
             if group["scale"] == "factored":
                 n_factored += self._step_sharded_factored(group)
                 continue
-            params = [p for p in group["params"] if self._grad(p, group) is not None]
-            grads = [p.grad for p in params]
-            if group["check_finite"] and grads:
-                ok = finite_flags(grads)
-                if not all(ok):
-                    self._count_skips(ok.count(False))
-                    params = [p for p, k in zip(params, ok) if k]
-                    grads = [g for g, k in zip(grads, ok) if k]
+            params, grads = self._collect_sharded(group)
             need = [i for i, p in enumerate(params) if group["scale"] != "sqrt_numel" and not self.state[p]["gsnr"]]
             for i, s in zip(need, gsnr_many([grads[i] for i in need], group["eps"])):
                 self._store_gsnr(self.state[params[i]], s)
@@ -429,10 +422,9 @@ class SGDSaI(MemoptOptimizer):
                                        stochastic_rounding=group["stochastic_rounding"])
         self._record_paths(0, n_factored + sum(len(w[1]) for w in work))
 
-    def _step_sharded_factored(self, group: dict) -> int:
-        """``scale="factored"`` on FSDP2 shards: rows are whole on each rank (FSDP2 shards dim 0), so only the
-        column statistics are summed over the shard group; the update is then elementwise on the local shard."""
-        from memopt.distributed import any_nonzero, column_reducer, finite_flags, local
+    def _collect_sharded(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`_collect` for FSDP2 parameters: finiteness of each whole gradient agreed over the shard group."""
+        from memopt.distributed import finite_flags
 
         params = [p for p in group["params"] if self._grad(p, group) is not None]
         grads = [p.grad for p in params]
@@ -442,6 +434,14 @@ class SGDSaI(MemoptOptimizer):
                 self._count_skips(ok.count(False))
                 params = [p for p, k in zip(params, ok) if k]
                 grads = [g for g, k in zip(grads, ok) if k]
+        return params, grads
+
+    def _step_sharded_factored(self, group: dict) -> int:
+        """``scale="factored"`` on FSDP2 shards: rows are whole on each rank (FSDP2 shards dim 0), so only the
+        column statistics are summed over the shard group; the update is then elementwise on the local shard."""
+        from memopt.distributed import any_nonzero, column_reducer, local
+
+        params, grads = self._collect_sharded(group)
         started = [bool(self.state[p]["step"]) for p in params]
         nonzero = any_nonzero([g for g, s in zip(grads, started) if not s])
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
