@@ -210,10 +210,7 @@ def _planned(row: dict) -> dict:
     here, where the Trainer runs without autocast)."""
     from memopt import plan
 
-    args = row["optim_args"] or ""
-    optimizer = {"adamw_torch": "adamw", "adamw_bnb_8bit": "bnb_adamw8bit"}.get(row["optim"], row["optim"])
-    setup = plan.Setup(row["config"], optimizer, grad_release="grad_release=true" in args,
-                       freeze_embeddings="freeze_embeddings=true" in args, chunked_loss="chunked_loss=true" in args)
+    setup = plan.Setup(row["config"], row["optim"], row["optim_args"] or "")
     summary = _smollm2_summary()
     dtype = {"float32": "fp32", "bfloat16": "bf16"}[row["weights_dtype"]]
     exact = plan.exact_parts(summary, setup, dtype)

@@ -46,6 +46,9 @@ MODELS = {
                       num_key_value_heads=8, tie_word_embeddings=False),
 }
 OPTIMIZERS = ("adamw", "sgdsai", "sgdsai_8bit", "frugal", "bnb_adamw8bit")
+# each as TrainingArguments(optim=..., optim_args=...) names it (what memopt.plan takes)
+SETUPS = {"adamw": ("adamw_torch", ""), "sgdsai": ("sgdsai", ""), "sgdsai_8bit": ("sgdsai_8bit", ""),
+          "frugal": ("frugal", "density=0.25"), "bnb_adamw8bit": ("adamw_bnb_8bit", "")}
 ACTIVATION_RUNS = (("llama-23M-tied", 4, 256, False), ("llama-23M-tied", 4, 256, True), ("llama-52M", 2, 512, False))
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_validation.csv"
 
@@ -145,7 +148,8 @@ def worker(model_name: str, optimizer: str) -> dict:
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     state = memopt.state_bytes(opt)
     summary = planner.summarize_model(planner.build_meta_model(_config(model_name)), source=model_name)
-    pred = planner.exact_parts(summary, planner.Setup(optimizer, optimizer), "fp32")
+    optim, optim_args = SETUPS[optimizer]
+    pred = planner.exact_parts(summary, planner.Setup(optimizer, optim, optim_args), "fp32")
     return {
         "model": model_name, "params": summary.numel, "optimizer": optimizer,
         "pred_weights": pred.weights_bytes, "pred_grads": pred.grads_bytes, "pred_state": pred.state_bytes,

@@ -50,9 +50,17 @@ def _meta_summary(config):
     return planner.summarize_model(planner.build_meta_model(config), source="test")
 
 
-def _predicted(config, optimizer, dtype="fp32", **kw):
-    return planner.exact_parts(_meta_summary(config), planner.Setup("t", optimizer, **kw), dtype, density=0.25,
-                               galore_rank=16)
+# the set-ups these tests check, as TrainingArguments(optim=..., optim_args=...) names them
+_SETUPS = {"adamw": ("adamw_torch", ""), "bnb_adamw8bit": ("adamw_bnb_8bit", ""), "sgdsai": ("sgdsai", ""),
+           "sgdsai_8bit": ("sgdsai_8bit", ""), "frugal": ("frugal", "density=0.25"),
+           "galore": ("memopt_galore", "rank=16")}
+
+
+def _predicted(config, optimizer, dtype="fp32", grad_release=False, freeze_embeddings=False, lora=False):
+    optim, args = _SETUPS[optimizer]
+    flags = [f for f, on in (("grad_release=true", grad_release), ("freeze_embeddings=true", freeze_embeddings)) if on]
+    setup = planner.Setup("t", optim, ",".join([args, *flags]).strip(","), lora=lora)
+    return planner.exact_parts(_meta_summary(config), setup, dtype)
 
 
 def _actual_grads(model):
@@ -176,7 +184,7 @@ def test_lora_matches_peft(config, targets):
                                                       else targets))
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
     _step(lora, opt)
-    pred = planner.exact_parts(_meta_summary(config), planner.Setup("t", "adamw", lora=True), "bf16", lora_rank=4,
+    pred = planner.exact_parts(_meta_summary(config), planner.Setup("t", "adamw_torch", lora=True), "bf16", lora_rank=4,
                                lora_targets=targets)
     assert pred.trainable_params == sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert pred.state_bytes == memopt.state_bytes(opt)
@@ -374,3 +382,26 @@ def test_plan_never_runs_code_shipped_with_a_config(tmp_path, capsys, monkeypatc
     assert info.value.code == 2
     assert "custom code" in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", memopt.list_optimizers())
+def test_every_registered_name_has_a_plan_row_whose_state_is_exact(name):
+    from transformers import TrainingArguments
+
+    from memopt.integrations.transformers import optimizer_cls_and_kwargs
+
+    config = _config(tied=False)
+    summary = _meta_summary(config)
+    plan = planner.make_plan(summary, planner.PlanOptions(batch=1, seq_len=16, weights_dtype="fp32"))
+    rows = [r for r in plan.rows if r.optim == name and not r.lora and "grad_release" not in r.optim_args]
+    assert len(rows) == 1, [r.setup for r in plan.rows]
+    row = rows[0]
+    # what the Trainer builds for TrainingArguments(optim=name, optim_args=row.optim_args), after one real step
+    model = _real_model(config)
+    args = TrainingArguments(output_dir="unused", optim=name, optim_args=row.optim_args or None, use_cpu=True,
+                             report_to="none")
+    cls, kwargs = optimizer_cls_and_kwargs(name, args, model=model)
+    params = kwargs.pop("params", None) or [p for p in model.parameters() if p.requires_grad]
+    opt = cls(params, **kwargs)
+    _step(model, opt)
+    assert row.exact.state_bytes == memopt.state_bytes(opt) > 0
