@@ -254,3 +254,21 @@ def test_no_patch_route_as_documented_with_auto_registration_off(tmp_path):
     env = dict(os.environ, MEMOPT_AUTO_REGISTER="0", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_optimizer_cls_and_kwargs_leaves_the_model_alone_and_prepare_model_applies_model_options(tmp_path):
+    model = tiny_llama()
+    before = {n: (p.requires_grad, dict(vars(p))) for n, p in model.named_parameters()}
+    args = _args(tmp_path, optim="adamw_torch", optim_args="freeze_embeddings=true,min_8bit_size=256")
+    with pytest.raises(ValueError, match="prepare_model"):
+        hf_integration.optimizer_cls_and_kwargs("sgdsai_8bit", args, model=model)
+    cls, kwargs = hf_integration.optimizer_cls_and_kwargs("sgdsai_8bit", args, optim_args="min_8bit_size=256",
+                                                          model=model)
+    assert {n: (p.requires_grad, dict(vars(p))) for n, p in model.named_parameters()} == before  # untouched
+    emb = model.get_input_embeddings().weight
+    assert [g.get("state_bits") for g in kwargs["params"] if any(p is emb for p in g["params"])] == [32]
+    applied = hf_integration.prepare_model(model, "sgdsai_8bit", args)
+    assert applied == {"freeze_embeddings": "true", "chunked_loss": None} and not emb.requires_grad
+    assert hf_integration.prepare_model(model, "sgdsai_8bit", args) == applied  # idempotent
+    cls, kwargs = hf_integration.optimizer_cls_and_kwargs("sgdsai_8bit", args, model=model)
+    assert all(p is not emb for g in kwargs["params"] for p in g["params"])

@@ -31,6 +31,7 @@ from memopt.loss import chunked_loss, parse_chunked_loss
 from memopt.registry import get_optimizer_spec, list_optimizers
 
 TESTED_VERSIONS = "5.x (CI: 5.24)"
+_PREPARED_ATTR = "_memopt_prepared"  # the model-level options prepare_model applied
 _TRAINER_DEFAULT_LR = 5e-5
 logger = logging.getLogger("memopt")
 
@@ -75,6 +76,7 @@ def _add_enum_member(enum_cls, value: str):
 
 def _handler_for(name: str):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
+        prepare_model(ctx.model, name, ctx.args)
         cls, kwargs = optimizer_cls_and_kwargs(name, ctx.args, model=ctx.model)
         hint = cls.lr_hint(kwargs) if hasattr(cls, "lr_hint") else None
         if hint and ctx.args.learning_rate == _TRAINER_DEFAULT_LR:
@@ -87,22 +89,6 @@ def _handler_for(name: str):
     handler.__name__ = f"memopt_{name}_handler"
     handler.memopt_name = name
     return handler
-
-
-def _keep_embeddings_32bit(model) -> None:
-    """Embeddings keep 32-bit state under 8-bit optimizers (the 8-bit paper's "stable embedding" lesson; the
-    Trainer does the same for bitsandbytes). A tied LM head is the same tensor, so it follows."""
-    import torch
-
-    from memopt.optim import keep_32bit_state
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            keep_32bit_state(module.weight)
-            n += module.weight.numel()
-    if n:
-        logger.info("memopt: %d embedding parameters keep 32-bit optimizer state", n)
 
 
 def _patch_training_args(module) -> None:
@@ -196,6 +182,71 @@ def is_registered(name: str = "sgdsai") -> bool:
     return name in OptimizerNames._value2member_map_ and name in _OPTIMIZER_HANDLERS
 
 
+def prepare_model(model, name: str, args=None, *, optim_args: Union[None, str, Mapping[str, Any]] = None) -> dict:
+    """Apply the model-level options of ``optim_args`` to ``model``, before its optimizer is built (the
+    ``optim=`` route does this for you): ``freeze_embeddings=true`` (:func:`memopt.freeze_embeddings`) and
+    ``chunked_loss=...`` (:func:`memopt.chunked_loss`). Returns the options applied; calling it again with the same
+    options changes nothing.
+
+    Raises:
+        ValueError: a bad option, ``freeze_embeddings=untie`` (a resumed run would load the head and the embedding
+            into one tensor: call ``memopt.freeze_embeddings(model, untie=True)`` yourself), or ``chunked_loss``
+            with ``label_smoothing_factor > 0``.
+    """
+    spec = get_optimizer_spec(name)
+    raw = optim_args if optim_args is not None else getattr(args, "optim_args", None)
+    parsed = spec.parse_optim_args(raw)
+    options = {"freeze_embeddings": parse_freeze_mode(parsed.get("freeze_embeddings", "false")),
+               "chunked_loss": parse_chunked_loss(parsed.get("chunked_loss", "false"))}
+    if getattr(model, _PREPARED_ATTR, None) == options:
+        return options
+    if options["freeze_embeddings"] == "untie":
+        # the Trainer loads a checkpoint's weights before it builds the optimizer: untying here would load both
+        # the head and the embedding of a resumed run into the one shared tensor
+        raise ValueError("optim_args freeze_embeddings=untie is not supported (a resumed run would load the head "
+                         "and the embedding into one tensor): call memopt.freeze_embeddings(model, untie=True) "
+                         "before Trainer(...), and leave freeze_embeddings out of optim_args")
+    if options["chunked_loss"] is not None and (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
+        raise ValueError("optim_args chunked_loss=... with label_smoothing_factor > 0: the Trainer then computes "
+                         "the loss from the full logits itself, so there is nothing to chunk; drop one of them")
+    if options["freeze_embeddings"] != "false":
+        freeze_embeddings(model)
+    if options["chunked_loss"] is not None:
+        chunked_loss(model, options["chunked_loss"] or None)
+    setattr(model, _PREPARED_ATTR, options)
+    return options
+
+
+def param_groups_for(name: str, model, args=None, kwargs: Optional[Mapping[str, Any]] = None) -> list[dict]:
+    """The parameter groups the ``optim=`` route gives optimizer ``name`` on ``model``: the name's own groups
+    (projection methods pick their target matrices) or the Trainer's decay / no-decay groups, over the trainable
+    parameters. Under 8-bit state (``kwargs`` or the name's defaults), ``nn.Embedding`` weights move to groups of
+    their own with ``state_bits=32`` (the 8-bit paper's "stable embedding" lesson; the Trainer does the same for
+    bitsandbytes; a tied LM head is the same tensor). ``memopt plan`` builds its groups with this function too."""
+    spec = get_optimizer_spec(name)
+    settings = {**spec.defaults, **(kwargs or {})}
+    if spec.build_groups is not None:
+        groups = spec.build_groups(model, args, _trainer_decay_names(model))
+    else:
+        groups = _trainer_groups(model, args)
+    if settings.get("state_bits") != 8:
+        return groups
+    import torch
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in embeddings]
+        kept = [p for p in group["params"] if id(p) in embeddings]
+        if rest:
+            out.append({**group, "params": rest})
+        if kept:
+            out.append({**group, "params": kept, "state_bits": 32})
+            logger.info("memopt: %d embedding parameters keep 32-bit optimizer state",
+                        sum(p.numel() for p in kept))
+    return out
+
+
 def optimizer_cls_and_kwargs(
     name: str,
     args=None,
@@ -204,17 +255,20 @@ def optimizer_cls_and_kwargs(
     optim_args: Union[None, str, Mapping[str, Any]] = None,
     model=None,
 ) -> tuple[type, dict[str, Any]]:
-    """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with no patching.
+    """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, with no patching. It does not
+    change the model: model-level ``optim_args`` need :func:`prepare_model` first.
 
     Args:
         name: a memopt optimizer name (``memopt.list_optimizers()``).
         args: the ``TrainingArguments``; its ``learning_rate`` and ``optim_args`` are used unless overridden.
-        lr, optim_args: overrides. The Trainer still builds its decay / no-decay groups.
-        model: for 8-bit optimizers, its ``nn.Embedding`` weights are marked to keep 32-bit state (what the
-            ``optim="..."`` route does); without it, call ``memopt.keep_32bit_state`` yourself.
+        lr, optim_args: overrides.
+        model: the parameter groups are built as the ``optim=`` route builds them (:func:`param_groups_for`:
+            the name's own groups, embeddings with 32-bit state under 8-bit state). Without it the Trainer builds
+            its decay / no-decay groups (projection methods need it).
 
     Raises:
-        ValueError: unknown name, or a bad ``optim_args`` key/value (named in the message).
+        ValueError: unknown name, a bad ``optim_args`` key/value (named in the message), or model-level
+            ``optim_args`` (``freeze_embeddings``, ``chunked_loss``) not applied by :func:`prepare_model`.
     """
     spec = get_optimizer_spec(name)
     if not (isinstance(spec.factory, type) and issubclass(spec.factory, Optimizer)):
@@ -222,8 +276,13 @@ def optimizer_cls_and_kwargs(
     raw = optim_args if optim_args is not None else getattr(args, "optim_args", None)
     from_args = spec.from_training_args(args) if (args is not None and spec.from_training_args) else {}
     parsed = spec.parse_optim_args(raw)
-    freeze = parse_freeze_mode(parsed.pop("freeze_embeddings", "false"))
-    chunk = parse_chunked_loss(parsed.pop("chunked_loss", "false"))
+    wanted = {"freeze_embeddings": parse_freeze_mode(parsed.pop("freeze_embeddings", "false")),
+              "chunked_loss": parse_chunked_loss(parsed.pop("chunked_loss", "false"))}
+    if wanted != {"freeze_embeddings": "false", "chunked_loss": None} and \
+            getattr(model, _PREPARED_ATTR, None) != wanted:
+        raise ValueError("optim_args freeze_embeddings / chunked_loss act on the model: call "
+                         f"memopt.integrations.transformers.prepare_model(model, {name!r}, args) before building the "
+                         "optimizer, and pass model=")
     kwargs: dict[str, Any] = {**spec.defaults, **from_args, **parsed}
     if lr is not None:
         kwargs["lr"] = lr
@@ -231,32 +290,10 @@ def optimizer_cls_and_kwargs(
         kwargs["lr"] = args.learning_rate
     if kwargs.get("grad_release") and args is not None:
         check_release_args(f"optim={name!r} with grad_release=true", args)
-    if freeze == "untie":
-        # the Trainer loads a checkpoint's weights before it builds the optimizer: untying here would load both
-        # the head and the embedding of a resumed run into the one shared tensor
-        raise ValueError("optim_args freeze_embeddings=untie is not supported (a resumed run would load the head "
-                         "and the embedding into one tensor): call memopt.freeze_embeddings(model, untie=True) "
-                         "before Trainer(...), and leave freeze_embeddings out of optim_args")
-    if freeze != "false":
-        if model is None:
-            raise ValueError("optim_args freeze_embeddings needs the model: pass model=")
-        freeze_embeddings(model)
-    if chunk is not None:
-        if model is None:
-            raise ValueError("optim_args chunked_loss needs the model: pass model=")
-        if (getattr(args, "label_smoothing_factor", 0) or 0) > 0:
-            raise ValueError("optim_args chunked_loss=... with label_smoothing_factor > 0: the Trainer then computes "
-                             "the loss from the full logits itself, so there is nothing to chunk; drop one of them")
-        chunked_loss(model, chunk or None)
-    if kwargs.get("state_bits") == 8 and model is not None:
-        _keep_embeddings_32bit(model)
-    if spec.build_groups is not None:
-        if model is None or args is None:
-            raise ValueError(f"{name!r} builds its parameter groups from the model: pass model= and the args")
-        kwargs["params"] = spec.build_groups(model, args, _trainer_decay_names(model))
-    elif freeze != "false":
-        # the Trainer built its groups before the embedding was frozen: rebuild them without frozen params
-        kwargs["params"] = _trainer_groups(model, args)
+    if model is not None:
+        kwargs["params"] = param_groups_for(name, model, args, kwargs)
+    elif spec.build_groups is not None:
+        raise ValueError(f"{name!r} builds its parameter groups from the model: pass model= and the args")
     return spec.factory, kwargs
 
 

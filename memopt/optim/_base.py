@@ -195,12 +195,12 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             return override == 8
         return group["state_bits"] == 8 and p.numel() >= group["min_8bit_size"]
 
-    @staticmethod
-    def _full_state_dtype(group: dict, p: Tensor) -> torch.dtype:
-        """dtype of a full-precision state tensor: fp32 for the tensors an 8-bit optimizer keeps in 32-bit
-        (docs/8bit.md) and for fp16 parameters (a squared fp16 gradient overflows above 256), the parameter's
-        dtype otherwise (torch's convention)."""
-        return torch.float32 if group["state_bits"] == 8 or p.dtype == torch.float16 else p.dtype
+    def _full_state_dtype(self, group: dict, p: Tensor) -> torch.dtype:
+        """dtype of a full-precision state tensor: fp32 in an 8-bit optimizer (the tensors it keeps out of 8 bits:
+        small ones, embeddings, groups with ``state_bits=32``; docs/8bit.md) and for fp16 parameters (a squared fp16
+        gradient overflows above 256), the parameter's dtype otherwise (torch's convention)."""
+        eight = group["state_bits"] == 8 or self.defaults.get("state_bits") == 8
+        return torch.float32 if eight or p.dtype == torch.float16 else p.dtype
 
     # --------------------------------------------------------------------------------------- state dict
     # Group keys that fix the algorithm or the layout of the state: a checkpoint with other values is refused.

@@ -68,10 +68,7 @@ def layout_bytes(layout: dict) -> int:
 
 @contextlib.contextmanager
 def _trainable_as(model, trainable: Optional[set]):
-    """Temporarily: ``requires_grad`` = membership of ``trainable`` (ids; ``None`` leaves it), and no 8-bit
-    marks left behind on the shared meta model."""
-    from memopt.optim._checks import _OVERRIDE_ATTR
-
+    """Temporarily: ``requires_grad`` = membership of ``trainable`` (ids; ``None`` leaves it)."""
     saved = {id(p): p.requires_grad for p in model.parameters()}
     try:
         if trainable is not None:
@@ -81,17 +78,16 @@ def _trainable_as(model, trainable: Optional[set]):
     finally:
         for p in model.parameters():
             p.requires_grad_(saved[id(p)])
-            if hasattr(p, _OVERRIDE_ATTR):
-                delattr(p, _OVERRIDE_ATTR)
 
 
 def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *, in_model: bool = True) -> int:
     """State bytes of registered optimizer ``name`` with ``optim_args`` over the ``trainable`` meta tensors.
 
-    ``in_model``: the tensors are parameters of ``model`` (full fine-tuning: the name's own parameter groups are
-    built from the model); otherwise (LoRA adapters) they form one group.
+    ``in_model``: the tensors are parameters of ``model`` (full fine-tuning: the groups are the ones the ``optim=``
+    route builds, ``memopt.integrations.transformers.param_groups_for``); otherwise (LoRA adapters) they form one
+    group.
     """
-    from memopt.integrations.transformers import _keep_embeddings_32bit
+    from memopt.integrations.transformers import param_groups_for
     from memopt.registry import INTEGRATION_ARGS, get_optimizer_spec
 
     spec = get_optimizer_spec(name)
@@ -99,11 +95,9 @@ def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *
               if k not in INTEGRATION_ARGS and k != "grad_release"}  # release needs autograd; state is the same
     trainable = list(trainable)
     with _trainable_as(model, {id(p) for p in trainable} if in_model else None):
-        if in_model and kwargs.get("state_bits") == 8:
-            _keep_embeddings_32bit(model)  # what the Trainer route does
-        if in_model and spec.build_groups is not None:
+        if in_model:
             args = types.SimpleNamespace(optim_target_modules=None, weight_decay=0.0)
-            groups = spec.build_groups(model, args, None)
+            groups = param_groups_for(name, model, args, kwargs)
         else:
             groups = [{"params": trainable}]
         opt = spec.factory(groups, **kwargs)
