@@ -41,7 +41,7 @@ RUNS = [  # (optim, optim_args, learning rates)
     ("frugal_8bit", "density=0.25", ADAM_LRS),
     ("frugal", "selection=blocks,density=0.25", ADAM_LRS),
     ("frugal_sgdsai", "density=0.25", (1e-2, 3e-2)),
-    ("memopt_galore", "rank=144,scale=1.0", (1e-4, 3e-4, 1e-3)),  # r = 0.25 * 576; a projected step is smaller
+    ("memopt_galore", "rank=144,alpha=1.0", (1e-4, 3e-4, 1e-3)),  # r = 0.25 * 576; a projected step is smaller
     ("adamsnsm", "rank=144", (1e-3, 3e-3, 1e-2)),
 ]
 

@@ -35,7 +35,7 @@ METHODS = [  # (label, optim name, optim_args)
     ("frugal_8bit", "frugal_8bit", "density=0.25"),
     ("frugal blocks", "frugal", "selection=blocks,density=0.25"),
     ("frugal_sgdsai", "frugal_sgdsai", "density=0.25"),
-    ("memopt_galore", "memopt_galore", "rank=144,scale=1.0"),
+    ("memopt_galore", "memopt_galore", "rank=144,alpha=1.0"),
     ("adamsnsm", "adamsnsm", "rank=144"),
 ]
 

@@ -7,7 +7,7 @@ import torch
 
 import memopt
 from tiny import make_grads, make_params, run_steps
-from memopt.optim.frugal import FRUGAL
+from memopt.optim.frugal import FRUGAL, GaLoreAdamW
 
 
 _params, _grads, _run = make_params, make_grads, run_steps
@@ -166,7 +166,7 @@ def test_galore_full_rank_alpha_one_is_adamw_in_the_rotated_basis():
     (w,) = _params(*shapes)
     w0 = w.detach().clone()
     grads = _grads(shapes, 5)
-    opt = GaLoreAdamW([w], lr=1e-2, weight_decay=0.1, rank=4, scale=1.0, update_gap=1000)
+    opt = GaLoreAdamW([w], lr=1e-2, weight_decay=0.1, rank=4, alpha=1.0, update_gap=1000)
     _run(opt, [w], grads)
     P = opt.state[w]["proj_basis"]  # 4x4 orthogonal (right side), fixed after the first step
     rotated = torch.nn.Parameter(w0 @ P.t())
@@ -179,7 +179,7 @@ def test_galore_full_rank_alpha_one_is_adamw_in_the_rotated_basis():
 
 
 def test_trainer_memopt_galore_trains(tmp_path):
-    _, trainer = _trainer(tmp_path, optim="memopt_galore", optim_args="rank=4,scale=1.0,update_gap=5")
+    _, trainer = _trainer(tmp_path, optim="memopt_galore", optim_args="rank=4,alpha=1.0,update_gap=5")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.8 * losses[0]
@@ -321,8 +321,8 @@ def test_sgdsai_inner_defers_a_zero_gradient_tensor():
 @pytest.mark.parametrize("optim,args", [("frugal_8bit", "density=0.25,update_gap=5,min_8bit_size=256"),
                                         ("frugal_sgdsai", "density=0.25,update_gap=5"),
                                         ("frugal", "selection=blocks,density=0.5,update_gap=5"),
-                                        ("memopt_galore_8bit", "rank=4,scale=1.0,update_gap=5,min_8bit_size=64"),
-                                        ("memopt_galore", "rank=4,scale=1.0,update_gap=5"),
+                                        ("memopt_galore_8bit", "rank=4,alpha=1.0,update_gap=5,min_8bit_size=64"),
+                                        ("memopt_galore", "rank=4,alpha=1.0,update_gap=5"),
                                         ("adamsnsm", "rank=4,update_gap=5"), ("adamsn", "rank=4"),
                                         ("sgdsm", "rank=4,update_gap=5")])
 def test_trainer_variants_train_and_resume_exactly(tmp_path, optim, args):
@@ -351,3 +351,31 @@ def test_blocks_keep_exactly_the_active_count_when_a_gradient_is_missing():
         opt.step()
         holding = [i for i, p in enumerate(ps) if "exp_avg" in opt.state[p]]
         assert len(holding) == 2, (step, holding)
+
+
+def test_galore_alpha_and_its_deprecated_name_scale():
+    a, b = _params((24, 16)), _params((24, 16))
+    grads = _grads([(24, 16)], 3)
+    _run(GaLoreAdamW(a, lr=1e-2, rank=4, alpha=0.5), a, grads)
+    with pytest.warns(FutureWarning, match="now called alpha"):
+        old = GaLoreAdamW(b, lr=1e-2, rank=4, scale=0.5)
+    _run(old, b, grads)
+    assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("name", ["frugal", "memopt_galore", "adamsnsm"])
+def test_projection_optimizers_round_bf16_writes_stochastically_by_default(name):
+    p = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+    q = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+    opt_sr = memopt.create_optimizer(name, [p], lr=1e-4, weight_decay=0.0)
+    opt_rn = memopt.create_optimizer(name, [q], lr=1e-4, weight_decay=0.0, stochastic_rounding=False)
+    assert opt_sr.defaults["stochastic_rounding"] is True
+    for _ in range(3):  # lr 1e-4 steps are far below half a bf16 ulp at 1.0 (2^-8)
+        p.grad = torch.full_like(p, 1.0)
+        q.grad = torch.full_like(q, 1.0)
+        opt_sr.step()
+        opt_rn.step()
+    assert torch.equal(q, torch.ones_like(q))  # round to nearest: the updates vanish
+    assert not torch.equal(p, torch.ones_like(p))  # stochastic rounding: some weights move
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        memopt.create_optimizer(name, [p], stochastic_rounding="yes")

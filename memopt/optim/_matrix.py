@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from memopt.functional.adamw import adam_direction, adam_moments_
+from memopt.functional.rounding import write_param_
 from memopt.optim._base import MemoptOptimizer
 
 
@@ -24,7 +25,7 @@ class MatrixOptimizer(MemoptOptimizer):
     def _check_project(group: dict) -> None:
         if group["project"] not in ("auto", True, False):
             raise ValueError(f"project={group['project']!r} must be 'auto', True or False")
-        for flag in ("check_finite", "maximize"):
+        for flag in ("check_finite", "maximize", "stochastic_rounding"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag}={group[flag]!r} must be a bool")
 
@@ -86,6 +87,6 @@ class MatrixOptimizer(MemoptOptimizer):
                     self._matrix_update(group, state, p32, g, p)
                 else:
                     self._dense_update(group, state, p32, g, p)
-                if p32 is not p:
-                    p.copy_(p32)
+                if p32 is not p:  # bf16 weights: stochastic rounding as the other memopt optimizers (default on)
+                    write_param_(p, p32, group["stochastic_rounding"])
         return loss

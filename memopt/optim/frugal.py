@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -93,7 +94,7 @@ class FRUGAL(MatrixOptimizer):
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
                  rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
                  inner: str = "adamw", state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
-                 block_order: str = "random"):
+                 block_order: str = "random", stochastic_rounding: bool = True):
         if rank is not None:
             density = None  # a fixed rank replaces the density
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
@@ -101,7 +102,7 @@ class FRUGAL(MatrixOptimizer):
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
                         project="auto", rank=rank, active_scale=active_scale, free_scale=free_scale, inner=inner,
                         state_bits=state_bits, blocksize=blocksize, min_8bit_size=min_8bit_size,
-                        block_order=block_order, block_step=0)
+                        block_order=block_order, block_step=0, stochastic_rounding=stochastic_rounding)
         self._gsnr_max = 1.0
         super().__init__(params, defaults)
 
@@ -279,16 +280,24 @@ class GaLoreAdamW(FRUGAL):
     outside the subspace. It is FRUGAL with ``state_free="none"``; memopt's defaults follow GaLore: ``svd``
     selection, ``on_refresh="keep"`` (the reference behaviour; ``reset``/``reproject`` fix its known flaw).
 
-    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``scale`` (α, default 0.25);
+    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``alpha`` (GaLore's α, the
+    factor on the projected-back update, default 0.25; ``scale`` is its former name, deprecated);
     ``state_bits=8`` holds the inner AdamW moments as blockwise 8-bit codes (GaLore's 8-bit variant).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: Optional[int] = 128,
-                 density: Optional[float] = None, scale: float = 0.25, selection: str = "svd",
+                 density: Optional[float] = None, alpha: float = 0.25, selection: str = "svd",
                  update_gap: int = 200, on_refresh: str = "keep", check_finite: bool = True, maximize: bool = False,
-                 state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096):
+                 state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
+                 stochastic_rounding: bool = True, scale: Optional[float] = None):
+        if scale is not None:
+            # "scale" names a mode string in SGD-SaI: one meaning per argument name across memopt
+            warnings.warn("GaLoreAdamW(scale=...) is deprecated: the argument is now called alpha",
+                          FutureWarning, stacklevel=2)
+            alpha = scale
         super().__init__(params, lr, betas, eps, weight_decay, density=density if rank is None else 0.25,
                          selection=selection, update_gap=update_gap, on_refresh=on_refresh, state_free="none",
-                         check_finite=check_finite, maximize=maximize, rank=rank, active_scale=scale,
+                         check_finite=check_finite, maximize=maximize, rank=rank, active_scale=alpha,
+                         stochastic_rounding=stochastic_rounding,
                          state_bits=state_bits, blocksize=blocksize, min_8bit_size=min_8bit_size)

@@ -69,10 +69,10 @@ class SubsetNormSM(MatrixOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, *, rank: int = 128, update_gap: int = 200,
                  subset_norm: bool = True, subspace_momentum: bool = True, check_finite: bool = True,
-                 maximize: bool = False):
+                 maximize: bool = False, stochastic_rounding: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, update_gap=update_gap,
                         subset_norm=subset_norm, subspace_momentum=subspace_momentum, check_finite=check_finite,
-                        maximize=maximize, project="auto")
+                        maximize=maximize, project="auto", stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
 
     @staticmethod
