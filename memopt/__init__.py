@@ -7,7 +7,7 @@ modules load; it imports neither transformers nor triton itself).
 from memopt.freeze import FrozenEmbeddings, freeze_embeddings
 from memopt.loss import ChunkedLoss, chunked_loss, disable_chunked_loss
 from memopt.memory import adamw_state_bytes, state_bytes, state_bytes_by_kind
-from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, SGDSaI, SubsetNormSM, keep_32bit_state
+from memopt.optim import FRUGAL, AdamW8bit, GaLoreAdamW, Lion, SGDSaI, SubsetNormSM, keep_32bit_state
 from memopt.registry import create_optimizer, get_optimizer_spec, list_optimizers, register_optimizer
 from memopt.integrations import install_transformers_hooks as _install_transformers_hooks
 
@@ -18,6 +18,7 @@ __all__ = [
     "FRUGAL",
     "FrozenEmbeddings",
     "GaLoreAdamW",
+    "Lion",
     "SGDSaI",
     "SubsetNormSM",
     "adamw_state_bytes",

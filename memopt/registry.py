@@ -242,6 +242,7 @@ def _snsm_groups(model, args, decay_names):
 def _register_builtin() -> None:
     from memopt.optim.adamw import AdamW8bit
     from memopt.optim.frugal import FRUGAL, GaLoreAdamW
+    from memopt.optim.lion import Lion
     from memopt.optim.snsm import SubsetNormSM
     from memopt.optim.sgdsai import SGDSaI
 
@@ -255,6 +256,10 @@ def _register_builtin() -> None:
     register_optimizer(
         "memopt_adamw_8bit", AdamW8bit, defaults={"state_bits": 8}, label="AdamW 8-bit (memopt)",
         description="AdamW with blockwise 8-bit moments (~2.03 B/param)", from_training_args=_adam_training_args)
+    # Not "lion_8bit" / "lion_32bit": Transformers' names for bitsandbytes' Lion.
+    for name, defaults, label in (("lion", {}, "Lion"), ("memopt_lion_8bit", {"state_bits": 8}, "Lion 8-bit")):
+        register_optimizer(name, Lion, defaults=defaults, label=label,
+                           description=f"{label}: sign of the interpolated momentum (one buffer; lr 3-10x below AdamW's)")
     for name, defaults, label, what in (
             ("frugal", {}, "FRUGAL (AdamW inner)",
              "FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest"),
@@ -282,3 +287,28 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+
+
+def state_bytes_per_param(name: str, shape: tuple = (4096, 4096), dtype=None) -> float:
+    """Optimizer-state bytes per parameter of ``name`` (with its defaults) on one weight matrix of ``shape`` (fp32
+    unless ``dtype``), from the optimizer's own ``state_layout``: the figure the docs table shows."""
+    import math
+
+    import torch
+
+    p = torch.nn.Parameter(torch.empty(shape, device="meta", dtype=dtype or torch.float32))
+    opt = create_optimizer(name, [p])
+    layout = opt.state_layout(opt.param_groups[0], p)
+    return sum(math.prod(s) * d.itemsize for s, d in layout.values()) / p.numel()
+
+
+def optimizer_table() -> str:
+    """The markdown table of every registered optimizer (docs/optimizers.md holds it; a test keeps it current)."""
+    lines = ["| `optim=` | what it is | state B/param (4096×4096 fp32 / bf16 weight) |", "|---|---|---|"]
+    for name in list_optimizers():
+        import torch
+
+        spec = get_optimizer_spec(name)
+        fp32, bf16 = (state_bytes_per_param(name, dtype=d) for d in (torch.float32, torch.bfloat16))
+        lines.append(f"| `{name}` | {spec.description} | {fp32:.3f} / {bf16:.3f} |")
+    return "\n".join(lines)

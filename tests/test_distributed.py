@@ -37,7 +37,7 @@ def _launch(tmp_path: Path, script: Path, *args, timeout=600, expect_ok=True, co
 @pytest.mark.parametrize("config", [None, HERE.parent / "examples" / "accelerate" / "ddp.yaml"],
                          ids=["flags", "ddp_yaml"])
 def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path, config):
-    proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path), config=config)
+    proc = _launch(tmp_path, HERE / "launchers" / "ddp_train.py", str(tmp_path), config=config)
     infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(i["world_size"] == 2 and i["distributed"] and i["optimizer"] == "SGDSaI" for i in infos)
     p0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
@@ -56,15 +56,15 @@ def test_ddp_ranks_end_identical_and_report_has_one_row_per_rank(tmp_path, confi
 
 
 def test_gradient_release_under_ddp_is_refused_clearly(tmp_path):
-    proc = _launch(tmp_path, HERE / "ddp_train.py", str(tmp_path), "grad_release=true", expect_ok=False)
+    proc = _launch(tmp_path, HERE / "launchers" / "ddp_train.py", str(tmp_path), "grad_release=true", expect_ok=False)
     assert "grad_release=true: distributed training (DDP/FSDP/DeepSpeed) is not supported" in proc.stderr
 
 
 def test_chunked_loss_under_ddp_trains_like_the_models_loss(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    _launch(tmp_path / "a", HERE / "ddp_train.py", str(tmp_path / "a"))
-    _launch(tmp_path / "b", HERE / "ddp_train.py", str(tmp_path / "b"), "chunked_loss=4")
+    _launch(tmp_path / "a", HERE / "launchers" / "ddp_train.py", str(tmp_path / "a"))
+    _launch(tmp_path / "b", HERE / "launchers" / "ddp_train.py", str(tmp_path / "b"), "chunked_loss=4")
     want = torch.load(tmp_path / "a" / "params_rank0.pt", weights_only=True)
     got = [torch.load(tmp_path / "b" / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
     infos = [json.loads((tmp_path / "b" / f"info_rank{r}.json").read_text()) for r in (0, 1)]

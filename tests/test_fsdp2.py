@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import memopt  # noqa: E402
-from fsdp2_train import OPTIMIZERS, batches, train  # noqa: E402
+from launchers.fsdp2_train import OPTIMIZERS, batches, train  # noqa: E402
 from tiny import free_port, tiny_llama  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def _torchrun(out: Path, mode: str, nproc: int = 2, *extra: str):
         pytest.fail("torchrun is not on PATH (it comes with torch)")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(HERE / "fsdp2_train.py"), mode, str(out), *extra]
+           str(HERE / "launchers" / "fsdp2_train.py"), mode, str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -132,7 +132,7 @@ def test_init_state_before_the_first_step_changes_nothing(name):
 def _torchrun_script(script: str, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEMOPT_MEMORY_REPORT="auto")
     cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(HERE / script), *map(str, args)]
+           str(HERE / "launchers" / script), *map(str, args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

@@ -37,3 +37,13 @@ def test_the_check_catches_what_it_is_for():
         assert FORBIDDEN.search(text), text
     for text in ("see docs/sgdsai.md", "GitHub issues of bitsandbytes", "a session of training"):
         assert not FORBIDDEN.search(text), text
+
+
+def test_docs_optimizer_table_is_the_registry():
+    from memopt.registry import optimizer_table
+
+    text = (ROOT / "docs" / "optimizers.md").read_text()
+    start = text.index("-->\n", text.index("<!-- optimizer-table")) + 4
+    end = text.index("\n<!-- /optimizer-table -->")
+    assert text[start:end] == optimizer_table(), "regenerate with python -c 'import memopt.registry as r; " \
+                                                "print(r.optimizer_table())'"

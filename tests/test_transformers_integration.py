@@ -272,3 +272,23 @@ def test_optimizer_cls_and_kwargs_leaves_the_model_alone_and_prepare_model_appli
     assert hf_integration.prepare_model(model, "sgdsai_8bit", args) == applied  # idempotent
     cls, kwargs = hf_integration.optimizer_cls_and_kwargs("sgdsai_8bit", args, model=model)
     assert all(p is not emb for g in kwargs["params"] for p in g["params"])
+
+
+@pytest.mark.parametrize("name", memopt.list_optimizers())
+def test_every_registered_name_trains_and_resumes_exactly_in_the_trainer(tmp_path, name):
+    # no per-name settings: a newly registered optimizer is covered as it is registered
+    spec = memopt.get_optimizer_spec(name)
+    optim_args = "min_8bit_size=256" if "min_8bit_size" in spec.arg_types else None
+    n = 4
+    kw = dict(optim=name, optim_args=optim_args, learning_rate=1e-3)
+    straight = Trainer(model=tiny_llama(), args=_args(tmp_path / "a", max_steps=2 * n, save_strategy="steps",
+                                                      save_steps=n, **kw), train_dataset=PatternDataset())
+    straight.train()
+    want = {h["step"]: h["loss"] for h in straight.state.log_history if "loss" in h}
+    assert want[2 * n] < want[1]  # it trains
+    resumed = Trainer(model=tiny_llama(seed=123), args=_args(tmp_path / "a", max_steps=2 * n, **kw),
+                      train_dataset=PatternDataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{n}"))
+    got = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > n}
+    assert sorted(got) == list(range(n + 1, 2 * n + 1))
+    assert all(got[s] == want[s] for s in got), (got, want)

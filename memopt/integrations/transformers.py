@@ -61,6 +61,8 @@ def _add_enum_member(enum_cls, value: str):
     if existing is not None:
         return existing
     name = value.upper()
+    if name in enum_cls._member_map_:  # e.g. transformers' LION is "lion_32bit": the member gets a prefix
+        name = f"MEMOPT_{name}"
     if name in enum_cls._member_map_:
         raise RuntimeError(f"{enum_cls.__name__}.{name} exists with another value")
     member = str.__new__(enum_cls, value)

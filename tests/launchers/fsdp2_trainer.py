@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny.py
 
 import accelerate.state as accel_state  # noqa: E402
 import torch  # noqa: E402
@@ -39,7 +39,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 out = sys.argv[1]
 resume = len(sys.argv) > 2
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 with open(os.path.join(root, "examples", "accelerate", "fsdp2.yaml")) as f:
     cfg = yaml.safe_load(f)["fsdp_config"]
 fsdp_config = {"version": cfg["fsdp_version"], "transformer_layer_cls_to_wrap": [cfg["fsdp_transformer_layer_cls_to_wrap"]],
