@@ -47,7 +47,6 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lean_quality"))
     ap.add_argument("--only", type=int, nargs="*", help="RUNS indices to (re)run; other rows come from the CSV")
     cli = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from _common import merge_csv_rows, write_csv
 
     rows = []

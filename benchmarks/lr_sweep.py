@@ -12,17 +12,16 @@ import argparse
 import csv
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("MEMOPT_MEMORY_REPORT", "off")
 
 import torch  # noqa: E402
 
-import finetune  # noqa: E402
+from _common import load_example  # noqa: E402
+finetune = load_example("finetune")
 
 GRID = {
     "lora": [("sgdsai", "scale=gsnr_max", lr) for lr in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)]
@@ -48,7 +47,8 @@ def main():
     done = set()
     if not new:  # resume: skip points already in the CSV
         with out.open() as f:
-            done = {(r["mode"], r["optim"], r["optim_args"] or None, float(r["learning_rate"])) for r in csv.DictReader(f)}
+            done = {(r["mode"], r["optim"], r["optim_args"] or None, float(r["learning_rate"]))
+                    for r in csv.DictReader(f)}
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:

@@ -24,9 +24,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
-import finetune  # noqa: E402
+from _common import load_example  # noqa: E402
+finetune = load_example("finetune")
 import memopt  # noqa: E402,F401
 import transformers.models.llama.modeling_llama  # noqa: E402,F401
 from transformers import TrainerCallback  # noqa: E402

@@ -40,7 +40,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import MMAP_THRESHOLD, malloc_trim, merge_csv_rows, status_kib, write_csv  # noqa: E402
 
@@ -64,10 +63,10 @@ CONFIGS = [
 def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool = False) -> None:
     """One configuration in this (fresh) process. ``live``: measure the peak of live tensor bytes with the torch
     profiler instead (its event buffers would distort RSS and step time, hence a separate process)."""
-    sys.path.insert(0, str(ROOT / "examples"))
     import torch
 
-    import finetune
+    from _common import load_example  # noqa: E402
+    finetune = load_example("finetune")
     import memopt  # noqa: F401
     import transformers  # noqa: F401
     # transformers imports lazily: the Trainer module alone pulls in datasets, pyarrow, pandas, torchao, scipy
@@ -130,7 +129,8 @@ def child(cfg_index: int, steps: int, out: str, ckpt: bool = False, live: bool =
            "max_grad_norm": max_norm, "steps": r["steps"], "trainable_params": r["trainable_params"],
            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "training_bytes": peak - baseline,
            "train_loss_last_log": r["train_loss_last_log"],
-           "step_time_s": later[len(later) // 2], "first_step_time_s": timer.times[0], "optimizer_state_bytes": r["optimizer_state_bytes"],
+           "step_time_s": later[len(later) // 2], "first_step_time_s": timer.times[0],
+           "optimizer_state_bytes": r["optimizer_state_bytes"],
            "weights_grads_state_bytes": r.get("weights_grads_state_bytes"),
            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
            "device": "cuda" if cuda else "cpu", "torch": torch.__version__, "gradient_checkpointing": ckpt}
@@ -196,8 +196,7 @@ def main():
 @functools.lru_cache(maxsize=None)
 def _smollm2_summary():
     """The planner's summary of the benchmark's model, built once on the meta device."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from demo_task import smollm2_checkpoint
+    from memopt.demo import smollm2_checkpoint
 
     from memopt import plan
 

@@ -6,7 +6,8 @@ For each small config-built Llama and each optimizer, a fresh subprocess (CPU, f
 2. builds the model from its config, runs one forward/backward/optimizer step at batch 1 x 8 tokens (activations
    are negligible and freed after backward; gradients are kept), and records RSS again.
 The RSS increase is compared with the planner's prediction (`memopt.plan.exact_parts` on the meta model built from
-the same config): rows with ``check=exact``. RSS is read from /proc/self/status (VmRSS) after ``gc.collect()`` and glibc ``malloc_trim(0)``:
+the same config): rows with ``check=exact``. RSS is read from /proc/self/status (VmRSS) after ``gc.collect()``
+and glibc ``malloc_trim(0)``:
 without the trim, glibc keeps freed temporaries (weight init, the optimizer step's foreach buffers) in the heap
 and RSS overstates live memory; the untrimmed delta is written too. ``tensor_bytes`` counts the live tensors
 (weights, buffers, grads, ``memopt.state_bytes``) in the same process: prediction == tensor_bytes is the exactness
@@ -215,7 +216,6 @@ def main() -> None:
 
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import write_csv
 
     rows = []

@@ -18,18 +18,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")
 
 import torch  # noqa: E402
 
-import finetune  # noqa: E402
+from _common import load_example  # noqa: E402
+finetune = load_example("finetune")
 from _common import write_csv  # noqa: E402
 from memopt.functional import projection as proj  # noqa: E402
 
@@ -115,7 +113,7 @@ def main():
     adamw = rows[0]["train_s_per_step"]
     for r in rows:
         r["step_time_ratio_vs_adamw"] = round(r["train_s_per_step"] / adamw, 3)
-    from demo_task import smollm2_checkpoint
+    from memopt.demo import smollm2_checkpoint
     from transformers import AutoModelForCausalLM
 
     rows += refresh_costs(AutoModelForCausalLM.from_pretrained(smollm2_checkpoint()))

@@ -14,14 +14,11 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -56,7 +53,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "projection_step_time"))
     cli = ap.parse_args()
-    from demo_task import smollm2_checkpoint
+    from memopt.demo import smollm2_checkpoint
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)

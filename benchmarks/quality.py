@@ -25,7 +25,6 @@ import argparse
 import csv
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -67,10 +66,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def sweep(tasks, labels, path: Path) -> None:
     os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")  # the report's state bytes go into the CSV
-    sys.path.insert(0, str(ROOT / "examples"))
     import torch
 
-    import finetune
+    from _common import load_example  # noqa: E402
+    finetune = load_example("finetune")
 
     existing = read_rows(path)
     done = {_key(r) for r in existing}

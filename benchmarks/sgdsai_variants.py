@@ -109,14 +109,13 @@ def main():
     if len(sys.argv) < 4:
         raise SystemExit(__doc__)
     task, optim_args, lrs = sys.argv[1], sys.argv[2], sys.argv[3:]
-    sys.path.insert(0, str(ROOT / "examples"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     os.environ.setdefault("MEMOPT_MEMORY_REPORT", "off")
     from memopt.registry import register_optimizer
 
     register_optimizer("sgdsai_variant", SGDSaIVariant, arg_types={
         "mode": "str", "beta1": "float", "beta2": "float", "eps": "float", "clamp": "float", "renorm": "bool"})
-    import finetune
+    from _common import load_example  # noqa: E402
+    finetune = load_example("finetune")
     from quality import TASKS
 
     new = not OUT.exists()

@@ -4,7 +4,8 @@ Question: on the demo model's real parameter set (SmolLM2-135M, 134.5M params, f
 does each optimizer hold, and what does a step cost relative to 32-bit SGD-SaI and torch AdamW, run side by
 side in one process? Embeddings keep 32-bit state in the memopt and bitsandbytes 8-bit optimizers (what the
 Trainer does for both); their bytes are reported separately. torchao's AdamW8bit (optional: pip install torchao)
-runs on CPU through torch.compile and has no per-parameter override, so its embedding state is 8-bit. On CPU memopt's 8-bit path is the PyTorch reference (Triton runs on CUDA only), so the CPU step times
+runs on CPU through torch.compile and has no per-parameter override, so its embedding state is 8-bit. On CPU memopt's
+8-bit path is the PyTorch reference (Triton runs on CUDA only), so the CPU step times
 say nothing about the fused kernels: benchmarks/kernels_gpu.py measures those.
 
     python benchmarks/state_8bit.py [--rounds 3] [--out benchmarks/results/state_8bit]
@@ -15,13 +16,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -79,7 +77,7 @@ def main():
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "state_8bit"))
     cli = ap.parse_args()
-    from demo_task import smollm2_checkpoint
+    from memopt.demo import smollm2_checkpoint
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)

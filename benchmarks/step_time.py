@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -38,7 +35,7 @@ BASELINES = {
 
 def demo_parameters() -> list[torch.nn.Parameter]:
     """The demo model's parameter set (shapes and dtypes of SmolLM2-135M-Instruct), weights loaded."""
-    from demo_task import smollm2_checkpoint
+    from memopt.demo import smollm2_checkpoint
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)

@@ -17,7 +17,8 @@ for mode in ("lora", "full"):
             series[(r["optim"], r["optim_args"] or "")].append((float(r["learning_rate"]), float(r["eval_loss_after"])))
     if not series:
         continue
-    print(f"\n{mode} (eval loss after {rows[[r['mode'] for r in rows].index(mode)]['steps']} steps; best per row in bold)\n")
+    steps = rows[[r['mode'] for r in rows].index(mode)]['steps']
+    print(f"\n{mode} (eval loss after {steps} steps; best per row in bold)\n")
     print("| optimizer | optim_args | lr: eval loss |")
     print("|---|---|---|")
     for (optim, args), pts in sorted(series.items()):

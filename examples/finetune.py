@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import logging  # noqa: E402
 
 # bitsandbytes (a test dependency, not the demo's) logs a warning at import on CPUs with AVX512-BF16 when the
@@ -34,9 +32,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" with transformers)
 import torch  # noqa: E402
 
-from demo_task import CORPORA, DEFAULT_MODEL, resolve_model_path, text_splits  # noqa: E402
+from memopt.demo import CORPORA, DEFAULT_MODEL, qlora_config, resolve_model_path, text_splits  # noqa: E402
 
-# Recommended learning rates on this task: AdamW's for every AdamW-like optimizer (docs/sgdsai.md, benchmarks/quality.py).
+# Recommended learning rates on this task: AdamW's for every AdamW-like optimizer (docs/sgdsai.md,
+# benchmarks/quality.py).
 RECOMMENDED_LR = {
     ("sgdsai", False): 1e-4,
     ("sgdsai", True): 3e-3,
@@ -95,16 +94,6 @@ def learning_rate(args) -> float:
         return args.learning_rate
     lora = args.lora or args.qlora
     return RECOMMENDED_LR.get((args.optim, lora), RECOMMENDED_LR[("adamw_torch", lora)])
-
-
-def qlora_config(compute_dtype):
-    """The QLoRA recipe's 4-bit base (Dettmers et al. 2023, arXiv 2305.14314): NF4 codes, double quantisation of
-    the block maxima, matmuls in ``compute_dtype``. Every ``nn.Linear`` but the LM head is quantised; the other
-    weights stay in ``compute_dtype`` (no fp32 upcast: peft keeps the adapters in fp32 anyway)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def build_model(args):
@@ -228,7 +217,8 @@ def compare(args) -> list[dict]:
             out = Path(tmp) / f"{i}.json"
             cmd = [sys.executable, __file__, "--optim", name, "--compare", "none", "--results_json", str(out),
                    "--model_name_or_path", args.model_name_or_path, "--max_steps", str(args.max_steps),
-                   "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed), "--corpus", args.corpus,
+                   "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--seed", str(args.seed),
+                   "--corpus", args.corpus,
                    "--logging_steps", str(args.logging_steps), "--weight_decay", str(args.weight_decay),
                    "--output_dir", str(Path(args.output_dir) / name), "--lora" if args.lora else "--no-lora",
                    "--qlora" if args.qlora else "--no-qlora",
@@ -243,7 +233,8 @@ def compare(args) -> list[dict]:
     print(f"{'optim':<14} {'lr':>8} {'eval before':>12} {'eval after':>11} {'optim state':>12} {'peak':>22}")
     for r in results:
         print(f"{r['optim']:<14} {r['learning_rate']:>8g} {r['eval_loss_before']:>12.4f} {r['eval_loss_after']:>11.4f} "
-              f"{_fmt_bytes(r['optimizer_state_bytes']):>12} {_fmt_bytes(r['peak_bytes']) + ' ' + str(r['peak_kind']):>22}")
+              f"{_fmt_bytes(r['optimizer_state_bytes']):>12} "
+              f"{_fmt_bytes(r['peak_bytes']) + ' ' + str(r['peak_kind']):>22}")
     return results
 
 

@@ -14,15 +14,11 @@ which it brings).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" and the other memopt names with transformers)
 
-from demo_task import CORPORA, DEFAULT_MODEL, resolve_model_path  # noqa: E402
+from memopt.demo import CORPORA, DEFAULT_MODEL, resolve_model_path  # noqa: E402
 
 
 @dataclass

@@ -68,7 +68,8 @@ def run_plan(args: argparse.Namespace) -> str:
     """The text (table or JSON) of ``memopt plan`` for parsed arguments. Raises ValueError on bad input."""
     options = planner.PlanOptions(
         batch=args.batch, seq_len=args.seq_len, weights_dtype=args.weights_dtype, act_ckpt=args.act_ckpt,
-        attention=args.attention, act_dtype=args.act_dtype, lora_rank=args.lora_rank, lora_targets=args.lora_targets, density=args.density,
+        attention=args.attention, act_dtype=args.act_dtype, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+        density=args.density,
         galore_rank=args.rank, gpu_mem=args.gpu_mem, reserve=args.reserve,
     )
     options.validate()

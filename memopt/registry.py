@@ -259,7 +259,8 @@ def _register_builtin() -> None:
     # Not "lion_8bit" / "lion_32bit": Transformers' names for bitsandbytes' Lion.
     for name, defaults, label in (("lion", {}, "Lion"), ("memopt_lion_8bit", {"state_bits": 8}, "Lion 8-bit")):
         register_optimizer(name, Lion, defaults=defaults, label=label,
-                           description=f"{label}: sign of the interpolated momentum (one buffer; lr 3-10x below AdamW's)")
+                           description=f"{label}: sign of the interpolated momentum (one buffer; lr 3-10x below "
+                                       "AdamW's)")
     for name, defaults, label, what in (
             ("frugal", {}, "FRUGAL (AdamW inner)",
              "FRUGAL: AdamW in a subspace of each target matrix, sign-SGD on the rest"),

@@ -56,7 +56,8 @@ def reference_sgdsai(params, grads_per_step, *, lr, momentum, weight_decay, eps,
 
 def reference_factored(params, grads_per_step, *, lr, momentum, weight_decay, eps, maximize=False, clip=3.0):
     """scale="factored", written out with loops in fp64: per element u = g / (sqrt(R_i C_j / M) + eps) clamped to
-    [-clip, clip] (rows = shape[0], columns = the rest; a vector: u = g / (|g| + eps)), m = β m + (1 − β) u from m = 0, and
+    [-clip, clip] (rows = shape[0], columns = the rest; a vector: u = g / (|g| + eps)), m = β m + (1 − β) u from
+    m = 0, and
     θ ← θ(1 − lr λ) − lr m / (1 − β^t). A tensor starts counting t at its first non-zero gradient."""
     params = [p.detach().clone().double() for p in params]
     bufs = [None] * len(params)

@@ -36,7 +36,7 @@ def test_example_compares_sgdsai_with_adamw_and_prints_the_report(tiny_model_dir
     assert "[sgdsai] step    6/6" in out and "[adamw_torch] step    6/6" in out
     assert out.count("memopt memory report") == 2
     table = out.split("Same task, seed, data and steps")[1]
-    lines = {l.split()[0]: l.split() for l in table.splitlines() if l.startswith(("sgdsai", "adamw_torch"))}
+    lines = {row.split()[0]: row.split() for row in table.splitlines() if row.startswith(("sgdsai", "adamw_torch"))}
     assert float(lines["sgdsai"][3]) < float(lines["sgdsai"][2])  # eval loss went down
     reports = {name: json.loads((tmp_path / name / "memory_report.json").read_text())[0]
                for name in ("sgdsai", "adamw_torch")}
@@ -66,14 +66,15 @@ def test_example_under_accelerate_launch_ddp(tiny_model_dir, tmp_path):
 def test_trl_sft_recipe_under_accelerate_launch_with_sgdsai(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(ROOT / "examples" / "sft_trl.py"),
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(ROOT / "examples" / "sft_trl.py"),
            "--model_name_or_path", str(tiny_model_dir), "--optim", "sgdsai", "--optim_args", "scale=factored",
            "--learning_rate", "3e-3", "--max_steps", "6", "--per_device_train_batch_size", "2", "--max_length", "48",
            "--logging_steps", "2", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
            "--text_chars", "120", "--output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("[sft_trl]"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("[sft_trl]"))
     first, last = (float(x) for x in line.split("loss ")[1].split(" -> "))
     assert "optim=sgdsai steps=6" in line and last < first
     rows = json.loads((tmp_path / "memory_report.json").read_text())

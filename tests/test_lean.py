@@ -1,4 +1,5 @@
-"""Lean full fine-tuning: embedding freezing, gradient release, bf16 weights with stochastic rounding (no fp32 master)."""
+"""Lean full fine-tuning: embedding freezing, gradient release, bf16 weights with stochastic rounding (no fp32
+master)."""
 
 import io
 import logging

@@ -299,7 +299,8 @@ def test_cli_plan_llama_7b(llama_7b_dir, capsys):
     cells = [c.strip() for c in rows["AdamW (torch)"].split(" | ")]
     assert cells[-1].startswith("no (-") and cells[-3].startswith("no (-")  # 50 GiB of weights+grads+state
     assert [c.strip() for c in rows["LoRA r=8 + AdamW"].split(" | ")][-1].startswith("yes (+")
-    fit_line = next(line for line in out.splitlines() if line.startswith("fits in 24 GB") and "checkpointing on" in line)
+    fit_line = next(line for line in out.splitlines()
+                    if line.startswith("fits in 24 GB") and "checkpointing on" in line)
     assert "SGD-SaI 8-bit + grad release" in fit_line and "AdamW (torch)" not in fit_line
 
 

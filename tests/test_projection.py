@@ -94,7 +94,8 @@ def test_state_is_plain_and_loads_weights_only():
 
 @pytest.mark.parametrize("kwargs,name", [(dict(selection="pca"), "selection"), (dict(on_refresh="drop"), "on_refresh"),
                                          (dict(rank=0, density=None), "rank"), (dict(density=1.5), "density"),
-                                         (dict(update_gap=0), "update_gap"), (dict(index_storage="int8"), "index_storage")])
+                                         (dict(update_gap=0), "update_gap"),
+                                         (dict(index_storage="int8"), "index_storage")])
 def test_config_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         P.ProjectionConfig(**kwargs).validate()

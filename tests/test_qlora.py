@@ -1,7 +1,6 @@
 """QLoRA (LoRA adapters on a bitsandbytes 4-bit NF4 base) with memopt optimizers: the recipe of
 examples/finetune.py --qlora on a tiny model, the report counting 4-bit weights as stored, and the planner."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from finetune import qlora_config  # noqa: E402
+from memopt.demo import qlora_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +25,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def _qlora_model(path):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=qlora_config(torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 quantization_config=qlora_config(torch.float32))
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                              task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)

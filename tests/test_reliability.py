@@ -269,7 +269,7 @@ def test_corrupt_8bit_state_in_memory_raises_before_the_weights_are_written(name
     assert torch.equal(p.detach(), before)
 
 
-# --------------------------------------------------------------------------- Trainer: settings an optimizer cannot honour
+# -------------------------------------------------------------------- Trainer: settings an optimizer cannot honour
 def test_gradient_release_built_in_python_refuses_gradient_clipping_in_the_trainer(tmp_path):
     model = tiny_llama()
     opt = memopt.SGDSaI(model.parameters(), lr=0.05, grad_release=True)

@@ -155,7 +155,8 @@ def test_save_and_resume_is_bit_identical_through_weights_only_load(scale, dtype
             torch.randn(4, 4, generator=gen).to(dtype)]
     # third tensor: no grad, then a zero grad, then real grads -> its scale arrives after the checkpoint
     grads = [[torch.randn(8, 8, generator=gen).to(dtype), torch.randn(5, generator=gen).to(dtype),
-              None if t == 0 else (torch.zeros(4, 4, dtype=dtype) if t < 4 else torch.randn(4, 4, generator=gen).to(dtype))]
+              None if t == 0 else (torch.zeros(4, 4, dtype=dtype) if t < 4
+                                   else torch.randn(4, 4, generator=gen).to(dtype))]
              for t in range(8)]
     kw = dict(lr=1e-2, scale=scale, state_dtype=state_dtype)
 

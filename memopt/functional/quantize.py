@@ -233,7 +233,8 @@ def layout_8bit(key: str, shape: tuple, blocksize: int) -> dict:
     numel = 1
     for d in shape:
         numel *= d
-    return {f"{key}_codes": (tuple(shape), torch.uint8), f"{key}_absmax": ((blocks_of(numel, blocksize),), torch.float32)}
+    return {f"{key}_codes": (tuple(shape), torch.uint8),
+            f"{key}_absmax": ((blocks_of(numel, blocksize),), torch.float32)}
 
 
 def load_moment(state: dict, key: str, blocksize: int, signed: bool = True) -> Optional[Tensor]:

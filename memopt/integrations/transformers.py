@@ -111,7 +111,8 @@ def _patch_trainer_optimizer(module) -> None:
     for name in list_optimizers():
         current = handlers.get(name)
         if current is not None and getattr(current, "memopt_name", None) != name:
-            raise RuntimeError(f"transformers already has an optimizer handler for {name!r}; memopt will not replace it")
+            raise RuntimeError(f"transformers already has an optimizer handler for {name!r}; memopt will not "
+                               "replace it")
         if current is None:
             handlers[OptimizerNames(name)] = _handler_for(name)
 

@@ -46,7 +46,8 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
                        unsigned_code: Optional[Tensor] = None, stochastic_rounding: bool = False) -> None:
     """Fused twin of :func:`memopt.functional.adamw.adamw_update_8bit_`."""
     check_blocksize(blocksize)
-    check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                      exp_avg_sq_absmax)
     n = param.numel()
     n_blocks = -(-n // blocksize)
     for codes, absmax in ((exp_avg_codes, exp_avg_absmax), (exp_avg_sq_codes, exp_avg_sq_absmax)):
@@ -62,6 +63,7 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
         param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
         scode, smids, ucode, umids, n,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
-        -lr / (1.0 - beta1**step), random_seed(stochastic_rounding, param.dtype), SIGN=-1.0 if maximize else 1.0, P_KIND=dtype_kind(param.dtype),
+        -lr / (1.0 - beta1**step), random_seed(stochastic_rounding, param.dtype), SIGN=-1.0 if maximize else 1.0,
+        P_KIND=dtype_kind(param.dtype),
         SR=stochastic_rounding, BLOCK=blocksize,
     )

@@ -92,5 +92,6 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     alpha = (lr * scale) if maximize else -(lr * scale)
     _sgdsai_8bit_kernel[(n_blocks,)](
         param, grad, codes, absmax, code, mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
-        random_seed(stochastic_rounding, param.dtype), FIRST=first_step, P_KIND=dtype_kind(param.dtype), SR=stochastic_rounding, BLOCK=blocksize,
+        random_seed(stochastic_rounding, param.dtype), FIRST=first_step, P_KIND=dtype_kind(param.dtype),
+        SR=stochastic_rounding, BLOCK=blocksize,
     )

@@ -354,9 +354,10 @@ class SGDSaI(MemoptOptimizer):
     def init_state(self) -> None:
         """Create the state of every trainable parameter now, instead of at its first gradient: a zero momentum
         buffer (a DTensor for FSDP2 parameters), and ``step`` 0 (``scale="factored"``) or ``gsnr`` 0.0 (not
-        computed yet) and ``started`` False (the next gradient is the first: ``m = g``). The FSDP2 path does this at its first step. Call it on a fresh optimizer
-        before loading a ``torch.distributed.checkpoint`` checkpoint into it: DCP fills only the keys its
-        template (``get_optimizer_state_dict``) already holds. Groups with ``state_bits=8`` are left lazy."""
+        computed yet) and ``started`` False (the next gradient is the first: ``m = g``). The FSDP2 path does this
+        at its first step. Call it on a fresh optimizer before loading a ``torch.distributed.checkpoint``
+        checkpoint into it: DCP fills only the keys its template (``get_optimizer_state_dict``) already holds.
+        Groups with ``state_bits=8`` are left lazy."""
         for group in self.param_groups:
             if group["state_bits"] == 8:
                 continue

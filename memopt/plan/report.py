@@ -91,6 +91,7 @@ def format_plan(plan: Plan) -> str:
     if o.gpu_mem is not None:
         for mode in o.ckpt_modes:
             ok = [r.setup for r in plan.rows if r.fits[mode]]
-            lines.append(f"fits in {_device(o.gpu_mem)} ({_gib(plan.usable_bytes)} GiB usable) with checkpointing {mode}: "
+            lines.append(f"fits in {_device(o.gpu_mem)} ({_gib(plan.usable_bytes)} GiB usable) with checkpointing "
+                         f"{mode}: "
                          + ("; ".join(ok) if ok else "none"))
     return "\n".join(lines)

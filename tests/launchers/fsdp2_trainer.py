@@ -42,8 +42,10 @@ resume = len(sys.argv) > 2
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 with open(os.path.join(root, "examples", "accelerate", "fsdp2.yaml")) as f:
     cfg = yaml.safe_load(f)["fsdp_config"]
-fsdp_config = {"version": cfg["fsdp_version"], "transformer_layer_cls_to_wrap": [cfg["fsdp_transformer_layer_cls_to_wrap"]],
-               "state_dict_type": cfg["fsdp_state_dict_type"], "reshard_after_forward": cfg["fsdp_reshard_after_forward"]}
+fsdp_config = {"version": cfg["fsdp_version"],
+               "transformer_layer_cls_to_wrap": [cfg["fsdp_transformer_layer_cls_to_wrap"]],
+               "state_dict_type": cfg["fsdp_state_dict_type"],
+               "reshard_after_forward": cfg["fsdp_reshard_after_forward"]}
 torch.set_num_threads(1)
 args = TrainingArguments(output_dir=out, optim="sgdsai", learning_rate=3e-2, max_steps=6, per_device_train_batch_size=4,
                          logging_steps=1, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, seed=0,

