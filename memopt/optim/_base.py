@@ -172,7 +172,12 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             params.append(p)
             grads.append(g)
         if group["check_finite"] and grads:
-            mask = self._finite_mask(grads)
+            if is_dtensor(grads[0]):  # FSDP2 shards: each whole gradient's finiteness, agreed over the group
+                from memopt.distributed import finite_flags
+
+                mask = finite_flags(grads)
+            else:
+                mask = self._finite_mask(grads)
             if not all(mask):
                 self._count_skips(mask.count(False))
                 params = [p for p, ok in zip(params, mask) if ok]

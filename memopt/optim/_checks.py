@@ -71,14 +71,18 @@ def check_float(name: str, value: Any, low: float, high: float = math.inf, *, lo
         raise ValueError(f"{name}={value!r} is out of range {lo}{low}, {high}{hi}")
 
 
-def check_adam_args(group: dict) -> None:
-    """lr, betas, eps and weight_decay of an Adam-family group."""
-    check_float("lr", group["lr"], 0.0)
-    betas = group["betas"]
+def check_betas(betas: Any) -> None:
+    """A pair of coefficients in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas={betas!r} must be a pair of floats")
     check_float("betas[0]", betas[0], 0.0, 1.0)
     check_float("betas[1]", betas[1], 0.0, 1.0)
+
+
+def check_adam_args(group: dict) -> None:
+    """lr, betas, eps and weight_decay of an Adam-family group."""
+    check_float("lr", group["lr"], 0.0)
+    check_betas(group["betas"])
     check_float("eps", group["eps"], 0.0, low_open=True)
     check_float("weight_decay", group["weight_decay"], 0.0)
 

@@ -12,7 +12,7 @@ from memopt.functional.quantize import layout_8bit, load_moment, quantize_blockw
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 from memopt.optim._base import MemoptOptimizer
-from memopt.optim._checks import check_8bit_layout, check_float
+from memopt.optim._checks import check_8bit_layout, check_betas, check_float
 
 
 class Lion(MemoptOptimizer):
@@ -53,11 +53,7 @@ class Lion(MemoptOptimizer):
     def _validate_group(group: dict) -> None:
         check_float("lr", group["lr"], 0.0)
         check_float("weight_decay", group["weight_decay"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas={betas!r} must be a pair of floats")
-        check_float("betas[0]", betas[0], 0.0, 1.0)
-        check_float("betas[1]", betas[1], 0.0, 1.0)
+        check_betas(group["betas"])
         if not isinstance(group["stochastic_rounding"], bool):
             raise ValueError(f"stochastic_rounding={group['stochastic_rounding']!r} must be a bool")
         check_8bit_layout(group)

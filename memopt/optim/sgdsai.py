@@ -14,6 +14,7 @@ from memopt.functional.quantize import layout_8bit, load_moment, quantize_blockw
 from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
+from memopt.optim.sgdsai_fsdp import ShardedSGDSaIMixin
 from memopt.optim._checks import check_8bit_args, check_float as _check_float
 
 SCALE_MODES = ("factored", "gsnr_max", "gsnr", "sqrt_numel")
@@ -54,7 +55,7 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
     raise ValueError(f"state_dtype={dtype!r} is not supported; use one of {sorted(_STATE_DTYPES)} or None")
 
 
-class SGDSaI(MemoptOptimizer):
+class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
     """SGD with momentum and Scaling at Initialization (SGD-SaI, arXiv 2412.11768).
 
     Per parameter tensor, at its first step with a non-zero gradient the optimizer records the gradient
@@ -349,116 +350,6 @@ class SGDSaI(MemoptOptimizer):
                 for p in params:
                     p.grad = None
         return loss
-
-    @torch.no_grad()
-    def init_state(self) -> None:
-        """Create the state of every trainable parameter now, instead of at its first gradient: a zero momentum
-        buffer (a DTensor for FSDP2 parameters), and ``step`` 0 (``scale="factored"``) or ``gsnr`` 0.0 (not
-        computed yet) and ``started`` False (the next gradient is the first: ``m = g``). The FSDP2 path does this
-        at its first step. Call it on a fresh optimizer before loading a ``torch.distributed.checkpoint``
-        checkpoint into it: DCP fills only the keys its template (``get_optimizer_state_dict``) already holds.
-        Groups with ``state_bits=8`` are left lazy."""
-        for group in self.param_groups:
-            if group["state_bits"] == 8:
-                continue
-            for p in group["params"]:
-                st = self.state[p]
-                if not p.requires_grad:
-                    continue
-                if group["scale"] == "factored":
-                    if "step" not in st:
-                        self._zero_momentum(group, p)
-                        st["step"] = 0
-                elif "started" not in st:
-                    has = "momentum_buffer" in st
-                    self._create_state(group, p)
-                    st.setdefault("gsnr", 0.0)
-                    st["started"] = has
-
-    def _step_sharded(self) -> None:
-        """The step for FSDP2 (DTensor) parameters: the same math on each rank's local shard, with the whole-tensor
-        statistics (g-SNR, finiteness) reduced over the shard group, so every rank holds exactly the shard of what
-        one device would compute. State is created for every trainable parameter at its first step() (a DTensor
-        momentum buffer, ``gsnr`` 0.0 = not computed yet, ``started``), so the template that
-        ``torch.distributed.checkpoint`` builds for a fresh optimizer has every key a checkpoint holds."""
-        from memopt.distributed import gsnr_many, local
-
-        if self.gradient_release:
-            raise RuntimeError("gradient release is not supported with FSDP2 parameters")
-        self.init_state()
-        work = []
-        n_factored = 0
-        for group in self.param_groups:
-            if group["scale"] == "factored":
-                n_factored += self._step_sharded_factored(group)
-                continue
-            params, grads = self._collect_sharded(group)
-            need = [i for i, p in enumerate(params) if group["scale"] != "sqrt_numel" and not self.state[p]["gsnr"]]
-            for i, s in zip(need, gsnr_many([grads[i] for i in need], group["eps"])):
-                self._store_gsnr(self.state[params[i]], s)
-            work.append((group, params, grads))
-        gsnr_max = self._running_gsnr_max()
-        for group, params, grads in work:
-            lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
-            ps, gs, bufs, scales, firsts = [], [], [], [], []
-            for p, g in zip(params, grads):
-                scale = self._scale_of(group, p, gsnr_max)
-                if scale is None:  # all-zero gradient so far: only the decoupled decay
-                    local(p).mul_(1.0 - lr * wd)
-                    continue
-                st = self.state[p]
-                first = not st["started"]
-                if beta != 0.0:
-                    if first:
-                        local(st["momentum_buffer"]).copy_(local(g))
-                    bufs.append(local(st["momentum_buffer"]))
-                st["started"] = True
-                ps.append(local(p))
-                gs.append(local(g))
-                scales.append(scale)
-                firsts.append(first)
-            if ps:
-                sgdsai_update_foreach_(ps, gs, bufs if beta != 0.0 else None, lr=lr, scales=scales, momentum=beta,
-                                       weight_decay=wd, maximize=group["maximize"], first_steps=firsts,
-                                       stochastic_rounding=group["stochastic_rounding"])
-        self._record_paths(0, n_factored + sum(len(w[1]) for w in work))
-
-    def _collect_sharded(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """:meth:`_collect` for FSDP2 parameters: finiteness of each whole gradient agreed over the shard group."""
-        from memopt.distributed import finite_flags
-
-        params = [p for p in group["params"] if self._grad(p, group) is not None]
-        grads = [p.grad for p in params]
-        if group["check_finite"] and grads:
-            ok = finite_flags(grads)
-            if not all(ok):
-                self._count_skips(ok.count(False))
-                params = [p for p, k in zip(params, ok) if k]
-                grads = [g for g, k in zip(grads, ok) if k]
-        return params, grads
-
-    def _step_sharded_factored(self, group: dict) -> int:
-        """``scale="factored"`` on FSDP2 shards: rows are whole on each rank (FSDP2 shards dim 0), so only the
-        column statistics are summed over the shard group; the update is then elementwise on the local shard."""
-        from memopt.distributed import any_nonzero, column_reducer, local
-
-        params, grads = self._collect_sharded(group)
-        started = [bool(self.state[p]["step"]) for p in params]
-        nonzero = any_nonzero([g for g, s in zip(grads, started) if not s])
-        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
-        for p, g, s in zip(params, grads, started):
-            st = self.state[p]
-            if not s and not nonzero.pop(0):  # waits for its first non-zero gradient: only the decay
-                local(p).mul_(1.0 - lr * wd)
-                continue
-            st["step"] += 1
-            u = normalized_gradient(local(g), group["eps"], clip=group["clip"],
-                                    reduce_columns=column_reducer(g)).to(g.dtype)
-            buf = local(st["momentum_buffer"]) if beta != 0.0 else None
-            sgdsai_update_(local(p), u, buf, lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0,
-                           momentum=beta, weight_decay=wd, maximize=group["maximize"], first_step=False,
-                           stochastic_rounding=group["stochastic_rounding"])
-        return len(params)
 
     def _update_work(self, work: list, gsnr_max: float) -> tuple[int, int]:
         """Update every ``(group, params, grads)`` of ``work``; returns the (Triton, torch) tensor counts."""
