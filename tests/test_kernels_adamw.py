@@ -11,18 +11,19 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
-@pytest.mark.parametrize("n", [1, 255, 257, 4097])
+@pytest.mark.parametrize("shape", [(1,), (255,), (257,), (4097,), (3, 300), (2, 3, 100), (64, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_adamw_8bit_matches_reference(n, dtype):
-    g = torch.Generator().manual_seed(n)
-    p0 = (torch.randn(n, generator=g) * 0.5).to(DEV, dtype)
-    grads = [(torch.randn(n, generator=g) * 1e-2).to(DEV, dtype) for _ in range(4)]
-    n_blocks = -(-n // 256)
+def test_fused_adamw_8bit_matches_reference(shape, dtype):
+    from memopt.functional.quantize import layout_8bit
+
+    g = torch.Generator().manual_seed(sum(shape))
+    p0 = (torch.randn(shape, generator=g) * 0.5).to(DEV, dtype)
+    grads = [(torch.randn(shape, generator=g) * 1e-2).to(DEV, dtype) for _ in range(4)]
     out = []
     for impl in (ref, tri):
         p = p0.clone()
-        state = [torch.zeros(n, dtype=torch.uint8, device=DEV), torch.zeros(n_blocks, device=DEV),
-                 torch.zeros(n, dtype=torch.uint8, device=DEV), torch.zeros(n_blocks, device=DEV)]
+        state = [torch.zeros(s, dtype=d, device=DEV) for key in ("m", "v")
+                 for s, d in layout_8bit(key, shape, 256).values()]
         for t, gr in enumerate(grads):
             impl.adamw_update_8bit_(p, gr, *state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                                     step=t + 1)

@@ -8,14 +8,17 @@ from memopt.functional import sgdsai as ref
 from memopt.kernels import sgdsai as tri
 
 SIZES = [1, 255, 257, 4097]
+# row blocks with a partial last block, aligned rows, 3-D, and rows narrower than a block (flat blocks)
+SHAPES_8BIT = [(1,), (255,), (257,), (4097,), (3, 300), (5, 256), (2, 3, 100), (64, 80)]
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
        torch.float16: dict(atol=1e-3, rtol=1e-3)}
 
 
 def _case(n, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed + n)
-    p = (torch.randn(n, generator=g) * 0.5).to(DEV, dtype)
-    grads = [(torch.randn(n, generator=g) * 1e-1).to(DEV, dtype) for _ in range(4)]
+    shape = n if isinstance(n, tuple) else (n,)
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    p = (torch.randn(shape, generator=g) * 0.5).to(DEV, dtype)
+    grads = [(torch.randn(shape, generator=g) * 1e-1).to(DEV, dtype) for _ in range(4)]
     return p, grads
 
 
@@ -37,18 +40,18 @@ def test_fused_full_precision_matches_reference(n, dtype, momentum):
         torch.testing.assert_close(out[1][1], out[0][1], **TOL[dtype])
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("shape", SHAPES_8BIT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_fused_8bit_matches_reference(n, dtype, maximize):
-    p0, grads = _case(n, dtype, seed=1)
+def test_fused_8bit_matches_reference(shape, dtype, maximize):
+    from memopt.functional.quantize import layout_8bit
+
+    p0, grads = _case(shape, dtype, seed=1)
     kw = dict(lr=1e-2, scale=0.5, momentum=0.9, weight_decay=0.01, maximize=maximize)
-    n_blocks = -(-n // 256)
     results = []
     for impl in (ref, tri):
         p = p0.clone()
-        codes = torch.zeros(n, dtype=torch.uint8, device=DEV)
-        absmax = torch.zeros(n_blocks, device=DEV)
+        codes, absmax = (torch.zeros(s, dtype=d, device=DEV) for s, d in layout_8bit("m", shape, 256).values())
         for t, g in enumerate(grads):
             impl.sgdsai_update_8bit_(p, g, codes, absmax, first_step=(t == 0), **kw)
         results.append((p, codes, absmax))

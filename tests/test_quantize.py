@@ -1,5 +1,7 @@
 """Blockwise dynamic 8-bit quantization (reference path): map, round-trip bounds, bitsandbytes parity."""
 
+import math
+
 import pytest
 import torch
 
@@ -183,3 +185,28 @@ def test_bad_code_maps_blocksizes_and_dtypes_are_refused_naming_the_argument(imp
     # the default map (cached) and an explicitly passed valid map both work
     back = dequant(*quant(x, code), code)
     assert torch.isfinite(back).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 300), (5, 512), (2, 3, 100), (700,), (1, 10), (128, 64)])
+def test_row_blocks_never_span_two_rows_and_equal_flat_blocks_when_rows_align(shape):
+    from memopt.functional.quantize import dequantize_rows, quantize_rows, row_layout
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    x.view(-1)[0] = 40.0  # an outlier in the first row: only that row's first block feels it
+    codes, absmax = quantize_rows(x)
+    rows, length, per_row = row_layout(shape, 256)
+    assert codes.shape == x.shape and absmax.numel() == rows * per_row
+    narrow = len(shape) < 2 or math.prod(shape) // shape[0] < 256  # flat blocks
+    assert absmax.shape == ((per_row,) if narrow else (rows, per_row))
+    flat = x.reshape(rows, length)
+    for r in range(rows):
+        for b in range(per_row):
+            assert float(absmax.reshape(rows, per_row)[r, b]) == float(flat[r, b * 256:(b + 1) * 256].abs().max())
+    back = dequantize_rows(codes, absmax)
+    assert back.shape == x.shape and float((back - x).abs().max()) <= 0.015 * float(absmax.max())
+    if length % 256 == 0 or narrow:  # aligned rows or flat blocks: exactly quantize_blockwise
+        c2, a2 = quantize_blockwise(x)
+        assert torch.equal(c2, codes) and torch.equal(a2, absmax.reshape(-1))
+    with pytest.raises(ValueError, match="absmax has shape"):
+        dequantize_rows(codes, absmax.reshape(-1)[:-1] if absmax.numel() > 1 else torch.zeros(2))

@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from memopt.functional.quantize import default_code, dequantize_blockwise, quantize_blockwise
+from memopt.functional.quantize import default_code, dequantize_rows, quantize_rows
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
@@ -87,11 +87,11 @@ def adamw_update_8bit_(
     signed_code = default_code(True, param.device) if signed_code is None else signed_code
     unsigned_code = default_code(False, param.device) if unsigned_code is None else unsigned_code
     cdt = compute_dtype(param.dtype)
-    m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
-    v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
+    m = dequantize_rows(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
+    v = dequantize_rows(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
     adam_moments_(grad.to(cdt), m, v, beta1=beta1, beta2=beta2, maximize=maximize)
     # quantize first: a non-finite moment (corrupt state) raises here, before the parameter is written
-    stored = [quantize_blockwise(m, signed_code, blocksize), quantize_blockwise(v, unsigned_code, blocksize)]
+    stored = [quantize_rows(m, signed_code, blocksize), quantize_rows(v, unsigned_code, blocksize)]
     p = param if param.dtype == cdt else param.to(cdt)
     _adamw_apply_(p, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     if p is not param:

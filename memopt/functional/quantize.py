@@ -7,6 +7,7 @@ as the index (uint8) of the nearest of 256 code values of the dynamic ("tree") m
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -221,20 +222,69 @@ def dequantize_blockwise(
 
 
 # ------------------------------------------------------------------------------- 8-bit optimizer state helpers
+# Optimizer state in 8 bits uses row blocks: a tensor of two or more dimensions is viewed as ``shape[0]`` rows of
+# ``numel / shape[0]`` elements, and each row is cut into blocks of ``blocksize`` (its last block may be shorter).
+# Blocks never span two rows, so a tensor sharded by rows (FSDP2's ``Shard(0)``) holds whole blocks on every rank,
+# the block maxima shard with the rows (``absmax`` has shape ``(rows, blocks per row)``), and a checkpoint reshards
+# to any world size. A vector, and a tensor whose rows are shorter than one block (e.g. LoRA's B, out x r), is cut
+# into flat blocks instead (per-row blocks would hold one maximum per few elements). When the row length is a
+# multiple of ``blocksize`` the row blocks are exactly the flat blocks of :func:`quantize_blockwise`.
 # A state tensor ``key`` held in 8 bits is two tensors: ``<key>_codes`` (uint8, the tensor's shape) and
-# ``<key>_absmax`` (float32, one per block). These helpers are the one place that knows it.
+# ``<key>_absmax`` (float32). These helpers are the one place that knows it.
 def blocks_of(numel: int, blocksize: int) -> int:
     """How many quantization blocks ``numel`` elements take."""
     return -(-numel // blocksize)
 
 
+def row_blocked(shape: tuple, blocksize: int) -> bool:
+    """Whether a state tensor of ``shape`` uses row blocks (two or more dimensions, rows of at least one block)."""
+    return len(shape) >= 2 and shape[0] > 0 and math.prod(shape) // shape[0] >= blocksize
+
+
+def row_layout(shape: tuple, blocksize: int) -> tuple[int, int, int]:
+    """``(rows, row length, blocks per row)`` of a state tensor of ``shape`` (flat blocks: one row)."""
+    numel = math.prod(shape)
+    rows = shape[0] if row_blocked(tuple(shape), blocksize) else 1
+    length = numel // rows if rows else 0
+    return rows, length, blocks_of(length, blocksize)
+
+
+def _absmax_shape(shape: tuple, blocksize: int) -> tuple:
+    rows, _, per_row = row_layout(tuple(shape), blocksize)
+    return (rows, per_row) if row_blocked(tuple(shape), blocksize) else (per_row,)
+
+
+def quantize_rows(x: Tensor, code: Optional[Tensor] = None, blocksize: int = 256) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_blockwise` in row blocks (see above): uint8 codes shaped like ``x`` and float32 block maxima
+    of shape ``(rows, blocks per row)`` (a vector: ``(blocks,)``)."""
+    rows, length, per_row = row_layout(tuple(x.shape), blocksize)
+    if rows == 1 or length % blocksize == 0:
+        codes, absmax = quantize_blockwise(x, code, blocksize)
+        return codes, absmax.view(_absmax_shape(tuple(x.shape), blocksize))
+    padded = torch.nn.functional.pad(x.detach().reshape(rows, length), (0, per_row * blocksize - length))
+    codes, absmax = quantize_blockwise(padded, code, blocksize)  # zero padding leaves every block's maximum alone
+    return codes[:, :length].reshape(x.shape).contiguous(), absmax.view(rows, per_row)
+
+
+def dequantize_rows(codes: Tensor, absmax: Tensor, code: Optional[Tensor] = None, blocksize: int = 256,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize_rows`."""
+    shape = tuple(codes.shape)
+    rows, length, per_row = row_layout(shape, blocksize)
+    if absmax.shape != _absmax_shape(shape, blocksize):
+        raise ValueError(f"absmax has shape {tuple(absmax.shape)}, codes of shape {shape} in row blocks of "
+                         f"blocksize={blocksize} need {_absmax_shape(shape, blocksize)}")
+    if rows == 1 or length % blocksize == 0:
+        return dequantize_blockwise(codes, absmax.reshape(-1), code, blocksize, dtype)
+    padded = torch.nn.functional.pad(codes.reshape(rows, length), (0, per_row * blocksize - length))
+    out = dequantize_blockwise(padded, absmax.reshape(-1), code, blocksize, dtype)
+    return out[:, :length].reshape(shape)
+
+
 def layout_8bit(key: str, shape: tuple, blocksize: int) -> dict:
-    """``{state key: (shape, dtype)}`` of state ``key`` held in 8 bits."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    """``{state key: (shape, dtype)}`` of state ``key`` held in 8 bits (row blocks)."""
     return {f"{key}_codes": (tuple(shape), torch.uint8),
-            f"{key}_absmax": ((blocks_of(numel, blocksize),), torch.float32)}
+            f"{key}_absmax": (_absmax_shape(tuple(shape), blocksize), torch.float32)}
 
 
 def load_moment(state: dict, key: str, blocksize: int, signed: bool = True) -> Optional[Tensor]:
@@ -245,13 +295,13 @@ def load_moment(state: dict, key: str, blocksize: int, signed: bool = True) -> O
     codes = state.get(f"{key}_codes")
     if codes is None:
         return None
-    return dequantize_blockwise(codes, state[f"{key}_absmax"], default_code(signed, codes.device), blocksize)
+    return dequantize_rows(codes, state[f"{key}_absmax"], default_code(signed, codes.device), blocksize)
 
 
 def store_moment(state: dict, key: str, value: Tensor, blocksize: int, signed: bool, eight: bool) -> None:
-    """Keep ``value`` as state ``key``: quantized to 8 bits (``eight``) or as it is."""
+    """Keep ``value`` as state ``key``: quantized to 8 bits in row blocks (``eight``) or as it is."""
     if eight:
-        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_blockwise(value, default_code(signed, value.device),
-                                                                           blocksize)
+        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_rows(value, default_code(signed, value.device),
+                                                                      blocksize)
     else:
         state[key] = value

@@ -256,23 +256,24 @@ def sgdsai_update_8bit_(
     code: Optional[Tensor] = None,
     stochastic_rounding: bool = False,
 ) -> None:
-    """:func:`sgdsai_update_` with the momentum held as blockwise 8-bit codes + one fp32 absmax per block.
+    """:func:`sgdsai_update_` with the momentum held as blockwise 8-bit codes + one fp32 absmax per block (row
+    blocks: :func:`memopt.functional.quantize.quantize_rows`).
 
     Per tensor: dequantize the momentum to fp32, take the EMA with the fp32 gradient (``m = g`` on the first
     step), update the parameter with that fp32 momentum, then re-quantize it against the NEW block absmax
     (nearest code) into ``codes``/``absmax`` in place. The fused kernel does the same per block in registers.
     ``grad`` must be finite (the optimizer skips non-finite tensors before calling this).
     """
-    from memopt.functional.quantize import dequantize_blockwise, quantize_blockwise
+    from memopt.functional.quantize import dequantize_rows, quantize_rows
 
     cdt = compute_dtype(param.dtype)
     g = grad.to(cdt)
     if first_step:
         m = g.clone() if g is grad else g
     else:
-        m = dequantize_blockwise(codes, absmax, code, blocksize, dtype=cdt).lerp_(g, 1.0 - momentum)
+        m = dequantize_rows(codes, absmax, code, blocksize, dtype=cdt).lerp_(g, 1.0 - momentum)
     # quantize first: a non-finite momentum (corrupt state) raises here, before the parameter is written
-    new_codes, new_absmax = quantize_blockwise(m, code, blocksize)
+    new_codes, new_absmax = quantize_rows(m, code, blocksize)
     p = param if param.dtype == cdt else param.to(cdt)
     decay = 1.0 - lr * weight_decay
     if decay != 1.0:

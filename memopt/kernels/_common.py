@@ -32,6 +32,29 @@ def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) 
 
 
 @triton.jit
+def row_block_offsets(pid, row_len, per_row, BLOCK: tl.constexpr):
+    """Element offsets and mask of quantization block ``pid`` in row blocks (``per_row`` blocks per row of
+    ``row_len`` elements; a flat tensor is one row): blocks never span two rows, absmax index = ``pid``."""
+    row = pid // per_row
+    in_row = (pid - row * per_row) * BLOCK + tl.arange(0, BLOCK)
+    return row * row_len + in_row, in_row < row_len
+
+
+def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tuple[int, int, int]:
+    """(grid size = blocks, row length, blocks per row) for a fused 8-bit update of a tensor of ``shape``; refuses
+    codes / absmax that do not match its row blocks (``memopt.functional.quantize.quantize_rows``)."""
+    from memopt.functional.quantize import row_layout
+
+    rows, length, per_row = row_layout(tuple(shape), blocksize)
+    for codes, absmax in zip(state[::2], state[1::2]):
+        if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
+            raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
+        if codes.numel() != n or absmax.numel() != rows * per_row:
+            raise ValueError("codes/absmax do not match the parameter's size and blocksize")
+    return rows * per_row, length, per_row
+
+
+@triton.jit
 def nearest_code_index(v, mids_ptr):
     """Index of the nearest code for each value: the number of the 255 sorted midpoints strictly below it
     (binary lifting, 8 gathers). Ties go to the lower code, as in the PyTorch reference."""

@@ -5,22 +5,21 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import check_update_args, quantize_block, random_seed, store_param_sr, torch_lerp
+from memopt.kernels._common import (check_8bit_state, check_update_args, quantize_block, random_seed,
+                                    row_block_offsets, store_param_sr, torch_lerp)
 from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
 
 
 @triton.jit
 def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, smids_ptr, ucode_ptr, umids_ptr,
-                       n, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
-                       P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+                       row_len, per_row, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, seed,
+                       SIGN: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = row_block_offsets(pid, row_len, per_row, BLOCK)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
     mi = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -49,19 +48,15 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                       exp_avg_sq_absmax)
     n = param.numel()
-    n_blocks = -(-n // blocksize)
-    for codes, absmax in ((exp_avg_codes, exp_avg_absmax), (exp_avg_sq_codes, exp_avg_sq_absmax)):
-        if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
-            raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
-        if codes.numel() != n or absmax.numel() != n_blocks:
-            raise ValueError("codes/absmax do not match the parameter's size and blocksize")
+    n_blocks, row_len, per_row = check_8bit_state(n, tuple(param.shape), blocksize, exp_avg_codes, exp_avg_absmax,
+                                                  exp_avg_sq_codes, exp_avg_sq_absmax)
     if n == 0:
         return
     scode, smids = code_and_midpoints(signed_code, True, param.device)
     ucode, umids = code_and_midpoints(unsigned_code, False, param.device)
     _adamw_8bit_kernel[(n_blocks,)](
         param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-        scode, smids, ucode, umids, n,
+        scode, smids, ucode, umids, row_len, per_row,
         1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
         -lr / (1.0 - beta1**step), random_seed(stochastic_rounding, param.dtype), SIGN=-1.0 if maximize else 1.0,
         P_KIND=dtype_kind(param.dtype),

@@ -18,15 +18,26 @@ from memopt.functional import adamw as ref_adamw
 from memopt.functional import quantize as ref_quantize
 from memopt.functional import sgdsai as ref_sgdsai
 
-_N = 2 * 256 + 17
+_N = 2 * 256 + 17  # two quantization blocks and a tail
+_SHAPE = (3, 300)  # 8-bit state in row blocks: two blocks per row, the second one partial
 _CODE_STEP = 0.015  # largest gap between neighbouring codes of the signed / unsigned dynamic maps, over 1.0
 
 
-def _problem(device: torch.device):
+def _problem(device: torch.device, shape=(_N,)):
     g = torch.Generator().manual_seed(1234)
-    p = (0.1 * torch.randn(_N, generator=g)).to(device)
-    grads = [(1e-2 * torch.randn(_N, generator=g)).to(device) for _ in range(3)]
+    p = (0.1 * torch.randn(shape, generator=g)).to(device)
+    grads = [(1e-2 * torch.randn(shape, generator=g)).to(device) for _ in range(3)]
     return p, grads
+
+
+def _zero_state(shape, device, moments: int) -> list:
+    from memopt.functional.quantize import layout_8bit
+
+    out = []
+    for _ in range(moments):
+        for s, d in layout_8bit("m", shape, 256).values():
+            out.append(torch.zeros(s, dtype=d, device=device))
+    return out
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> Optional[str]:
@@ -37,9 +48,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> Optional[str]:
 
 def _state_close(codes_a, absmax_a, codes_b, absmax_b, signed: bool, what: str) -> Optional[str]:
     code = ref_quantize.default_code(signed, codes_a.device)
-    a = ref_quantize.dequantize_blockwise(codes_a, absmax_a, code)
-    b = ref_quantize.dequantize_blockwise(codes_b, absmax_b, code)
-    bound = _CODE_STEP * torch.maximum(absmax_a, absmax_b).repeat_interleave(256)[: a.numel()] + 1e-12
+    a = ref_quantize.dequantize_rows(codes_a, absmax_a, code)
+    b = ref_quantize.dequantize_rows(codes_b, absmax_b, code)
+    bound = _CODE_STEP * float(torch.maximum(absmax_a, absmax_b).max()) + 1e-12
     if not torch.allclose(absmax_a, absmax_b, rtol=1e-5, atol=0) or bool(((a - b).abs() > bound).any()):
         return f"{what} differs from the reference by more than one code step"
     return None
@@ -67,8 +78,9 @@ def check_sgdsai(module, device: torch.device) -> Optional[str]:
     problem = _close(p_k, p_r, "sgdsai_update_ (parameter)") or _close(m_k, m_r, "sgdsai_update_ (momentum)")
     if problem:
         return problem
+    p0, grads = _problem(device, _SHAPE)
     p_k, p_r = p0.clone(), p0.clone()
-    state_r = [torch.zeros(_N, dtype=torch.uint8, device=device), torch.zeros(3, device=device)]
+    state_r = _zero_state(_SHAPE, device, 1)
     for t, g in enumerate(grads):
         state_k = [s.clone() for s in state_r]  # the same state in: each step checks one kernel call
         module.sgdsai_update_8bit_(p_k, g, *state_k, first_step=t == 0, **kw)
@@ -82,11 +94,10 @@ def check_sgdsai(module, device: torch.device) -> Optional[str]:
 
 
 def check_adamw(module, device: torch.device) -> Optional[str]:
-    p0, grads = _problem(device)
+    p0, grads = _problem(device, _SHAPE)
     kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     p_k, p_r = p0.clone(), p0.clone()
-    state_r = [torch.zeros(_N, dtype=torch.uint8, device=device), torch.zeros(3, device=device)] * 2
-    state_r = [s.clone() for s in state_r]
+    state_r = _zero_state(_SHAPE, device, 2)
     for t, g in enumerate(grads, start=1):
         state_k = [s.clone() for s in state_r]
         module.adamw_update_8bit_(p_k, g, *state_k, step=t, **kw)

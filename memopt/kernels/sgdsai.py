@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import (KERNEL_FLOATS, check_update_args, quantize_block, random_seed, store_param,
-                                    store_param_sr, torch_lerp)
+from memopt.kernels._common import (KERNEL_FLOATS, check_8bit_state, check_update_args, quantize_block,
+                                    random_seed, row_block_offsets, store_param, store_param_sr, torch_lerp)
 from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
 
 _FP32_BLOCK = 1024
@@ -33,11 +32,11 @@ def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, seed, HAS_M: tl
 
 
 @triton.jit
-def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, n, alpha, decay, weight, seed,
-                        FIRST: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, row_len, per_row, alpha, decay,
+                        weight, seed, FIRST: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr,
+                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask = row_block_offsets(pid, row_len, per_row, BLOCK)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FIRST:
@@ -80,18 +79,14 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     param update → new absmax → re-quantize, in registers."""
     check_blocksize(blocksize)
     check_update_args("fused SGD-SaI", param, grad, codes, absmax)
-    if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
-        raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
     n = param.numel()
-    n_blocks = -(-n // blocksize)
-    if codes.numel() != n or absmax.numel() != n_blocks:
-        raise ValueError("codes/absmax do not match the parameter's size and blocksize")
+    n_blocks, row_len, per_row = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
     if n == 0:
         return
     code, mids = code_and_midpoints(code, True, param.device)
     alpha = (lr * scale) if maximize else -(lr * scale)
     _sgdsai_8bit_kernel[(n_blocks,)](
-        param, grad, codes, absmax, code, mids, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
+        param, grad, codes, absmax, code, mids, row_len, per_row, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
         random_seed(stochastic_rounding, param.dtype), FIRST=first_step, P_KIND=dtype_kind(param.dtype),
         SR=stochastic_rounding, BLOCK=blocksize,
     )

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from memopt.functional.quantize import layout_8bit, load_moment, quantize_blockwise
+from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 from memopt.optim._base import MemoptOptimizer
@@ -83,7 +83,7 @@ class Lion(MemoptOptimizer):
                 m = load_moment(state, "exp_avg", group["blocksize"]).to(cdt, copy=True)
                 direction = torch.lerp(m, g, 1.0 - beta1).sign_()
                 m.lerp_(g, 1.0 - beta2)
-                stored = quantize_blockwise(m, None, group["blocksize"]) if "exp_avg_codes" in state else None
+                stored = quantize_rows(m, None, group["blocksize"]) if "exp_avg_codes" in state else None
                 p32 = p if p.dtype == cdt else p.to(cdt)
                 p32.mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(direction, alpha=group["lr"])
                 if p32 is not p:

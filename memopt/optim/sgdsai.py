@@ -10,7 +10,7 @@ from torch import Tensor
 
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
-from memopt.functional.quantize import layout_8bit, load_moment, quantize_blockwise
+from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows
 from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
@@ -278,7 +278,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         """Create the buffer of a tensor's first step holding ``g`` (8-bit codes or full precision)."""
         state = self._create_state(group, p)
         if "momentum_codes" in state:
-            state["momentum_codes"], state["momentum_absmax"] = quantize_blockwise(g, None, group["blocksize"])
+            state["momentum_codes"], state["momentum_absmax"] = quantize_rows(g, None, group["blocksize"])
         else:
             state["momentum_buffer"].copy_(g)
 
