@@ -109,3 +109,18 @@ def column_reducer(grad: Tensor):
         return _all_reduce(col_ss.clone(), groups), rows
 
     return reduce
+
+
+def rows_like(p: Tensor, shape: tuple, dtype: torch.dtype) -> Tensor:
+    """Zeros of ``shape`` (``shape[0]`` = ``p``'s rows) as a DTensor sharded like the row-sharded ``p``: each rank
+    holds the rows of its shard of ``p`` (8-bit block maxima follow their rows)."""
+    from torch.distributed.tensor import DTensor
+
+    if shape[0] != p.shape[0] or any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        raise NotImplementedError(f"state of shape {shape} for a parameter of shape {tuple(p.shape)} with "
+                                  f"placements {p.placements}: only row-sharded (Shard(0)) state is supported")
+    local_rows = p.to_local().shape[0]
+    local = torch.zeros((local_rows, *shape[1:]), dtype=dtype, device=p.to_local().device)
+    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)

@@ -43,20 +43,30 @@ def equal_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored"])
-def test_sgdsai_on_fsdp2_shards_equals_one_device(equal_run, name):
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored", "sgdsai_8bit",
+                                  "sgdsai_8bit_gsnr_max", "memopt_adamw_8bit"])
+def test_on_fsdp2_shards_equals_one_device(equal_run, name):
+    # 8-bit state is in row blocks: the same blocks on shards as on one device, so the results agree to rounding
     out, results = equal_run
-    assert results[name] == {"ok": True}
+    assert results[name]["ok"] is True
+    if "8bit" in name:
+        assert results[name]["uint8_state"] > 0
     r0 = torch.load(out / f"{name}_rank0.pt", weights_only=True)
     r1 = torch.load(out / f"{name}_rank1.pt", weights_only=True)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # ranks agree exactly
     ref = _single(name, 4)
+    # 32-bit state: equal to rounding. 8-bit: cross-rank sums in another order can move a momentum value across a
+    # code midpoint, one code step (1.5% of its block maximum) at most; over 4 steps at lr 1e-2 (normalised updates
+    # <= 3) that bounds the weight difference by 4 * 1e-2 * 3 * 0.015 = 1.8e-3
+    tol = dict(atol=1.8e-3, rtol=0) if "8bit" in name else dict(atol=1e-6, rtol=1e-5)
+    close = 0
     for k, v in r0.items():
-        torch.testing.assert_close(v, ref[k].detach(), atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(v, ref[k].detach(), **tol, msg=k)
+        close += int((v - ref[k].detach()).abs().le(1e-6).sum())
+    assert close >= 0.99 * sum(v.numel() for v in r0.values())  # a flip is rare
 
 
-@pytest.mark.parametrize("name,why", [("sgdsai_8bit", "state_bits=8"), ("memopt_adamw_8bit", "per shard"),
-                                      ("frugal", "per shard"), ("memopt_galore", "per shard"),
+@pytest.mark.parametrize("name,why", [("frugal", "per shard"), ("memopt_galore", "per shard"),
                                       ("adamsnsm", "per shard")])
 def test_other_optimizers_refuse_fsdp2_clearly(equal_run, name, why):
     _, results = equal_run
@@ -69,7 +79,13 @@ def test_gradient_release_is_refused_under_fsdp2(equal_run):
     assert "gradient release is not supported with more than one process" in results["grad_release"]["refused"]
 
 
-@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_gsnr_max"])
+def _tol(name):
+    """Weights after the same steps: 32-bit state to rounding; 8-bit state within one code step per element per
+    step (see test_on_fsdp2_shards_equals_one_device)."""
+    return dict(atol=1.8e-3, rtol=0) if "8bit" in name else dict(atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_gsnr_max", "sgdsai_8bit", "memopt_adamw_8bit"])
 def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -79,7 +95,7 @@ def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     straight = torch.load(tmp_path / "uninterrupted.pt", weights_only=True)
     ref = _single(name, 6)
     for k, v in straight.items():  # the sharded run equals one device over 6 steps
-        torch.testing.assert_close(v, ref[k].detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(v, ref[k].detach(), **_tol(name))
     _torchrun(tmp_path, "resume", 2, name)  # 2 -> 2
     resumed2 = torch.load(tmp_path / "resumed_world2.pt", weights_only=True)
     # 2 -> 1: a plain (unsharded) model and optimizer in this process, no process group
@@ -90,14 +106,34 @@ def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
-    if name == "sgdsai":  # scale="factored": each tensor's step count came back
-        assert all(st["step"] == 3 for st in opt.state.values())
-    else:
+    if name == "sgdsai_gsnr_max":
         assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
+    else:  # each tensor's step count came back
+        assert all(st["step"] == 3 for st in opt.state.values())
+    if "8bit" in name:  # the 8-bit state came back as 8-bit codes in row blocks
+        assert any(v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     train(model, opt, list(batches(6))[3:])
     for k, v in straight.items():
-        torch.testing.assert_close(resumed2[k], v, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(dict(model.named_parameters())[k].detach(), v, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(resumed2[k], v, atol=1e-6, rtol=1e-5)  # 2 -> 2: the same computation
+        torch.testing.assert_close(dict(model.named_parameters())[k].detach(), v, **_tol(name))
+
+
+@pytest.mark.parametrize("name", ["sgdsai", "sgdsai_8bit", "memopt_adamw_8bit"])
+def test_dcp_checkpoint_from_1_process_resumes_at_2_ranks(tmp_path, name):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = tiny_llama()
+    opt = OPTIMIZERS[name](list(model.parameters()))
+    bs = list(batches(6))
+    train(model, opt, bs[:3])
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(tmp_path / "ckpt"))
+    train(model, opt, bs[3:])  # the uninterrupted single-device run
+    _torchrun(tmp_path, "resume", 2, name)  # the same checkpoint, resharded onto 2 ranks
+    resumed = torch.load(tmp_path / "resumed_world2.pt", weights_only=True)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(resumed[k], p.detach(), **_tol(name), msg=k)
 
 
 def test_deepspeed_partitions_are_refused():
@@ -138,18 +174,32 @@ def _torchrun_script(script: str, *args):
     return proc
 
 
-def test_trainer_with_the_fsdp2_config_trains_reports_shards_and_resumes(tmp_path):
-    _torchrun_script("fsdp2_trainer.py", tmp_path)
+@pytest.mark.parametrize("optim", ["sgdsai", "sgdsai_8bit"])
+def test_trainer_with_the_fsdp2_config_trains_reports_shards_and_resumes(tmp_path, optim):
+    from transformers import TrainingArguments
+
+    from memopt.integrations.transformers import optimizer_cls_and_kwargs
+
+    _torchrun_script("fsdp2_trainer.py", tmp_path, optim)
     straight = json.loads((tmp_path / "straight.json").read_text())
     assert straight["distributed_type"].endswith("FSDP") and straight["param_type"] == "DTensor"
     assert straight["optimizer"] == "SGDSaI"
+    assert (straight["uint8_state"] > 0) == (optim == "sgdsai_8bit")
+    # the same optimizer on one device, built as the Trainer builds it, after one step
+    model = tiny_llama()
+    optim_args = "min_8bit_size=256,blocksize=16" if optim == "sgdsai_8bit" else None
+    args = TrainingArguments(output_dir=str(tmp_path / "single"), optim=optim, optim_args=optim_args, use_cpu=True,
+                             report_to="none")
+    cls, kwargs = optimizer_cls_and_kwargs(optim, args, model=model)
+    opt = cls(kwargs.pop("params"), **kwargs)
+    train(model, opt, batches(1))
+    single = memopt.state_bytes(opt)
     rows = json.loads((tmp_path / "memory_report.json").read_text())
-    n = sum(p.numel() for p in tiny_llama().parameters())
     assert [r["rank"] for r in rows] == [0, 1]
-    for r in rows:  # each rank holds about half of the single-device state (4 B/param), uneven shards allowed
-        assert 0.4 * 4 * n <= r["optimizer_state_bytes"] <= 0.6 * 4 * n, (r, n)
-    assert sum(r["optimizer_state_bytes"] for r in rows) == 4 * n
-    _torchrun_script("fsdp2_trainer.py", tmp_path, "resume")
+    for r in rows:  # each rank holds about half of the single-device state, uneven shards allowed
+        assert 0.35 * single <= r["optimizer_state_bytes"] <= 0.65 * single, (r, single)
+    assert sum(r["optimizer_state_bytes"] for r in rows) == single  # row blocks: no padding between ranks
+    _torchrun_script("fsdp2_trainer.py", tmp_path, optim, "resume")
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     want = straight["losses"]
     got = {s: v for s, v in resumed["losses"].items() if int(s) > 3}

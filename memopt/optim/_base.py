@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.distributed import is_dtensor
+from memopt.distributed import is_dtensor, rows_like
+from memopt.functional.quantize import row_blocked
 from memopt.functional.sgdsai import compute_dtype
 from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
                                   check_gradient)
@@ -195,6 +196,8 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
     def _wants_8bit(group: dict, p: Tensor) -> bool:
         # An explicit per-tensor mark wins. Otherwise small tensors (biases, norms) keep 32-bit state: they
         # save almost nothing in 8-bit and are the most sensitive.
+        if is_dtensor(p) and not row_blocked(tuple(p.shape), group["blocksize"]):
+            return False  # sharded by rows: only row blocks stay within a rank (vectors keep 32-bit state)
         override = getattr(p, _OVERRIDE_ATTR, None)
         if override is not None:
             return override == 8
@@ -243,9 +246,14 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         are ``zeros_like(p)``: a DTensor for an FSDP2 parameter)."""
         state = self.state[p]
         for key, (shape, dtype) in self.state_layout(group, p).items():
-            if key not in state:
-                state[key] = torch.zeros_like(p, dtype=dtype) if tuple(shape) == tuple(p.shape) else \
-                    torch.zeros(shape, dtype=dtype, device=p.device)
+            if key in state:
+                continue
+            if tuple(shape) == tuple(p.shape):
+                state[key] = torch.zeros_like(p, dtype=dtype)
+            elif is_dtensor(p):  # 8-bit block maxima: one row per parameter row, sharded with the rows
+                state[key] = rows_like(p, tuple(shape), dtype)
+            else:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         return state
 
     def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
@@ -348,5 +356,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         for pid, st in state_dict["state"].items():
             p = id_to_param[pid][0]
             for key, value in st.items():
-                if isinstance(value, Tensor) and not is_dtensor(value):
+                if is_dtensor(value):  # a shard of FSDP2 state: already on its mesh (8-bit codes stay uint8)
+                    self.state[p][key] = value.detach().clone()
+                elif isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)

@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from memopt.distributed import is_dtensor, local
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
 from memopt.functional.quantize import layout_8bit
 from memopt.kernels import load as load_kernels
@@ -107,17 +108,39 @@ class AdamW8bit(MemoptOptimizer):
             state["step"] = 0
             self._create_state(group, p)
         state["step"] += 1
+        # FSDP2: every tensor is row-sharded alike, and row blocks never leave a rank: the single-device update runs
+        # on the local shards
+        p, g = local(p), local(g)
         if "exp_avg_codes" in state:
             fused = self._use_triton(group, p, g, "adamw")
             update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
-            update(p, g, *(state[k] for k in _CODES), step=state["step"], blocksize=group["blocksize"], **common)
+            update(p, g, *(local(state[k]) for k in _CODES), step=state["step"], blocksize=group["blocksize"],
+                   **common)
             return fused
-        adamw_update_(p, g, state["exp_avg"], state["exp_avg_sq"], step=state["step"], **common)
+        adamw_update_(p, g, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], **common)
         return False
+
+    def _dtensor_refusal(self, group: dict) -> Optional[str]:
+        return None  # elementwise math in row blocks: shard-correct
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every trainable parameter's state now (zero moments, ``step`` 0) instead of at its first step: the
+        template a fresh optimizer gives ``torch.distributed.checkpoint`` must hold every key a checkpoint holds.
+        FSDP2 parameters get it at the first step; call it before loading a DCP checkpoint into a fresh one."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and "step" not in self.state[p]:
+                    self.state[p]["step"] = 0
+                    self._create_state(group, p)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = self._evaluate(closure)
+        if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            if self.gradient_release:
+                raise RuntimeError("gradient release is not supported with FSDP2 parameters")
+            self.init_state()
         n_triton = n_torch = 0
         for group in self.param_groups:
             params, grads = self._collect(group)

@@ -321,10 +321,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         self._deferred = []
 
     def _dtensor_refusal(self, group: dict) -> Optional[str]:
-        if group["state_bits"] == 8:
-            return (" with state_bits=8 (8-bit blocks on shards are not implemented: a block would depend on the "
-                    "world size); use state_bits=32")
-        return None
+        return None  # every mode and state format is shard-correct (sgdsai_fsdp.py)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from memopt.functional.sgdsai import normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.sgdsai import (normalized_gradient, sgdsai_update_, sgdsai_update_8bit_,
+                                      sgdsai_update_foreach_)
 
 
 class ShardedSGDSaIMixin:
@@ -17,10 +18,8 @@ class ShardedSGDSaIMixin:
         computed yet) and ``started`` False (the next gradient is the first: ``m = g``). The FSDP2 path does this
         at its first step. Call it on a fresh optimizer before loading a ``torch.distributed.checkpoint``
         checkpoint into it: DCP fills only the keys its template (``get_optimizer_state_dict``) already holds.
-        Groups with ``state_bits=8`` are left lazy."""
+        8-bit state: zero codes and block maxima (row blocks, sharded with the parameter's rows)."""
         for group in self.param_groups:
-            if group["state_bits"] == 8:
-                continue
             for p in group["params"]:
                 st = self.state[p]
                 if not p.requires_grad:
@@ -30,7 +29,7 @@ class ShardedSGDSaIMixin:
                         self._zero_momentum(group, p)
                         st["step"] = 0
                 elif "started" not in st:
-                    has = "momentum_buffer" in st
+                    has = "momentum_buffer" in st or "momentum_codes" in st
                     self._create_state(group, p)
                     st.setdefault("gsnr", 0.0)
                     st["started"] = has
@@ -68,11 +67,17 @@ class ShardedSGDSaIMixin:
                     continue
                 st = self.state[p]
                 first = not st["started"]
+                st["started"] = True
+                if "momentum_codes" in st:  # 8-bit: the same row blocks as on one device, on the local rows
+                    sgdsai_update_8bit_(local(p), local(g), local(st["momentum_codes"]), local(st["momentum_absmax"]),
+                                        lr=lr, scale=scale, momentum=beta, weight_decay=wd, first_step=first,
+                                        maximize=group["maximize"], blocksize=group["blocksize"],
+                                        stochastic_rounding=group["stochastic_rounding"])
+                    continue
                 if beta != 0.0:
                     if first:
                         local(st["momentum_buffer"]).copy_(local(g))
                     bufs.append(local(st["momentum_buffer"]))
-                st["started"] = True
                 ps.append(local(p))
                 gs.append(local(g))
                 scales.append(scale)
@@ -100,8 +105,12 @@ class ShardedSGDSaIMixin:
             st["step"] += 1
             u = normalized_gradient(local(g), group["eps"], clip=group["clip"],
                                     reduce_columns=column_reducer(g)).to(g.dtype)
-            buf = local(st["momentum_buffer"]) if beta != 0.0 else None
-            sgdsai_update_(local(p), u, buf, lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0,
-                           momentum=beta, weight_decay=wd, maximize=group["maximize"], first_step=False,
-                           stochastic_rounding=group["stochastic_rounding"])
+            common = dict(lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0, momentum=beta,
+                          weight_decay=wd, maximize=group["maximize"], first_step=False,
+                          stochastic_rounding=group["stochastic_rounding"])
+            if "momentum_codes" in st:
+                sgdsai_update_8bit_(local(p), u, local(st["momentum_codes"]), local(st["momentum_absmax"]),
+                                    blocksize=group["blocksize"], **common)
+            else:
+                sgdsai_update_(local(p), u, local(st["momentum_buffer"]) if beta != 0.0 else None, **common)
         return len(params)

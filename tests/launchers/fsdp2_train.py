@@ -26,8 +26,11 @@ OPTIMIZERS = {
     "sgdsai_m0": lambda ps: memopt.SGDSaI(ps, lr=1e-2, momentum=0.0),
     "sgdsai_gsnr_max": lambda ps: memopt.SGDSaI(ps, lr=3e-2, weight_decay=1e-2, scale="gsnr_max"),
     "sgdsai_factored": lambda ps: memopt.SGDSaI(ps, lr=1e-2, weight_decay=1e-2, scale="factored"),
-    "sgdsai_8bit": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256),
-    "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3),
+    # blocksize 16: the tiny model's rows (32, 64 elements) hold whole blocks, so its matrices are 8-bit on shards
+    "sgdsai_8bit": lambda ps: memopt.SGDSaI(ps, lr=1e-2, state_bits=8, min_8bit_size=256, blocksize=16),
+    "sgdsai_8bit_gsnr_max": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256, blocksize=16,
+                                                     scale="gsnr_max"),
+    "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3, min_8bit_size=256, blocksize=16),
     "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),
     "memopt_galore": lambda ps: memopt.GaLoreAdamW(ps, lr=1e-3, rank=4),
     "adamsnsm": lambda ps: memopt.SubsetNormSM(ps, lr=1e-3, rank=4),
@@ -80,7 +83,8 @@ def main():
                 results[name] = {"refused": str(e)}
                 continue
             params = full_params(model)  # every rank calls full_tensor (a collective)
-            results[name] = {"ok": True}
+            results[name] = {"ok": True, "uint8_state": sum(
+                v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
             torch.save(params, os.path.join(out, f"{name}_rank{rank}.pt"))
         try:  # gradient release: its hook would run before the reduce-scatter
             memopt.SGDSaI(list(sharded_model().parameters()), grad_release=True)

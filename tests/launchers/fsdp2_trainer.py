@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2`: the Trainer with examples/accelerate/fsdp2.yaml's
+"""Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2` (arguments: OUT OPTIM [resume]): the Trainer with examples/accelerate/fsdp2.yaml's
 FSDP2 settings and optim="sgdsai", on CPU.
 
 accelerate 1.15 never turns FSDP on for CPU processes (it runs them as MULTI_CPU/DDP), so this test-only script
@@ -37,8 +37,10 @@ import memopt  # noqa: E402,F401
 from tiny import PatternDataset, leave_distributed_run, tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-out = sys.argv[1]
-resume = len(sys.argv) > 2
+out, optim = sys.argv[1], sys.argv[2]
+resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
+# sgdsai_8bit: blocksize 16 so the tiny model's rows (32, 64 elements) hold whole blocks (8-bit on shards)
+optim_args = "min_8bit_size=256,blocksize=16" if optim == "sgdsai_8bit" else None
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 with open(os.path.join(root, "examples", "accelerate", "fsdp2.yaml")) as f:
     cfg = yaml.safe_load(f)["fsdp_config"]
@@ -47,7 +49,8 @@ fsdp_config = {"version": cfg["fsdp_version"],
                "state_dict_type": cfg["fsdp_state_dict_type"],
                "reshard_after_forward": cfg["fsdp_reshard_after_forward"]}
 torch.set_num_threads(1)
-args = TrainingArguments(output_dir=out, optim="sgdsai", learning_rate=3e-2, max_steps=6, per_device_train_batch_size=4,
+args = TrainingArguments(output_dir=out, optim=optim, optim_args=optim_args, learning_rate=1e-2, max_steps=6,
+                         per_device_train_batch_size=4,
                          logging_steps=1, save_strategy="steps", save_steps=3, report_to="none", use_cpu=True, seed=0,
                          disable_tqdm=True, lr_scheduler_type="linear", fsdp="full_shard", fsdp_config=fsdp_config)
 trainer = Trainer(model=tiny_llama(seed=5 if resume else 0), args=args, train_dataset=PatternDataset(n=48))
@@ -58,5 +61,7 @@ if args.process_index == 0:
     with open(os.path.join(out, "resumed.json" if resume else "straight.json"), "w") as f:
         json.dump({"losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
                    "distributed_type": str(trainer.accelerator.distributed_type),
-                   "param_type": type(p).__name__, "optimizer": type(opt).__name__}, f)
+                   "param_type": type(p).__name__, "optimizer": type(opt).__name__,
+                   "uint8_state": sum(v.dtype == torch.uint8 for st in opt.state.values() for v in st.values()
+                                      if torch.is_tensor(v))}, f)
 leave_distributed_run()
