@@ -1,5 +1,5 @@
-"""Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2` (arguments: OUT OPTIM [resume]): the Trainer with examples/accelerate/fsdp2.yaml's
-FSDP2 settings and optim="sgdsai", on CPU.
+"""Run by tests/test_fsdp2.py under `torchrun --nproc_per_node 2` (arguments: OUT OPTIM [resume]): the Trainer
+with examples/accelerate/fsdp2.yaml's FSDP2 settings and a memopt optimizer, on CPU.
 
 accelerate 1.15 never turns FSDP on for CPU processes (it runs them as MULTI_CPU/DDP), so this test-only script
 switches the accelerator state to FSDP when an FSDP plugin is given; everything else (accelerate's FSDP2 preparation,
