@@ -124,3 +124,23 @@ def rows_like(p: Tensor, shape: tuple, dtype: torch.dtype) -> Tensor:
     stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
                               stride=stride)
+
+
+def sharded_like(p: Tensor, local_rows: Tensor) -> Tensor:
+    """A DTensor of ``local_rows`` (this rank's rows of a state tensor of the row-sharded ``p``) with the global
+    row count of ``p``: the form ``torch.distributed.checkpoint`` reshards. Shares the local tensor's storage."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (p.shape[0], *local_rows.shape[1:])
+    stride = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
+    return DTensor.from_local(local_rows, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def agree_on_max(value: int, like: Tensor) -> int:
+    """The largest ``value`` over the shard group of DTensor ``like`` (every rank must call it): ranks whose RNGs
+    drew different seeds agree on one."""
+    t = torch.tensor([value], dtype=torch.int64, device=local(like).device)
+    import torch.distributed as dist
+
+    return int(_all_reduce(t, _shard_groups(like), op=dist.ReduceOp.MAX).item())

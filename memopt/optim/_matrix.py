@@ -8,6 +8,7 @@ from torch import Tensor
 
 from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.functional.rounding import write_param_
+from memopt.distributed import is_dtensor, local, sharded_like
 from memopt.optim._base import MemoptOptimizer
 
 
@@ -78,15 +79,43 @@ class MatrixOptimizer(MemoptOptimizer):
         for group in self.param_groups:
             params, grads = self._collect(group)
             for p, grad in zip(params, grads):
-                g = (-grad if group["maximize"] else grad).float()
+                # FSDP2: the math runs on the local rows (state holds local tensors between steps; state_dict()
+                # hands checkpoints DTensors)
+                g = (-local(grad) if group["maximize"] else local(grad)).float()
                 state = self.state[p]
-                p32 = p if p.dtype == torch.float32 else p.float()
+                lp = local(p)
+                p32 = lp if lp.dtype == torch.float32 else lp.float()
                 if group["weight_decay"]:
                     p32.mul_(1.0 - group["lr"] * group["weight_decay"])
                 if self._projected(group, p):
                     self._matrix_update(group, state, p32, g, p)
                 else:
                     self._dense_update(group, state, p32, g, p)
-                if p32 is not p:  # bf16 weights: stochastic rounding as the other memopt optimizers (default on)
-                    write_param_(p, p32, group["stochastic_rounding"])
+                if p32 is not lp:  # bf16 weights: stochastic rounding as the other memopt optimizers (default on)
+                    write_param_(lp, p32, group["stochastic_rounding"])
         return loss
+
+    # ------------------------------------------------------------------------------------------ FSDP2 state
+    def state_dict(self) -> dict:
+        """As the base's, with the state of FSDP2 parameters as DTensors: tensors whose rows are the parameter's
+        local rows are sharded with them, the others (selected indices, per-tensor maps) are the same on every
+        rank. ``torch.distributed.checkpoint`` then reshards them."""
+        out = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, st in out["state"].items():
+            p = params[index] if isinstance(index, int) and index < len(params) else None
+            if p is None or not is_dtensor(p):
+                continue
+            rows = local(p).shape[0]
+            out["state"][index] = {k: sharded_like(p, v) if torch.is_tensor(v) and v.dim() and v.shape[0] == rows
+                                   and k not in self._REPLICATED_STATE else v for k, v in st.items()}
+        return out
+
+    _REPLICATED_STATE = frozenset({"proj_indices"})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for st in self.state.values():  # back to the local rows the math works on
+            for k, v in list(st.items()):
+                if is_dtensor(v):
+                    st[k] = v.to_local()

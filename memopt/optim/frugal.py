@@ -9,9 +9,10 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from memopt.distributed import agree_on_max, gsnr_many, is_dtensor
 from memopt.functional import projection as proj
 from memopt.functional.adamw import adam_direction, adam_moments_
-from memopt.functional.quantize import layout_8bit, load_moment, store_moment
+from memopt.functional.quantize import layout_8bit, load_moment, row_blocked, store_moment
 from memopt.functional.sgdsai import gsnr
 from memopt.optim._checks import check_8bit_layout, check_adam_args, check_float
 from memopt.optim._matrix import MatrixOptimizer
@@ -145,10 +146,24 @@ class FRUGAL(MatrixOptimizer):
             low = proj.projected_shape(shape, cfg)
             out = {k: (s, torch.int32 if k == "proj_indices" else torch.float32)
                    for k, s in proj.selector_shapes(shape, cfg).items()}
-        eight = self._wants_8bit(group, p) and math.prod(low) >= group["min_8bit_size"]
+        eight = self._moments_8bit(group, p, low)
         for key, _ in _MOMENTS[group["inner"]]:
             out.update(layout_8bit(key, low, group["blocksize"]) if eight else {key: (low, torch.float32)})
         return out
+
+    def _moments_8bit(self, group: dict, p: Tensor, low: tuple) -> bool:
+        """Whether the inner moments of ``p`` (global shape ``low``) are 8-bit: at least ``min_8bit_size``
+        elements, and under FSDP2 rows that hold whole blocks (blocks must not span two ranks)."""
+        return self._wants_8bit(group, p) and math.prod(low) >= group["min_8bit_size"] and (
+            not is_dtensor(p) or row_blocked(tuple(low), group["blocksize"]))
+
+    def _dtensor_refusal(self, group: dict) -> Optional[str]:
+        shard_friendly = group["selection"] in ("columns", "blocks") or (
+            group["density"] == 0 and group["rank"] is None)
+        if group["project"] is False or shard_friendly:
+            return None  # the math of every remaining case is local to a row, or agreed over the group
+        return (f" with selection={group['selection']!r}: its subspace needs the whole matrix on every rank (it would"
+                " be computed per shard). Use selection='columns' or selection='blocks' under FSDP2")
 
     # ------------------------------------------------------------------------------------ inner optimizer
     def inner_direction(self, group: dict, state: dict, x: Tensor, p: Tensor) -> Optional[Tensor]:
@@ -156,7 +171,7 @@ class FRUGAL(MatrixOptimizer):
         update direction (to be multiplied by the lr), or ``None`` when SGD-SaI has no scale yet."""
         beta1, beta2 = group["betas"]
         bs = group["blocksize"]
-        eight = self._wants_8bit(group, p) and x.numel() >= group["min_8bit_size"]
+        eight = self._moments_8bit(group, p, (p.shape[0], *x.shape[1:]) if is_dtensor(p) else tuple(x.shape))
         if group["inner"] == "sgdsai":
             s = state.get("gsnr")
             if s is None:  # all-zero gradient so far: the scale (and the step) waits for a non-zero one
@@ -189,6 +204,10 @@ class FRUGAL(MatrixOptimizer):
     # ------------------------------------------------------------------------------------ projection
     def _refresh(self, group: dict, state: dict, g: Tensor, step: int, p: Tensor) -> None:
         old = proj.refresh(state, g, step, _config(group))
+        if is_dtensor(p):  # columns (the one index selection allowed on shards): every rank keeps the same ones
+            seed = agree_on_max(state["proj_seed"], p)
+            state["proj_seed"] = seed
+            state["proj_indices"] = proj.random_indices(g.shape[1], state["proj_k"], seed).to(g.device)
         state["refreshes"] = state.get("refreshes", 0) + 1
         side = proj.projection_side(tuple(g.shape))
         if group["on_refresh"] == "reset":
@@ -254,7 +273,7 @@ class FRUGAL(MatrixOptimizer):
                     blocks[id(p)] = len(blocks)
                 wants = group["inner"] == "sgdsai" or (group["free_scale"] == "sai" and projected)
                 if wants and p.numel() and self._grad(p, group) is not None and "gsnr" not in self.state[p]:
-                    s = gsnr(p.grad, 1e-8)
+                    s = gsnr_many([p.grad])[0] if is_dtensor(p) else gsnr(p.grad, 1e-8)  # whole-tensor g-SNR
                     if s is not None and math.isfinite(s):
                         self.state[p]["gsnr"] = s
         self._gsnr_max = max((st["gsnr"] for st in self.state.values() if "gsnr" in st), default=1.0)

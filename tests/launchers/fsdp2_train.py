@@ -31,7 +31,14 @@ OPTIMIZERS = {
     "sgdsai_8bit_gsnr_max": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256, blocksize=16,
                                                      scale="gsnr_max"),
     "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3, min_8bit_size=256, blocksize=16),
-    "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),
+    "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),  # selection="random": refused on shards
+    "frugal_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="columns", update_gap=2),
+    "frugal_blocks": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="blocks", update_gap=2),
+    "frugal_sgdsai_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-2, selection="columns", inner="sgdsai",
+                                                      inactive_lr_scale=0.03),
+    # the 8-bit inner moments: blocksize 16, so the (rows, 8) subspace and the whole rows hold whole blocks
+    "frugal_8bit_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="columns", density=0.5, state_bits=8,
+                                                    min_8bit_size=64, blocksize=16),
     "memopt_galore": lambda ps: memopt.GaLoreAdamW(ps, lr=1e-3, rank=4),
     "adamsnsm": lambda ps: memopt.SubsetNormSM(ps, lr=1e-3, rank=4),
 }
@@ -62,6 +69,19 @@ def train(model, opt, bs):
         opt.zero_grad()
 
 
+def fixed_grad_steps(model, opt, steps=4):
+    """Steps on the same synthetic gradients on every device count (each rank gets its rows of them): isolates the
+    optimizer from the rounding of the gradient reduction."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for t in range(steps):
+        for i, (name, p) in enumerate(model.named_parameters()):
+            full = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * t + i)) * 1e-2
+            p.grad = distribute_tensor(full, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else full
+        opt.step()
+        opt.zero_grad()
+
+
 def full_params(model):
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
@@ -86,6 +106,10 @@ def main():
             results[name] = {"ok": True, "uint8_state": sum(
                 v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
             torch.save(params, os.path.join(out, f"{name}_rank{rank}.pt"))
+            model = sharded_model()
+            opt = make(list(model.parameters()))
+            fixed_grad_steps(model, opt)
+            torch.save(full_params(model), os.path.join(out, f"{name}_fixed_rank{rank}.pt"))
         try:  # gradient release: its hook would run before the reduce-scatter
             memopt.SGDSaI(list(sharded_model().parameters()), grad_release=True)
             results["grad_release"] = {"ok": True}
@@ -101,6 +125,7 @@ def main():
         train(model, opt, bs[:3])
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=os.path.join(out, "ckpt"))
+        torch.manual_seed(123)  # the RNG a resume restores (FRUGAL draws its next columns from it)
         train(model, opt, bs[3:])
         params = full_params(model)
         if rank == 0:
@@ -112,6 +137,7 @@ def main():
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "ckpt"))
         set_model_state_dict(model, msd)
         set_optimizer_state_dict(model, opt, osd)
+        torch.manual_seed(123)
         train(model, opt, list(batches(6, rank, world))[3:])
         params = full_params(model)
         if rank == 0:
