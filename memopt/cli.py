@@ -6,6 +6,7 @@ Only argument handling and printing live here; the numbers come from :mod:`memop
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device size, e.g. 24GB (10^9 B), 24GiB, 80GB; without it no 'fits' column")
     p.add_argument("--reserve", type=_size, default=planner.GiB,
                    help="bytes of the device not available to tensors (CUDA context, allocator slack), e.g. 1GiB, 0")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs under FSDP2 full sharding (accelerate launch with examples/accelerate/fsdp2.yaml): "
+                        "numbers per GPU")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size per device")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length in tokens")
     p.add_argument("--weights-dtype", choices=sorted(planner.DTYPE_BYTES), default="bf16",
@@ -70,7 +74,7 @@ def run_plan(args: argparse.Namespace) -> str:
         batch=args.batch, seq_len=args.seq_len, weights_dtype=args.weights_dtype, act_ckpt=args.act_ckpt,
         attention=args.attention, act_dtype=args.act_dtype, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
         density=args.density,
-        galore_rank=args.rank, gpu_mem=args.gpu_mem, reserve=args.reserve,
+        galore_rank=args.rank, gpu_mem=args.gpu_mem, reserve=args.reserve, gpus=args.gpus,
     )
     options.validate()
     config = planner.load_config(args.model)
@@ -83,6 +87,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``memopt`` console script. Bad input exits with status 2 and a message on stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers' Trainer imports peft, which imports bitsandbytes: on CPUs with AVX512-BF16 and without the
+    # optional `kernels` package it logs a warning about its 4-bit CPU matmul at import; the planner runs no matmul.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.command == "plan":
         try:
             text = run_plan(args)

@@ -20,6 +20,15 @@ def is_dtensor(t: Tensor) -> bool:
     return hasattr(t, "placements") and hasattr(t, "device_mesh")
 
 
+PLANNED_SHARDS_ATTR = "_memopt_planned_shards"  # memopt plan marks meta parameters it plans as FSDP2 shards
+
+
+def row_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is (or is planned as) a parameter sharded by rows over several processes (FSDP2): the rules
+    that keep state within a rank apply to it."""
+    return is_dtensor(t) or getattr(t, PLANNED_SHARDS_ATTR, 1) > 1
+
+
 def is_deepspeed_partitioned(t: Tensor) -> bool:
     """A DeepSpeed ZeRO-partitioned parameter (ZeRO-3 marks its params with ``ds_id`` / ``ds_numel``)."""
     return hasattr(t, "ds_id") or hasattr(t, "ds_numel")

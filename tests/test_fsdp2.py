@@ -51,13 +51,22 @@ def equal_run(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored", "sgdsai_8bit",
                                   "sgdsai_8bit_gsnr_max", "memopt_adamw_8bit", "frugal_columns", "frugal_blocks",
-                                  "frugal_sgdsai_columns", "frugal_8bit_columns"])
+                                  "frugal_sgdsai_columns", "frugal_8bit_columns", "sgdsai_8bit_triton",
+                                  "sgdsai_gsnr_max_triton", "memopt_adamw_8bit_triton"])
 def test_on_fsdp2_shards_equals_one_device(equal_run, name):
     # 8-bit state is in row blocks: the same blocks on shards as on one device, so the results agree to rounding
     out, results = equal_run
     assert results[name]["ok"] is True
     if "8bit" in name:
         assert results[name]["uint8_state"] > 0
+    if name.endswith("_triton"):  # the fused kernels on the local shards, as on one device: SGD-SaI's for every
+        # tensor, AdamW's for the tensors with 8-bit state (its 32-bit tensors take the PyTorch update)
+        paths, r = results[name]["paths"], results[name]
+        fused = r["params_8bit"] if name.startswith("memopt_adamw") else r["params"]
+        assert 0 < fused and paths == {"triton": fused, **({"torch": r["params"] - fused} if fused < r["params"]
+                                                          else {})}, paths
+    else:
+        assert "triton" not in results[name]["paths"]
     r0 = torch.load(out / f"{name}_rank0.pt", weights_only=True)
     r1 = torch.load(out / f"{name}_rank1.pt", weights_only=True)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # ranks agree exactly
@@ -223,6 +232,15 @@ def test_trainer_with_the_fsdp2_config_trains_reports_shards_and_resumes(tmp_pat
     for r in rows:  # each rank holds about half of the single-device state, uneven shards allowed
         assert 0.35 * single <= r["optimizer_state_bytes"] <= 0.65 * single, (r, single)
     assert sum(r["optimizer_state_bytes"] for r in rows) == single  # row blocks: no padding between ranks
+    # `memopt plan --gpus 2` predicts each rank's weights, gradients and state exactly (buffers are not parameters)
+    from memopt import plan as planner
+
+    summary = planner.summarize_model(planner.build_meta_model(model.config), source="tiny")
+    predicted = planner.exact_parts_per_rank(summary, planner.Setup("t", optim, optim_args or ""), "fp32", gpus=2)
+    for r, parts in zip(rows, predicted):
+        assert parts.weights_bytes - 4 * summary.buffer_numel == r["params_trainable_bytes"] + r["params_frozen_bytes"]
+        assert parts.grads_bytes == r["grads_bytes"], (parts, r)
+        assert parts.state_bytes == r["optimizer_state_bytes"], (parts, r)
     _torchrun_script("fsdp2_trainer.py", tmp_path, optim, "resume")
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     want = straight["losses"]

@@ -406,3 +406,70 @@ def test_every_registered_name_has_a_plan_row_whose_state_is_exact(name):
     opt = cls(params, **kwargs)
     _step(model, opt)
     assert row.exact.state_bytes == memopt.state_bytes(opt) > 0
+
+
+# ----------------------------------------------------------------------------- several GPUs (FSDP2 full sharding)
+@pytest.mark.parametrize("rows, world, want", [(10, 4, [3, 3, 3, 1]), (5, 4, [2, 2, 1, 0]), (7, 1, [7]),
+                                               (1, 2, [1, 0])])
+def test_shard_rows_follows_torch_chunk(rows, world, want):
+    assert [planner.shard_rows(rows, world, r) for r in range(world)] == want
+    chunks = [c.shape[0] for c in torch.arange(rows).chunk(world)]  # FSDP2 shards with torch.chunk
+    assert want == chunks + [0] * (world - len(chunks))
+
+
+# blocksize 64: the 64-wide rows of this model hold whole blocks, so their 8-bit state stays 8-bit on shards
+@pytest.mark.parametrize("optim, optim_args", [("adamw_torch", ""), ("sgdsai", ""), ("sgdsai_8bit", "blocksize=64"),
+                                               ("memopt_adamw_8bit", "blocksize=64"),
+                                               ("frugal", "density=0.25,selection=columns")])
+def test_ranks_add_up_to_one_device(config, optim, optim_args):
+    """Sharded parameters, gradients and row-blocked state add up over the ranks to one device's bytes (torch
+    AdamW's per-tensor ``step`` and FRUGAL's selected indices are on every rank; buffers too)."""
+    summary = _meta_summary(config)
+    setup = planner.Setup("t", optim, optim_args)
+    one = planner.exact_parts(summary, setup, "fp32")
+    ranks = planner.exact_parts_per_rank(summary, setup, "fp32", gpus=2)
+    assert sum(r.grads_bytes for r in ranks) == one.grads_bytes
+    assert sum(r.weights_bytes for r in ranks) == one.weights_bytes + 4 * summary.buffer_numel
+    replicated = {"adamw_torch": 4 * len(summary.params), "frugal": None}.get(optim, 0)
+    total = sum(r.state_bytes for r in ranks)
+    if replicated is None:
+        assert one.state_bytes < total < 2 * one.state_bytes
+    else:
+        assert total == one.state_bytes + replicated
+    assert ranks[0].state_bytes >= ranks[1].state_bytes
+
+
+def test_8bit_state_of_rows_shorter_than_a_block_is_32bit_on_shards(config):
+    """Blocks never span two ranks: with the default blocksize 256 the 64-wide rows of this model cannot hold one,
+    so on shards their state is 32-bit (the optimizer's rule), and the plan says so."""
+    summary = _meta_summary(config)
+    setup = planner.Setup("t", "sgdsai_8bit", "")
+    one = planner.exact_parts(summary, setup, "fp32")
+    ranks = planner.exact_parts_per_rank(summary, setup, "fp32", gpus=2)
+    assert sum(r.state_bytes for r in ranks) == 4 * one.trainable_params > one.state_bytes
+
+
+def test_plan_on_two_gpus_lists_the_set_ups_without_a_row(config, capsys):
+    plan = planner.make_plan(_meta_summary(config), planner.PlanOptions(batch=1, seq_len=16, gpus=2))
+    names = {r.optim for r in plan.rows}
+    assert {"adamw_torch", "sgdsai", "sgdsai_8bit", "memopt_adamw_8bit", "frugal"} <= names
+    assert all("selection=columns" in r.optim_args for r in plan.rows if r.optim.startswith("frugal"))
+    assert not any(r.lora or "grad_release" in r.optim_args for r in plan.rows)
+    skipped = dict(plan.skipped)
+    assert "svd" in skipped["GaLore-style AdamW r=128"] and "bitsandbytes" in skipped["AdamW 8-bit (bnb, "
+                                                                                     "adamw_bnb_8bit)"]
+    assert plan.gathered_bytes > 0
+    for row in plan.rows:
+        assert len(row.per_rank) == 2 and row.exact == max(row.per_rank, key=lambda e: e.total)
+        assert row.peak_bytes["off"] == row.exact.total + plan.activations["off"].total + plan.gathered_bytes
+
+
+def test_cli_gpus(llama_7b_dir, capsys):
+    assert main(["plan", str(llama_7b_dir), "--gpus", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["options"]["gpus"] == 2 and out["skipped"]
+    sgdsai = next(r for r in out["rows"] if r["optim"] == "sgdsai")
+    assert len(sgdsai["per_rank"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", str(llama_7b_dir), "--gpus", "0"])
+    assert exc.value.code == 2 and "gpus=0 must be a positive int" in capsys.readouterr().err

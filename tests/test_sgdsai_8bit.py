@@ -173,7 +173,9 @@ def test_nonfinite_first_gradient_without_check_never_stores_a_nan_scale():
     assert torch.isfinite(q).all() and not torch.equal(q.detach(), q0)
 
 
-def test_dtensor_params_are_refused_clearly():
+def test_dtensor_params_on_a_one_rank_mesh_step_like_plain_tensors():
+    """8-bit state on DTensor parameters (FSDP2's form) takes the shard path; on a one-rank mesh the local shard
+    is the whole tensor, so the result equals the plain-tensor step (the 2-rank case: tests/test_fsdp2.py)."""
     import os
 
     import torch.distributed as dist
@@ -185,11 +187,19 @@ def test_dtensor_params_are_refused_clearly():
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="FSDP2.*state_bits=8"):
-            SGDSaI([p], state_bits=8)  # 32-bit SGD-SaI is shard-correct (tests/test_fsdp2.py)
-        with pytest.raises(NotImplementedError, match="FSDP2"):
-            memopt.AdamW8bit([p])
-        SGDSaI([p])
+        gen = torch.Generator().manual_seed(0)
+        w0 = torch.randn(8, 64, generator=gen)
+        grads = [torch.randn(8, 64, generator=gen) * 1e-2 for _ in range(3)]
+        for make in (lambda ps: SGDSaI(ps, lr=1e-2, state_bits=8, stochastic_rounding=False),
+                     lambda ps: memopt.AdamW8bit(ps, lr=1e-2)):
+            plain = torch.nn.Parameter(w0.clone())
+            sharded = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
+            opt_plain, opt_sharded = make([plain]), make([sharded])
+            for g in grads:
+                plain.grad = g.clone()
+                sharded.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                opt_plain.step()
+                opt_sharded.step()
+            torch.testing.assert_close(sharded.detach().full_tensor(), plain.detach(), rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()

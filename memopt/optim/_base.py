@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memopt.distributed import is_dtensor, rows_like
+from memopt.distributed import is_dtensor, row_sharded, rows_like
 from memopt.functional.quantize import row_blocked
 from memopt.functional.sgdsai import compute_dtype
 from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
@@ -196,7 +196,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
     def _wants_8bit(group: dict, p: Tensor) -> bool:
         # An explicit per-tensor mark wins. Otherwise small tensors (biases, norms) keep 32-bit state: they
         # save almost nothing in 8-bit and are the most sensitive.
-        if is_dtensor(p) and not row_blocked(tuple(p.shape), group["blocksize"]):
+        if row_sharded(p) and not row_blocked(tuple(p.shape), group["blocksize"]):
             return False  # sharded by rows: only row blocks stay within a rank (vectors keep 32-bit state)
         override = getattr(p, _OVERRIDE_ATTR, None)
         if override is not None:

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from memopt.distributed import agree_on_max, gsnr_many, is_dtensor
+from memopt.distributed import agree_on_max, gsnr_many, is_dtensor, row_sharded
 from memopt.functional import projection as proj
 from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.functional.quantize import layout_8bit, load_moment, row_blocked, store_moment
@@ -155,7 +155,7 @@ class FRUGAL(MatrixOptimizer):
         """Whether the inner moments of ``p`` (global shape ``low``) are 8-bit: at least ``min_8bit_size``
         elements, and under FSDP2 rows that hold whole blocks (blocks must not span two ranks)."""
         return self._wants_8bit(group, p) and math.prod(low) >= group["min_8bit_size"] and (
-            not is_dtensor(p) or row_blocked(tuple(low), group["blocksize"]))
+            not row_sharded(p) or row_blocked(tuple(low), group["blocksize"]))
 
     def _dtensor_refusal(self, group: dict) -> Optional[str]:
         shard_friendly = group["selection"] in ("columns", "blocks") or (

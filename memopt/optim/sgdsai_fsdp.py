@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from memopt.functional.sgdsai import (normalized_gradient, sgdsai_update_, sgdsai_update_8bit_,
-                                      sgdsai_update_foreach_)
+from memopt.functional import sgdsai as _reference
+from memopt.functional.sgdsai import normalized_gradient, sgdsai_update_foreach_
+from memopt.kernels import load as load_kernels
 
 
 class ShardedSGDSaIMixin:
@@ -46,10 +47,10 @@ class ShardedSGDSaIMixin:
             raise RuntimeError("gradient release is not supported with FSDP2 parameters")
         self.init_state()
         work = []
-        n_factored = 0
+        paths = [0, 0]  # tensors updated by the Triton kernels, by the PyTorch reference
         for group in self.param_groups:
             if group["scale"] == "factored":
-                n_factored += self._step_sharded_factored(group)
+                self._step_sharded_factored(group, paths)
                 continue
             params, grads = self._collect(group)
             need = [i for i, p in enumerate(params) if group["scale"] != "sqrt_numel" and not self.state[p]["gsnr"]]
@@ -68,27 +69,40 @@ class ShardedSGDSaIMixin:
                 st = self.state[p]
                 first = not st["started"]
                 st["started"] = True
+                common = dict(lr=lr, scale=scale, momentum=beta, weight_decay=wd, first_step=first,
+                              maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"])
+                lp, lg = local(p), local(g)
+                impl = self._shard_impl(group, lp, lg, paths)
                 if "momentum_codes" in st:  # 8-bit: the same row blocks as on one device, on the local rows
-                    sgdsai_update_8bit_(local(p), local(g), local(st["momentum_codes"]), local(st["momentum_absmax"]),
-                                        lr=lr, scale=scale, momentum=beta, weight_decay=wd, first_step=first,
-                                        maximize=group["maximize"], blocksize=group["blocksize"],
-                                        stochastic_rounding=group["stochastic_rounding"])
+                    impl.sgdsai_update_8bit_(lp, lg, local(st["momentum_codes"]), local(st["momentum_absmax"]),
+                                             blocksize=group["blocksize"], **common)
                     continue
-                if beta != 0.0:
-                    if first:
-                        local(st["momentum_buffer"]).copy_(local(g))
-                    bufs.append(local(st["momentum_buffer"]))
-                ps.append(local(p))
-                gs.append(local(g))
+                if beta != 0.0 and first:
+                    local(st["momentum_buffer"]).copy_(lg)
+                buf = local(st["momentum_buffer"]) if beta != 0.0 else None
+                if impl is not _reference:
+                    impl.sgdsai_update_(lp, lg, buf, **common)
+                    continue
+                if buf is not None:
+                    bufs.append(buf)
+                ps.append(lp)
+                gs.append(lg)
                 scales.append(scale)
                 firsts.append(first)
             if ps:
                 sgdsai_update_foreach_(ps, gs, bufs if beta != 0.0 else None, lr=lr, scales=scales, momentum=beta,
                                        weight_decay=wd, maximize=group["maximize"], first_steps=firsts,
                                        stochastic_rounding=group["stochastic_rounding"])
-        self._record_paths(0, n_factored + sum(len(w[1]) for w in work))
+        self._record_paths(*paths)
 
-    def _step_sharded_factored(self, group: dict) -> int:
+    def _shard_impl(self, group: dict, lp, lg, paths: list):
+        """The module whose update runs on a local shard: the Triton kernels where the single-device rules pick them
+        (CUDA, triton installed, self-checked; ``use_triton``), else the PyTorch reference; counted in ``paths``."""
+        fused = self._use_triton(group, lp, lg, "sgdsai")
+        paths[0 if fused else 1] += 1
+        return load_kernels("sgdsai") if fused else _reference
+
+    def _step_sharded_factored(self, group: dict, paths: list) -> None:
         """``scale="factored"`` on FSDP2 shards: rows are whole on each rank (FSDP2 shards dim 0), so only the
         column statistics are summed over the shard group; the update is then elementwise on the local shard."""
         from memopt.distributed import any_nonzero, column_reducer, local
@@ -108,9 +122,9 @@ class ShardedSGDSaIMixin:
             common = dict(lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0, momentum=beta,
                           weight_decay=wd, maximize=group["maximize"], first_step=False,
                           stochastic_rounding=group["stochastic_rounding"])
+            impl = self._shard_impl(group, local(p), u, paths)
             if "momentum_codes" in st:
-                sgdsai_update_8bit_(local(p), u, local(st["momentum_codes"]), local(st["momentum_absmax"]),
-                                    blocksize=group["blocksize"], **common)
+                impl.sgdsai_update_8bit_(local(p), u, local(st["momentum_codes"]), local(st["momentum_absmax"]),
+                                         blocksize=group["blocksize"], **common)
             else:
-                sgdsai_update_(local(p), u, local(st["momentum_buffer"]) if beta != 0.0 else None, **common)
-        return len(params)
+                impl.sgdsai_update_(local(p), u, local(st["momentum_buffer"]) if beta != 0.0 else None, **common)

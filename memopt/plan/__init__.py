@@ -33,12 +33,12 @@ from typing import Optional, Sequence, Union
 
 from memopt.loss import SUPPORTED_MODEL_TYPES
 from memopt.plan.activations import (ATTENTION_KINDS, LOGITS_PEAK_BYTES, ActivationEstimate,  # noqa: F401
-                                     estimate_activations, layer_bytes_per_token)
+                                     estimate_activations, fsdp_gathered_bytes, layer_bytes_per_token)
 from memopt.plan.inputs import DTYPE_BYTES, GiB, build_meta_model, check_config, load_config, parse_size  # noqa: F401
 from memopt.plan.model import (LinearInfo, ModelSummary, ParamInfo, lora_adapters, nf4_bytes,  # noqa: F401
                                quantized_4bit, summarize_model)
-from memopt.plan.state import (BASELINES, bnb_adamw8bit_state_bytes, elem_bytes, memopt_state_bytes,  # noqa: F401
-                               torch_adamw_state_bytes)
+from memopt.plan.state import (BASELINES, RefusedOnShards, bnb_adamw8bit_state_bytes, elem_bytes,  # noqa: F401
+                               memopt_state_bytes, shard_numel, shard_rows, torch_adamw_state_bytes)
 
 ACT_CKPT_MODES = ("off", "on", "both")
 
@@ -83,16 +83,19 @@ class Setup:
         return parse_chunked_loss(self._parsed().get("chunked_loss", "false")) is not None
 
 
-def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128) -> tuple:
+def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128, gpus: int = 1) -> tuple:
     """The rows ``memopt plan`` prints: the baselines, every registered memopt name (FRUGAL at ``density``,
-    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA."""
+    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA. On several GPUs FRUGAL
+    selects ``columns`` (a selection FSDP2 shards support)."""
     from memopt.registry import get_optimizer_spec, list_optimizers
 
     rows = [Setup("AdamW (torch)", "adamw_torch"), Setup("AdamW 8-bit (bnb, adamw_bnb_8bit)", "adamw_bnb_8bit")]
     for name in list_optimizers():
         label = get_optimizer_spec(name).label
         if name.startswith("frugal"):
-            rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}"), name, f"density={density:g}"))
+            columns = (" columns", ",selection=columns") if gpus > 1 else ("", "")
+            rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}{columns[0]}"), name,
+                              f"density={density:g}{columns[1]}"))
         elif name.startswith("memopt_galore"):
             rows.append(Setup(f"{label} r={galore_rank}", name, f"rank={galore_rank}"))
         else:
@@ -137,24 +140,28 @@ def _released_grads_bytes(trainable: Sequence[ParamInfo], weights_bytes: int, ti
     return held + max(others, default=0) if held else max(others, default=0)
 
 
-def _state_bytes(summary: ModelSummary, setup: Setup, trainable: Sequence[ParamInfo], weights_bytes: int) -> int:
+def _state_bytes(summary: ModelSummary, setup: Setup, trainable: Sequence[ParamInfo], weights_bytes: int,
+                 gpus: int = 1) -> list[int]:
+    """Optimizer-state bytes per rank of ``gpus`` (FSDP2 full sharding when more than one)."""
     if setup.optim == "adamw_torch":
-        return torch_adamw_state_bytes(trainable, weights_bytes)
+        return [torch_adamw_state_bytes(trainable, weights_bytes, gpus=gpus, rank=r) for r in range(gpus)]
     if setup.optim == "adamw_bnb_8bit":
-        return bnb_adamw8bit_state_bytes(trainable)
+        if gpus > 1:
+            raise RefusedOnShards("bitsandbytes' 8-bit state on FSDP2 shards is not modelled")
+        return [bnb_adamw8bit_state_bytes(trainable)]
     import torch
 
     if setup.lora:  # adapters are not in the meta model: meta tensors of their shapes, fp32
         tensors = [torch.empty(p.shape, device="meta", dtype=torch.float32, requires_grad=True) for p in trainable]
-        return memopt_state_bytes(setup.optim, setup.optim_args, summary.model, tensors, in_model=False)
+        return memopt_state_bytes(setup.optim, setup.optim_args, summary.model, tensors, in_model=False, gpus=gpus)
     if summary.model is None:
         raise ValueError("this model summary holds no meta model: build it with summarize_model(model)")
     dtype = {4: torch.float32, 2: torch.bfloat16}[weights_bytes]
     names = {p.name for p in trainable}
     params = dict(summary.model.named_parameters())
     with _meta_dtype(summary.model, dtype):
-        return memopt_state_bytes(setup.optim, setup.optim_args, summary.model,
-                                  [params[n] for n in names])
+        return memopt_state_bytes(setup.optim, setup.optim_args, summary.model, [params[n] for n in names],
+                                  gpus=gpus)
 
 
 @contextlib.contextmanager
@@ -172,11 +179,24 @@ def _meta_dtype(model, dtype):
 
 def exact_parts(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16", *, lora_rank: int = 8,
                 lora_targets: Union[str, Sequence[str]] = ("q_proj", "v_proj")) -> ExactParts:
-    """Weights, gradients and optimizer state of ``summary`` trained with ``setup``, counted exactly.
+    """Weights, gradients and optimizer state of ``summary`` trained with ``setup`` on one device, counted exactly.
 
     Frozen embeddings: the input embedding (and a tied LM head, the same tensor) has no gradient and no state.
     Gradient release: one gradient alive at a time, the largest (plus a tied embedding's, see
     :func:`_released_grads_bytes`).
+    """
+    return exact_parts_per_rank(summary, setup, weights_dtype, lora_rank=lora_rank, lora_targets=lora_targets)[0]
+
+
+def exact_parts_per_rank(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16", *, gpus: int = 1,
+                         lora_rank: int = 8, lora_targets: Union[str, Sequence[str]] = ("q_proj", "v_proj")
+                         ) -> list[ExactParts]:
+    """:func:`exact_parts` on each rank of ``gpus`` under FSDP2 full sharding (``fully_shard``): every parameter
+    and gradient is split by rows (dim 0) as ``torch.chunk`` splits it (:func:`shard_rows`), buffers are on every
+    rank, and each optimizer keeps its state by its own rules for sharded parameters.
+
+    Raises:
+        RefusedOnShards: with ``gpus > 1``, for a set-up that does not run (or is not modelled) on FSDP2 shards.
     """
     if weights_dtype not in DTYPE_BYTES:
         raise ValueError(f"weights_dtype={weights_dtype!r} is not one of {sorted(DTYPE_BYTES)}")
@@ -188,13 +208,21 @@ def exact_parts(summary: ModelSummary, setup: Setup, weights_dtype: str = "bf16"
     else:
         trainable = [p for p in base if not (setup.freeze_embeddings and p.input_embedding)]
         params = base
+    if gpus > 1 and (setup.lora or setup.qlora):
+        raise RefusedOnShards("LoRA and QLoRA set-ups are planned on one GPU only")
+    if gpus > 1 and setup.grad_release:
+        raise RefusedOnShards("gradient release is refused with more than one process (its hooks would run "
+                              "before the reduce-scatter)")
     four_bit = quantized_4bit(summary) if setup.qlora else set()
-    weights = sum(nf4_bytes(p.numel) if p.name in four_bit else p.numel * elem_bytes(p, wb) for p in params) \
-        + summary.buffer_numel * wb
-    grads = _released_grads_bytes(trainable, wb, summary.tied_embeddings) if setup.grad_release else \
-        sum(p.numel * elem_bytes(p, wb) for p in trainable)
-    state = _state_bytes(summary, setup, trainable, wb)
-    return ExactParts(sum(p.numel for p in trainable), weights, grads, state)
+    states = _state_bytes(summary, setup, trainable, wb, gpus)
+    out = []
+    for rank in range(gpus):
+        weights = sum(nf4_bytes(p.numel) if p.name in four_bit else
+                      shard_numel(p.shape, gpus, rank) * elem_bytes(p, wb) for p in params) + summary.buffer_numel * wb
+        grads = _released_grads_bytes(trainable, wb, summary.tied_embeddings) if setup.grad_release else \
+            sum(shard_numel(p.shape, gpus, rank) * elem_bytes(p, wb) for p in trainable)
+        out.append(ExactParts(sum(p.numel for p in trainable), weights, grads, states[rank]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -214,9 +242,10 @@ class PlanOptions:
     galore_rank: int = 128
     gpu_mem: Optional[int] = None
     reserve: int = GiB
+    gpus: int = 1  # FSDP2 full sharding over this many GPUs (one process per GPU)
 
     def validate(self) -> None:
-        for name in ("batch", "seq_len", "lora_rank", "galore_rank"):
+        for name in ("batch", "seq_len", "lora_rank", "galore_rank", "gpus"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive int")
@@ -242,7 +271,10 @@ class PlanOptions:
 
 @dataclass
 class PlanRow:
-    """One set-up: exact parts, and per checkpointing mode ("off"/"on") the predicted peak and whether it fits."""
+    """One set-up: exact parts, and per checkpointing mode ("off"/"on") the predicted peak and whether it fits.
+
+    On several GPUs ``per_rank`` holds each rank's exact parts and ``exact`` the largest rank's (the first ranks
+    hold the larger shards), which the peak and the fit are judged on."""
 
     setup: str
     exact: ExactParts
@@ -251,6 +283,7 @@ class PlanRow:
     lora: bool = False
     peak_bytes: dict = field(default_factory=dict)
     fits: dict = field(default_factory=dict)
+    per_rank: list = field(default_factory=list)
 
 
 @dataclass
@@ -259,6 +292,8 @@ class Plan:
     options: PlanOptions
     activations: dict  # "off"/"on" -> ActivationEstimate
     rows: list
+    gathered_bytes: int = 0  # on several GPUs: FSDP2's unsharded parameters and gradients (fsdp_gathered_bytes)
+    skipped: list = field(default_factory=list)  # (set-up label, why it has no row)
 
     @property
     def usable_bytes(self) -> Optional[int]:
@@ -273,31 +308,40 @@ def make_plan(summary: ModelSummary, options: PlanOptions = PlanOptions(), setup
     """Predicted peak = weights + grads + optimizer state + activations, per set-up and checkpointing mode.
 
     Summing the four is the usual conservative peak: in a real step the activations are mostly freed before the
-    optimizer's temporaries appear, and the gradients fill up during backward.
+    optimizer's temporaries appear, and the gradients fill up during backward. On several GPUs (FSDP2 full
+    sharding) each rank's parts are counted, activations are those of the per-GPU batch, and the estimate of the
+    layers FSDP2 gathers (:func:`fsdp_gathered_bytes`) is added; set-ups that do not run on FSDP2 shards are
+    listed in ``skipped`` with the reason.
     """
     options.validate()
+    gpus = options.gpus
     if setups is None:
-        setups = default_setups(options.lora_rank, options.density, options.galore_rank)
+        setups = default_setups(options.lora_rank, options.density, options.galore_rank, gpus)
     activations = {
         mode: estimate_activations(summary, options.batch, options.seq_len, checkpointing=mode == "on",
                                    attention=options.attention, bytes_per_activation=DTYPE_BYTES[options.act_dtype])
         for mode in options.ckpt_modes
     }
-    plan = Plan(summary, options, activations, [])
+    gathered = fsdp_gathered_bytes(summary, DTYPE_BYTES[options.weights_dtype]) if gpus > 1 else 0
+    plan = Plan(summary, options, activations, [], gathered)
     for setup in setups:
         if setup.chunked_loss and summary.model_type not in SUPPORTED_MODEL_TYPES:
             continue  # memopt.chunked_loss refuses this model type: no row for it
-        exact = exact_parts(summary, setup, options.weights_dtype, lora_rank=options.lora_rank,
-                            lora_targets=options.lora_targets)
-        row = PlanRow(setup.label, exact, setup.optim, setup.optim_args, setup.lora or setup.qlora)
+        try:
+            ranks = exact_parts_per_rank(summary, setup, options.weights_dtype, gpus=gpus,
+                                         lora_rank=options.lora_rank, lora_targets=options.lora_targets)
+        except RefusedOnShards as exc:
+            plan.skipped.append((setup.label, str(exc)))
+            continue
+        exact = max(ranks, key=lambda parts: parts.total)
+        row = PlanRow(setup.label, exact, setup.optim, setup.optim_args, setup.lora or setup.qlora,
+                      per_rank=ranks if gpus > 1 else [])
         for mode, act in activations.items():
-            row.peak_bytes[mode] = exact.total + act.total_for(setup)
+            row.peak_bytes[mode] = exact.total + act.total_for(setup) + gathered
             if plan.usable_bytes is not None:
                 row.fits[mode] = row.peak_bytes[mode] <= plan.usable_bytes
         plan.rows.append(row)
     return plan
-
-
 
 
 from memopt.plan.report import format_plan, plan_json, plan_to_dict  # noqa: E402,F401  (report imports Plan)

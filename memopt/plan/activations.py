@@ -97,3 +97,25 @@ def estimate_activations(summary: ModelSummary, batch: int, seq_len: int, *, che
     logits = LOGITS_PEAK_BYTES * tokens * vocab
     chunk = LOGITS_PEAK_BYTES * min(tokens, auto_chunk_tokens(vocab)) * vocab if vocab else 0
     return ActivationEstimate(checkpointing, method, int(tokens * per_token), int(logits), int(chunk))
+
+
+def fsdp_gathered_bytes(summary: ModelSummary, weights_bytes: int) -> int:
+    """ESTIMATE of what FSDP2 full sharding (``fully_shard`` on each decoder layer and on the model, as
+    examples/accelerate/fsdp2.yaml wraps it) holds unsharded on each rank at the peak of backward, beyond the
+    rank's own shards: the root unit's parameters (embeddings, final norm, LM head: FSDP2 keeps the root gathered
+    from the start of forward to the end of backward), two decoder layers' parameters (the one computing and the
+    one prefetched) and one layer's unsharded gradients before their reduce-scatter. Parameters belong to a layer
+    when their name holds a numeric module index (``model.layers.3.``); the root is every other parameter."""
+    import re
+
+    layers: dict = {}
+    root = 0
+    for p in summary.params:
+        size = p.numel * (4 if p.fp32 else weights_bytes)
+        index = re.search(r"\.(\d+)\.", p.name)
+        if index is None:
+            root += size
+        else:
+            layers[index.group(1)] = layers.get(index.group(1), 0) + size
+    largest = max(layers.values(), default=0)
+    return root + 3 * largest

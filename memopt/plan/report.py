@@ -19,9 +19,12 @@ def plan_to_dict(plan: Plan) -> dict:
         "options": asdict(plan.options),
         "usable_bytes": plan.usable_bytes,
         "activations_estimate": {m: dict(asdict(a), total=a.total) for m, a in plan.activations.items()},
+        "fsdp_gathered_bytes_estimate": plan.gathered_bytes,
         "rows": [{"setup": r.setup, "optim": r.optim, "optim_args": r.optim_args, **asdict(r.exact),
-                  "exact_total_bytes": r.exact.total, "peak_bytes": r.peak_bytes, "fits": r.fits}
+                  "exact_total_bytes": r.exact.total, "peak_bytes": r.peak_bytes, "fits": r.fits,
+                  **({"per_rank": [asdict(e) for e in r.per_rank]} if r.per_rank else {})}
                  for r in plan.rows],
+        "skipped": [{"setup": label, "why": why} for label, why in plan.skipped],
     }
 
 
@@ -56,6 +59,11 @@ def format_plan(plan: Plan) -> str:
            else " (fp32 weights, e.g. Trainer bf16=True AMP)")
         + f", activations {o.act_dtype}, batch {o.batch} x seq {o.seq_len}, {o.attention} attention",
     ]
+    if o.gpus > 1:
+        lines.append(f"FSDP2 full sharding over {o.gpus} GPUs: every number is per GPU, for the rank holding the most "
+                     f"(parameters, gradients and state sharded by rows; buffers and activations of the per-GPU batch "
+                     f"on each); FSDP2 gathers {_gib(plan.gathered_bytes)} GiB of unsharded layers ESTIMATE (root "
+                     f"unit + 2 layers + 1 layer of gradients), added to the peak")
     if o.gpu_mem is not None:
         lines.append(f"device {_device(o.gpu_mem)} - reserve {_gib(o.reserve)} GiB (CUDA context, allocator) = "
                      f"{_gib(plan.usable_bytes)} GiB usable")
@@ -87,7 +95,10 @@ def format_plan(plan: Plan) -> str:
 
     lines += ["", line(headers), "-+-".join("-" * w for w in widths), *(line(b) for b in body), ""]
     lines.append("GiB. weights, grads, state: exact (meta model + each optimizer's state rules); peak = W+G+S + "
-                 "the activation ESTIMATE; room = usable - peak.")
+                 "the activation ESTIMATE" + (" + the FSDP2 gathered ESTIMATE" if o.gpus > 1 else "")
+                 + "; room = usable - peak.")
+    for label, why in plan.skipped:
+        lines.append(f"no row on {o.gpus} GPUs: {label} ({why})")
     if o.gpu_mem is not None:
         for mode in o.ckpt_modes:
             ok = [r.setup for r in plan.rows if r.fits[mode]]

@@ -36,10 +36,25 @@ def _blockwise_8bit_bytes(numel: int, blocksize: int = BLOCKSIZE) -> int:
     return numel + 4 * -(-numel // blocksize)
 
 
-def torch_adamw_state_bytes(params: Sequence[ParamInfo], weights_bytes: int) -> int:
+def shard_rows(rows: int, world: int, rank: int) -> int:
+    """Rows of a tensor of ``rows`` rows on ``rank`` of ``world`` under FSDP2's ``Shard(0)`` (``torch.chunk``:
+    ``ceil(rows / world)`` per rank, the last ranks fewer or none)."""
+    chunk = -(-rows // world) if world else rows
+    return max(0, min(rows, (rank + 1) * chunk) - rank * chunk)
+
+
+def shard_numel(shape: tuple, world: int, rank: int) -> int:
+    """Elements of a tensor of ``shape`` on ``rank`` when its rows (dim 0) are sharded over ``world`` ranks."""
+    rows = shape[0] if len(shape) else 1
+    return math.prod(shape) * shard_rows(rows, world, rank) // rows if rows else 0
+
+
+def torch_adamw_state_bytes(params: Sequence[ParamInfo], weights_bytes: int, *, gpus: int = 1, rank: int = 0) -> int:
     """``torch.optim.AdamW`` (foreach / for-loop): ``exp_avg`` + ``exp_avg_sq`` in the parameter dtype and a
-    4-byte fp32 ``step`` tensor per tensor (the rule of ``memopt.adamw_state_bytes``)."""
-    return sum(2 * p.numel * elem_bytes(p, weights_bytes) + _TORCH_STEP_BYTES for p in params)
+    4-byte fp32 ``step`` tensor per tensor (the rule of ``memopt.adamw_state_bytes``). On ``rank`` of ``gpus``
+    FSDP2 ranks the moments are shards of the parameter's rows (``step`` is on every rank)."""
+    return sum(2 * shard_numel(p.shape, gpus, rank) * elem_bytes(p, weights_bytes) + _TORCH_STEP_BYTES
+               for p in params)
 
 
 def bnb_adamw8bit_state_bytes(params: Sequence[ParamInfo], *, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
@@ -80,13 +95,24 @@ def _trainable_as(model, trainable: Optional[set]):
             p.requires_grad_(saved[id(p)])
 
 
-def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *, in_model: bool = True) -> int:
-    """State bytes of registered optimizer ``name`` with ``optim_args`` over the ``trainable`` meta tensors.
+class RefusedOnShards(ValueError):
+    """The optimizer (with these settings) refuses FSDP2 parameters: no plan row for several GPUs."""
+
+
+def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *, in_model: bool = True,
+                       gpus: int = 1) -> list[int]:
+    """State bytes of registered optimizer ``name`` with ``optim_args`` over the ``trainable`` meta tensors, per
+    rank of ``gpus`` (FSDP2 full sharding: state tensors whose rows are their parameter's rows are sharded with
+    them, the others are on every rank; the optimizer applies its own rules for sharded parameters).
 
     ``in_model``: the tensors are parameters of ``model`` (full fine-tuning: the groups are the ones the ``optim=``
     route builds, ``memopt.integrations.transformers.param_groups_for``); otherwise (LoRA adapters) they form one
     group.
+
+    Raises:
+        RefusedOnShards: with ``gpus > 1``, when the optimizer refuses FSDP2 parameters (the reason).
     """
+    from memopt.distributed import PLANNED_SHARDS_ATTR
     from memopt.integrations.transformers import param_groups_for
     from memopt.registry import INTEGRATION_ARGS, get_optimizer_spec
 
@@ -101,5 +127,25 @@ def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *
         else:
             groups = [{"params": trainable}]
         opt = spec.factory(groups, **kwargs)
-        return sum(layout_bytes(opt.state_layout(group, p)) for group in opt.param_groups for p in group["params"]
-                   if p.requires_grad)
+        pairs = [(group, p) for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        if gpus > 1:
+            for group in opt.param_groups:
+                why = opt._dtensor_refusal(group)
+                if why is not None and any(p.requires_grad for p in group["params"]):
+                    raise RefusedOnShards(f"{type(opt).__name__}{why}")
+        replicated = getattr(opt, "_REPLICATED_STATE", frozenset())
+        totals = [0] * gpus
+        try:
+            for _, p in pairs:
+                setattr(p, PLANNED_SHARDS_ATTR, gpus)
+            for group, p in pairs:
+                rows = p.shape[0] if p.dim() else 1
+                for key, (shape, dtype) in opt.state_layout(group, p).items():
+                    sharded = gpus > 1 and key not in replicated and len(shape) and shape[0] == rows
+                    for r in range(gpus):
+                        totals[r] += (shard_numel(shape, gpus, r) if sharded else math.prod(shape)) * dtype.itemsize
+        finally:
+            for _, p in pairs:
+                if hasattr(p, PLANNED_SHARDS_ATTR):
+                    delattr(p, PLANNED_SHARDS_ATTR)
+        return totals

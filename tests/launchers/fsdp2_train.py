@@ -31,6 +31,13 @@ OPTIMIZERS = {
     "sgdsai_8bit_gsnr_max": lambda ps: memopt.SGDSaI(ps, lr=3e-2, state_bits=8, min_8bit_size=256, blocksize=16,
                                                      scale="gsnr_max"),
     "memopt_adamw_8bit": lambda ps: memopt.AdamW8bit(ps, lr=1e-3, min_8bit_size=256, blocksize=16),
+    # the fused Triton kernels on the local shards (on CPU under TRITON_INTERPRET=1, which the tests set)
+    "sgdsai_8bit_triton": lambda ps: memopt.SGDSaI(ps, lr=1e-2, state_bits=8, min_8bit_size=256, blocksize=16,
+                                                   use_triton=True),
+    "sgdsai_gsnr_max_triton": lambda ps: memopt.SGDSaI(ps, lr=3e-2, weight_decay=1e-2, scale="gsnr_max",
+                                                       use_triton=True),
+    "memopt_adamw_8bit_triton": lambda ps: memopt.AdamW8bit(ps, lr=1e-3, min_8bit_size=256, blocksize=16,
+                                                            use_triton=True),
     "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),  # selection="random": refused on shards
     "frugal_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="columns", update_gap=2),
     "frugal_blocks": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="blocks", update_gap=2),
@@ -103,8 +110,11 @@ def main():
                 results[name] = {"refused": str(e)}
                 continue
             params = full_params(model)  # every rank calls full_tensor (a collective)
-            results[name] = {"ok": True, "uint8_state": sum(
-                v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
+            results[name] = {"ok": True, "paths": dict(getattr(opt, "update_paths", {})), "uint8_state": sum(
+                v.dtype == torch.uint8 for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
+                "params_8bit": sum(any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in st.values())
+                                   for st in opt.state.values()),
+                "params": sum(len(g["params"]) for g in opt.param_groups)}
             torch.save(params, os.path.join(out, f"{name}_rank{rank}.pt"))
             model = sharded_model()
             opt = make(list(model.parameters()))
