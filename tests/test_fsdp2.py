@@ -92,7 +92,7 @@ def test_on_fsdp2_shards_equals_one_device(equal_run, name):
 
 
 @pytest.mark.parametrize("name,why", [("frugal", "selection='random'"), ("memopt_galore", "selection='svd'"),
-                                      ("adamsnsm", "per shard")])
+                                      ("adamsnsm", "per shard"), ("lion", "not built or tested for Lion")])
 def test_other_optimizers_refuse_fsdp2_clearly(equal_run, name, why):
     _, results = equal_run
     msg = results[name]["refused"]

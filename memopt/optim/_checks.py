@@ -36,8 +36,9 @@ def keep_32bit_state(params, bits: int = 32) -> None:
 def _refuse_dtensor(name: str, p: Tensor, why: str) -> None:
     if is_dtensor(p):
         raise NotImplementedError(
-            f"{name} does not support FSDP2 / DTensor-sharded parameters{why}. Use optim='sgdsai' (32-bit state), "
-            "DDP (accelerate launch --multi_gpu), or a single device."
+            f"{name} does not support FSDP2 / DTensor-sharded parameters{why}. On FSDP2 use optim='sgdsai', "
+            "'sgdsai_8bit', 'memopt_adamw_8bit' or FRUGAL with selection='columns'|'blocks' (docs/multi_gpu.md); "
+            "or DDP (accelerate launch --multi_gpu), or a single device."
         )
 
 

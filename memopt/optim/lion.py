@@ -61,6 +61,10 @@ class Lion(MemoptOptimizer):
     def _normalize_group(self, group: dict) -> None:
         group["betas"] = tuple(float(b) for b in group["betas"])
 
+    def _dtensor_refusal(self, group: dict) -> Optional[str]:
+        return (": its update is elementwise and would be correct on a shard, but the shard path (8-bit row blocks, "
+                "DCP state) is not built or tested for Lion")
+
     def state_layout(self, group: dict, p: Tensor) -> dict:
         if self._wants_8bit(group, p):
             return layout_8bit("exp_avg", tuple(p.shape), group["blocksize"])

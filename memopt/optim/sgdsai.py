@@ -56,27 +56,35 @@ def _dtype_name(dtype: Union[None, str, torch.dtype]) -> Optional[str]:
 
 
 class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
-    """SGD with momentum and Scaling at Initialization (SGD-SaI, arXiv 2412.11768).
+    """SGD-SaI: SGD with momentum and a per-tensor step scale, with AdamW-like learning rates by default.
 
-    Per parameter tensor, at its first step with a non-zero gradient the optimizer records the gradient
-    signal-to-noise ratio ``s = ||g|| / (std(g) + eps)``; every step then does
-    ``θ ← θ(1 − lr·wd)`` (decoupled decay, not scaled), ``m ← β m + (1 − β) g`` (``m = g`` at the first step),
-    ``θ ← θ − lr·scale·m``. The state is one momentum buffer per tensor: half of AdamW's.
+    Default (``scale="factored"``): every step, each tensor's gradient is divided element by element by a rank-1
+    estimate of its RMS built from the current gradient's row and column mean squares (no second-moment state;
+    :func:`memopt.functional.sgdsai.normalized_gradient`), clamped to ``[-clip, clip]``; the momentum buffer
+    averages that normalised gradient: ``u = normalized_gradient(g)``, ``m ← β m + (1 − β) u`` (m starts at 0),
+    ``θ ← θ(1 − lr·wd) − lr · m / (1 − β^t)``. Steps are then about as large per element as AdamW's, so AdamW's
+    learning rates apply. The paper's modes (arXiv 2412.11768, ``scale="gsnr_max" | "gsnr" | "sqrt_numel"``)
+    record the gradient signal-to-noise ratio ``s = ||g|| / (std(g) + eps)`` at a tensor's first step and then do
+    ``m ← β m + (1 − β) g`` (``m = g`` at the first step), ``θ ← θ(1 − lr·wd) − lr·scale·m``. Either way the state
+    is one momentum buffer per tensor: half of AdamW's. docs/sgdsai.md has the comparison with AdamW.
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (default 3e-2: recommended for full fine-tuning with ``scale="gsnr_max"``; use ~1.0 for
-            LoRA, whose adapter gradients are tiny. docs/sgdsai.md has the sweep behind both numbers).
-        momentum: EMA coefficient β in [0, 1) (default 0.9). ``0`` gives SaI-scaled SGD with no state tensors.
+        lr: learning rate (default: 1e-3 for ``scale="factored"``, AdamW's default; use the lr you would give
+            AdamW, or 3x below it. The paper modes' defaults: 3e-2 ``gsnr_max``, 1e-4 ``gsnr``, 1e-5
+            ``sqrt_numel``; ``gsnr_max`` needs ~1.0 for LoRA).
+        momentum: EMA coefficient β in [0, 1) (default 0.9). ``0`` gives a stateless update.
         weight_decay: decoupled weight decay λ ≥ 0 (default 1e-2), applied as ``θ·(1 − lr·λ)``.
-        eps: added to the std in the g-SNR (default 1e-8).
-        scale: how ``scale`` is derived, keyword-only (default ``"gsnr_max"``):
+        eps: added to the RMS estimate (``factored``) or to the std in the g-SNR (default 1e-8).
+        scale: keyword-only (default ``"factored"``, described above). The paper's modes:
             ``"gsnr_max"`` (paper Algorithm 1): ``s / max_k s_k``, the max over every tensor in every
             ``gsnr_max`` group that has a scale so far; the tensor with the largest g-SNR moves at exactly lr.
             A tensor whose scale arrives later (its gradient was ``None`` or all zero before) joins that max
             when it arrives, so the max is a running max and every scale stays ≤ 1.
             ``"gsnr"`` (reference v1.0.3): ``s`` itself, ~sqrt(numel)× larger steps, so use a tiny lr.
             ``"sqrt_numel"`` (reference v1.1.0): ``sqrt(numel)``, needs no gradient statistics.
+        clip: ``scale="factored"`` only: the bound on each element of the normalised gradient (default 3.0;
+            ``None``: no clamp). The paper modes ignore it.
         maximize: maximize the objective instead of minimizing.
         foreach: use ``torch._foreach_*`` ops (default: True). Both paths give bit-identical results.
         state_dtype: dtype of the momentum buffer (default: the parameter's dtype; fp32 for the tensors that
@@ -104,12 +112,12 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             first non-zero gradient arrives after step 1 joins the max at that point of the backward: tensors
             updated earlier in the same backward used the previous max.
 
-    Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, or LoRA (with a larger lr).
+    Use for: fine-tuning and training where AdamW's 8 B/param of state does not fit, full or LoRA, at AdamW's lr.
     Not for: sparse gradients or complex parameters (refused).
 
-    Edge cases (see the spec): ``numel == 1`` and all-equal gradients fall back to ``sqrt(numel)``; an all-zero
-    first gradient defers the scale (the tensor only decays until its gradient becomes non-zero, then starts
-    with ``m = g``); the scales live in ``state_dict()`` and are never recomputed on resume.
+    Edge cases (docs/sgdsai.md): an all-zero first gradient defers the start (the tensor only decays until its
+    gradient becomes non-zero); paper modes: ``numel == 1`` and all-equal gradients fall back to
+    ``sqrt(numel)``, and the g-SNRs live in ``state_dict()`` and are never recomputed on resume.
     """
 
     STATE_KEYS = _SCALAR_STATE

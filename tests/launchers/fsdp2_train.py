@@ -48,6 +48,7 @@ OPTIMIZERS = {
                                                     min_8bit_size=64, blocksize=16),
     "memopt_galore": lambda ps: memopt.GaLoreAdamW(ps, lr=1e-3, rank=4),
     "adamsnsm": lambda ps: memopt.SubsetNormSM(ps, lr=1e-3, rank=4),
+    "lion": lambda ps: memopt.Lion(ps, lr=1e-4),
 }
 
 
