@@ -29,6 +29,13 @@ def row_sharded(t: Tensor) -> bool:
     return is_dtensor(t) or getattr(t, PLANNED_SHARDS_ATTR, 1) > 1
 
 
+def shards_with_rows(key: str, shape: tuple, rows: int, replicated: frozenset = frozenset()) -> bool:
+    """Whether the state tensor ``key`` of ``shape``, kept for a parameter with ``rows`` rows, is sharded with the
+    parameter's rows under FSDP2 (its first dim is those rows); the others (scalars, selected indices, per-tensor
+    maps, the keys in ``replicated``) are the same on every rank."""
+    return len(shape) > 0 and shape[0] == rows and key not in replicated
+
+
 def is_deepspeed_partitioned(t: Tensor) -> bool:
     """A DeepSpeed ZeRO-partitioned parameter (ZeRO-3 marks its params with ``ds_id`` / ``ds_numel``)."""
     return hasattr(t, "ds_id") or hasattr(t, "ds_numel")

@@ -190,8 +190,9 @@ def test_dtensor_params_on_a_one_rank_mesh_step_like_plain_tensors():
         gen = torch.Generator().manual_seed(0)
         w0 = torch.randn(8, 64, generator=gen)
         grads = [torch.randn(8, 64, generator=gen) * 1e-2 for _ in range(3)]
-        for make in (lambda ps: SGDSaI(ps, lr=1e-2, state_bits=8, stochastic_rounding=False),
-                     lambda ps: memopt.AdamW8bit(ps, lr=1e-2)):
+        small = dict(min_8bit_size=64, blocksize=16)  # 8 rows of 64: 4 row blocks each, 8-bit state
+        for make in (lambda ps: SGDSaI(ps, lr=1e-2, state_bits=8, stochastic_rounding=False, **small),
+                     lambda ps: memopt.AdamW8bit(ps, lr=1e-2, **small)):
             plain = torch.nn.Parameter(w0.clone())
             sharded = torch.nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(0)]))
             opt_plain, opt_sharded = make([plain]), make([sharded])
@@ -200,6 +201,7 @@ def test_dtensor_params_on_a_one_rank_mesh_step_like_plain_tensors():
                 sharded.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
                 opt_plain.step()
                 opt_sharded.step()
+            assert any(v.dtype == torch.uint8 for v in opt_sharded.state[sharded].values() if torch.is_tensor(v))
             torch.testing.assert_close(sharded.detach().full_tensor(), plain.detach(), rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()

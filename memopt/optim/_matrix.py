@@ -8,7 +8,7 @@ from torch import Tensor
 
 from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.functional.rounding import write_param_
-from memopt.distributed import is_dtensor, local, sharded_like
+from memopt.distributed import is_dtensor, local, sharded_like, shards_with_rows
 from memopt.optim._base import MemoptOptimizer
 
 
@@ -107,8 +107,8 @@ class MatrixOptimizer(MemoptOptimizer):
             if p is None or not is_dtensor(p):
                 continue
             rows = local(p).shape[0]
-            out["state"][index] = {k: sharded_like(p, v) if torch.is_tensor(v) and v.dim() and v.shape[0] == rows
-                                   and k not in self._REPLICATED_STATE else v for k, v in st.items()}
+            out["state"][index] = {k: sharded_like(p, v) if torch.is_tensor(v) and shards_with_rows(
+                k, tuple(v.shape), rows, self._REPLICATED_STATE) else v for k, v in st.items()}
         return out
 
     _REPLICATED_STATE = frozenset({"proj_indices"})

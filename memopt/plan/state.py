@@ -76,11 +76,6 @@ def bnb_adamw8bit_state_bytes(params: Sequence[ParamInfo], *, min_8bit_size: int
     return total + (_BNB_QMAP_BYTES if any_8bit else 0)
 
 
-def layout_bytes(layout: dict) -> int:
-    """Bytes of a ``state_layout`` (``{key: (shape, dtype)}``)."""
-    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
-
-
 @contextlib.contextmanager
 def _trainable_as(model, trainable: Optional[set]):
     """Temporarily: ``requires_grad`` = membership of ``trainable`` (ids; ``None`` leaves it)."""
@@ -112,7 +107,7 @@ def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *
     Raises:
         RefusedOnShards: with ``gpus > 1``, when the optimizer refuses FSDP2 parameters (the reason).
     """
-    from memopt.distributed import PLANNED_SHARDS_ATTR
+    from memopt.distributed import PLANNED_SHARDS_ATTR, shards_with_rows
     from memopt.integrations.transformers import param_groups_for
     from memopt.registry import INTEGRATION_ARGS, get_optimizer_spec
 
@@ -141,7 +136,7 @@ def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *
             for group, p in pairs:
                 rows = p.shape[0] if p.dim() else 1
                 for key, (shape, dtype) in opt.state_layout(group, p).items():
-                    sharded = gpus > 1 and key not in replicated and len(shape) and shape[0] == rows
+                    sharded = gpus > 1 and shards_with_rows(key, tuple(shape), rows, replicated)
                     for r in range(gpus):
                         totals[r] += (shard_numel(shape, gpus, r) if sharded else math.prod(shape)) * dtype.itemsize
         finally:
