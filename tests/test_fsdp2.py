@@ -113,7 +113,7 @@ def _tol(name):
 
 
 @pytest.mark.parametrize("name", ["sgdsai", "sgdsai_gsnr_max", "sgdsai_8bit", "memopt_adamw_8bit", "frugal_columns",
-                                  "frugal_8bit_columns"])
+                                  "frugal_blocks", "frugal_8bit_columns"])
 def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -129,14 +129,19 @@ def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     # 2 -> 1: a plain (unsharded) model and optimizer in this process, no process group
     model = tiny_llama(seed=7)
     opt = OPTIMIZERS[name](list(model.parameters()))
-    if hasattr(opt, "init_state"):
-        opt.init_state()  # DCP fills only the keys its template holds (FRUGAL: get_optimizer_state_dict's own step)
+    if hasattr(opt, "init_state_like_checkpoint"):  # FRUGAL: the keys the checkpoint holds (blocks: step-dependent)
+        opt.init_state_like_checkpoint(model, tmp_path / "ckpt")
+    elif hasattr(opt, "init_state"):
+        opt.init_state()  # DCP fills only the keys its template holds
     msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
     if name == "sgdsai_gsnr_max":
         assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
+    elif name == "frugal_blocks":  # the active tensors' inner state and every tensor's round came back
+        assert sum("exp_avg" in st and st["step"] > 0 for st in opt.state.values()) > 0
+        assert all(st["block_round"] == 1 for st in opt.state.values() if "block_round" in st)
     elif name.startswith("frugal"):  # the subspace (same columns on every rank) and the inner step count came back
         assert any("proj_indices" in st and st["iteration"] == 3 for st in opt.state.values())
     else:  # each tensor's step count came back
@@ -246,3 +251,42 @@ def test_trainer_with_the_fsdp2_config_trains_reports_shards_and_resumes(tmp_pat
     want = straight["losses"]
     got = {s: v for s, v in resumed["losses"].items() if int(s) > 3}
     assert got and all(abs(got[s] - want[s]) < 1e-6 for s in got), (got, want)
+
+
+def test_trainer_with_the_fsdp2_config_resumes_frugal_blocks_exactly(tmp_path):
+    """Which tensors hold FRUGAL's inner state changes every 2 steps with selection='blocks': the checkpoint at step 3
+    has other keys than a fresh optimizer's first step; the resume takes its template from the checkpoint."""
+    _torchrun_script("fsdp2_trainer.py", tmp_path, "frugal")
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    assert straight["optimizer"] == "FRUGAL" and straight["param_type"] == "DTensor"
+    _torchrun_script("fsdp2_trainer.py", tmp_path, "frugal", "resume")
+    want = straight["losses"]
+    got = {s: v for s, v in json.loads((tmp_path / "resumed.json").read_text())["losses"].items() if int(s) > 3}
+    assert got and all(abs(got[s] - want[s]) < 1e-6 for s in got), (got, want)
+
+
+def test_template_from_checkpoint_refuses_a_wrong_key_or_another_model(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = tiny_llama()
+    opt = OPTIMIZERS["frugal_blocks"](list(model.parameters()))
+    train(model, opt, list(batches(3)))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ckpt"))
+    fresh = OPTIMIZERS["frugal_blocks"](list(tiny_llama().parameters()))
+    with pytest.raises(ValueError, match="no optimizer state under 'optimizer'"):
+        fresh.init_state_like_checkpoint(model, tmp_path / "ckpt", key="optimizer")
+    other = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="parameters this model does not have"):
+        memopt.FRUGAL(list(other.parameters()), selection="blocks").init_state_like_checkpoint(other, tmp_path / "ckpt")
+    fresh_model = tiny_llama(seed=7)
+    fresh = OPTIMIZERS["frugal_blocks"](list(fresh_model.parameters()))
+    fresh.init_state_like_checkpoint(fresh_model, tmp_path / "ckpt")  # the same keys and shapes as the optimizer's
+    names = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    saved = {names[n]: opt.state[p] for n, p in model.named_parameters() if p in opt.state}
+    made = {names[n]: fresh.state[p] for n, p in fresh_model.named_parameters() if p in fresh.state}
+    assert saved.keys() == made.keys()
+    for i, a in saved.items():
+        b = made[i]
+        assert a.keys() == b.keys()
+        assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a if torch.is_tensor(a[k]))

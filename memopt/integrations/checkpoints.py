@@ -89,3 +89,18 @@ def check_resume_files(path: Optional[str]) -> None:
             f"cannot resume from {path}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing. "
             "Transformers would continue with a fresh optimizer state and learning-rate schedule; memopt refuses. "
             "Resume from a complete checkpoint, or start a new run (without resume_from_checkpoint)")
+
+
+DCP_OPTIMIZER_DIR = "optimizer_0"  # where accelerate saves the optimizer of an FSDP sharded checkpoint
+
+
+def template_from_dcp_checkpoint(trainer, path: str) -> None:
+    """Before the Trainer loads a sharded (DCP) optimizer checkpoint from ``path``: give a memopt optimizer whose
+    state keys depend on the step (the projection methods, e.g. FRUGAL with ``selection="blocks"``) exactly the
+    entries the checkpoint holds, so accelerate's load template matches it. Other optimizers are left alone."""
+    folder = os.path.join(path, DCP_OPTIMIZER_DIR)
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the optimizer
+    if not os.path.isfile(os.path.join(folder, ".metadata")) or not hasattr(opt, "init_state_like_checkpoint"):
+        return
+    opt.init_state_like_checkpoint(trainer.model, folder, key="optimizer")
+    logger.info("%s: optimizer state entries taken from the checkpoint's metadata (%s)", type(opt).__name__, folder)

@@ -151,6 +151,7 @@ def _guard_resume(module, trainer_cls) -> None:
         if checkpoint is not None and not getattr(self, "is_deepspeed_enabled", False) \
                 and is_memopt_optimizer(self.optimizer):
             checkpoints.check_resume_files(checkpoint)
+            checkpoints.template_from_dcp_checkpoint(self, checkpoint)
         return load(self, checkpoint)
 
     _load_optimizer_and_scheduler.memopt_wrapped = True

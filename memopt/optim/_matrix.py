@@ -113,6 +113,48 @@ class MatrixOptimizer(MemoptOptimizer):
 
     _REPLICATED_STATE = frozenset({"proj_indices"})
 
+    def init_state_like_checkpoint(self, model: torch.nn.Module, checkpoint_id, key: str = "optim") -> None:
+        """Give this (fresh) optimizer exactly the state entries a ``torch.distributed.checkpoint`` checkpoint holds
+        for it, as zeros of the checkpoint's shapes and dtypes, so that ``get_optimizer_state_dict(model, self)``
+        is a load template with the checkpoint's keys. DCP fills only the keys its template holds and stops on a
+        template key the checkpoint lacks; which tensors hold inner state can depend on the step (FRUGAL with
+        ``selection="blocks"``), so a template from a fresh optimizer's own first step would not match.
+
+        ``key`` is the top-level key the optimizer state was saved under (``{"model": ..., key: osd}``; accelerate
+        saves it alone under ``"optimizer"``). Reads only the checkpoint's metadata; allocates what the load will
+        fill. Works at any world size (the rows of sharded state follow the parameter's local rows)."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        meta = FileSystemReader(str(checkpoint_id)).read_metadata().state_dict_metadata
+        prefix = f"{key}.state."
+        wanted: dict[str, dict] = {}
+        for flat, md in meta.items():
+            if flat.startswith(prefix):
+                fqn, _, entry = flat[len(prefix):].rpartition(".")
+                wanted.setdefault(fqn, {})[entry] = md
+        if not wanted:
+            raise ValueError(f"checkpoint {checkpoint_id} has no optimizer state under {key!r} (its keys start with "
+                             f"{sorted({k.split('.')[0] for k in meta})})")
+        params = dict(model.named_parameters())
+        unknown = sorted(set(wanted) - set(params))
+        if unknown:
+            raise ValueError(f"checkpoint {checkpoint_id} holds optimizer state for parameters this model does not "
+                             f"have: {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
+        self.state.clear()
+        for fqn, entries in wanted.items():
+            p = params[fqn]
+            lp = local(p)
+            st = self.state[p]
+            for entry, md in entries.items():
+                if not isinstance(md, TensorStorageMetadata):
+                    st[entry] = 0  # a number or flag: DCP replaces it with the saved value
+                    continue
+                shape = tuple(md.size)
+                if shards_with_rows(entry, shape, p.shape[0], self._REPLICATED_STATE):
+                    shape = (lp.shape[0], *shape[1:])  # this rank's rows
+                st[entry] = torch.zeros(shape, dtype=md.properties.dtype, device=lp.device)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for st in self.state.values():  # back to the local rows the math works on

@@ -144,6 +144,8 @@ def main():
     elif mode == "resume":
         model = sharded_model(seed=7)  # other weights: the load must overwrite them
         opt = OPTIMIZERS[name](list(model.parameters()))
+        if hasattr(opt, "init_state_like_checkpoint"):  # the projection methods: the template from the checkpoint
+            opt.init_state_like_checkpoint(model, os.path.join(out, "ckpt"))
         msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "ckpt"))
         set_model_state_dict(model, msd)

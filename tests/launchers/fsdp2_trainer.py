@@ -40,7 +40,8 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 out, optim = sys.argv[1], sys.argv[2]
 resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
 # sgdsai_8bit: blocksize 16 so the tiny model's rows (32, 64 elements) hold whole blocks (8-bit on shards)
-optim_args = "min_8bit_size=256,blocksize=16" if optim == "sgdsai_8bit" else None
+# frugal: the blocks selection (the one whose state keys change with the step), a new round every 2 steps
+optim_args = {"sgdsai_8bit": "min_8bit_size=256,blocksize=16", "frugal": "selection=blocks,update_gap=2"}.get(optim)
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 with open(os.path.join(root, "examples", "accelerate", "fsdp2.yaml")) as f:
     cfg = yaml.safe_load(f)["fsdp_config"]
