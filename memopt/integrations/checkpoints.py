@@ -98,8 +98,10 @@ def template_from_dcp_checkpoint(trainer, path: str) -> None:
     """Before the Trainer loads a sharded (DCP) optimizer checkpoint from ``path``: give a memopt optimizer whose
     state keys depend on the step (the projection methods, e.g. FRUGAL with ``selection="blocks"``) exactly the
     entries the checkpoint holds, so accelerate's load template matches it. Other optimizers are left alone."""
+    from memopt.memory import _unwrap
+
     folder = os.path.join(path, DCP_OPTIMIZER_DIR)
-    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the optimizer
+    opt = _unwrap(trainer.optimizer)  # the optimizer inside accelerate's wrapper
     if not os.path.isfile(os.path.join(folder, ".metadata")) or not hasattr(opt, "init_state_like_checkpoint"):
         return
     opt.init_state_like_checkpoint(trainer.model, folder, key="optimizer")
