@@ -94,7 +94,8 @@ def quantize_blockwise(
     stochastic: bool = False,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Quantize ``x`` to uint8 codes (same shape as ``x``) and one fp32 absmax per block.
+    """Quantize ``x`` to uint8 codes (same shape as ``x``) and one fp32 absmax per block: each element's code is
+    the nearest to ``x * (1 / absmax)`` (fp32, the reciprocal rounded once per block).
 
     Args:
         x: fp32/bf16/fp16 tensor; math is done in fp32. Must be finite (NaN/Inf raise ``ValueError``: a
@@ -117,8 +118,9 @@ def quantize_blockwise(
     absmax = blocks.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (blocks / safe[:, None]).clamp_(-1.0, 1.0)
+    # x times the block's correctly rounded reciprocal: one division per block, and every path (CPU, interpreter,
+    # compiled kernels) gets the same fp32 value, so the same code, even next to a midpoint
+    normed = (blocks * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]).clamp_(-1.0, 1.0)
     idx = _nearest_code(normed, code)
     if stochastic:
         idx = _stochastic_round(normed, code, idx, generator)
@@ -142,30 +144,100 @@ def _nearest_code(normed: Tensor, code: Tensor) -> Tensor:
 _LUT_CACHE: dict = {}
 
 
+def _cell_counts(mids: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, int]:
+    """For cells of fp32 values ``[lo, hi]``: how many midpoints lie below each cell's smallest value (``low``),
+    and the most midpoints any cell holds (``extra``). Then for a value ``x`` of a cell
+    ``count(mids < x) = low + #{steps of idx += (mids[idx] < x)}``, exact after ``extra`` steps (the midpoints
+    padded with +inf so a step never reads past them). Cells with a non-finite end count from 0."""
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    low = torch.bucketize(torch.where(finite, lo, torch.zeros_like(lo)), mids, right=False)
+    high = torch.bucketize(torch.where(finite, hi, torch.zeros_like(hi)), mids, right=False)
+    return low.to(torch.int32), int((high - low).max())
+
+
+def _bits_to_float(bits: Tensor) -> Tensor:
+    """int64 bit patterns (0 .. 2^32-1) as the fp32 values they encode."""
+    return (bits - (1 << 32) * (bits >= (1 << 31))).to(torch.int32).view(torch.float32)
+
+
+def _padded_midpoints(code: Tensor) -> Tensor:
+    mids = code_midpoints(code.float())
+    return torch.cat([mids, mids.new_full((1,), float("inf"))])
+
+
 def _midpoint_lut(code: Tensor) -> tuple[Tensor, Tensor, int]:
-    """For every value of the top 16 bits of an fp32 number: how many midpoints lie below the smallest fp32
-    number with those bits (``low``), and the most midpoints any such 2^16-number range holds (``extra``).
-    ``count(midpoints < x) = low[key(x)] + #{steps of idx += (mids[idx] < x)}``, exact after ``extra`` steps."""
+    """The CPU path's table: one cell per value of the top 16 bits of an fp32 number (``_cell_counts``)."""
     key = tuple(code.tolist())
     hit = _LUT_CACHE.get(key)
     if hit is not None:
         return hit
-    mids = code_midpoints(code.float())
     tops = torch.arange(65536, dtype=torch.int64) << 16
-    first = (tops - (1 << 32) * (tops >= (1 << 31))).to(torch.int32).view(torch.float32)
-    last = ((tops | 0xFFFF) - (1 << 32) * (tops >= (1 << 31))).to(torch.int32).view(torch.float32)
-    lo = torch.minimum(first, last)  # negative numbers: more bits, more negative
-    hi = torch.maximum(first, last)
-    finite = torch.isfinite(lo) & torch.isfinite(hi)
-    low = torch.bucketize(torch.where(finite, lo, torch.zeros_like(lo)), mids, right=False)
-    high = torch.bucketize(torch.where(finite, hi, torch.zeros_like(hi)), mids, right=False)
-    extra = int((high - low).max())
-    padded = torch.cat([mids, mids.new_full((1,), float("inf"))])  # idx may step onto len(mids): never below x
-    hit = (low.to(torch.int32), padded, extra)
+    first, last = _bits_to_float(tops), _bits_to_float(tops | 0xFFFF)
+    low, extra = _cell_counts(code_midpoints(code.float()), torch.minimum(first, last), torch.maximum(first, last))
+    hit = (low, _padded_midpoints(code), extra)
     if len(_LUT_CACHE) > 16:
         _LUT_CACHE.clear()
     _LUT_CACHE[key] = hit
     return hit
+
+
+# The Triton kernels' table (docs/8bit.md, "Nearest-code search"). A value x is keyed on the exponent and the top
+# ``m_bits`` mantissa bits of |x| (read together as one integer t, monotone in |x|), counted from 2^(KEY_EXP_LO - 127)
+# = 2^-22 as an unsigned number, so that every |x| below it (t - offset < 0 wraps around) and anything that is not
+# a number in [-2, 2] land in one cell, ``top``; then on the sign:
+#     t = (bits(x) & 0x7FFFFFFF) >> (23 - m_bits)
+#     key = min(uint32(t - (KEY_EXP_LO << m_bits)), top) + (x < 0) * (top + 1),   top = (127 - KEY_EXP_LO) << m_bits + 1
+# (two instructions fewer than a signed clamp). The codes need |x| <= 1 + 2^-23, which x * (1 / absmax) meets.
+# A few KB, so it stays in the GPU's L1 cache: one table read and ``extra`` midpoint comparisons per value.
+KEY_EXP_LO = 105
+KEY_MAX_EXTRA = 1  # m_bits is the smallest of 4..8 whose cells hold at most this many midpoints
+
+
+def key_top(m_bits: int) -> int:
+    """The key of the cell of small magnitudes (below 2^-22); the keys below it cover [2^-22, 1 + 2^-m_bits)."""
+    return ((127 - KEY_EXP_LO) << m_bits) + 1
+
+
+def _kernel_key_cells(m_bits: int) -> tuple[Tensor, Tensor]:
+    """The smallest and largest fp32 value of every key (in key order)."""
+    t = torch.arange(key_top(m_bits), dtype=torch.int64) + (KEY_EXP_LO << m_bits)
+    lo_bits = torch.cat([t << (23 - m_bits), torch.zeros(1, dtype=torch.int64)])
+    hi_bits = torch.cat([((t + 1) << (23 - m_bits)) - 1, torch.tensor([(KEY_EXP_LO << 23) - 1])])
+    lo, hi = _bits_to_float(lo_bits), _bits_to_float(hi_bits)
+    return torch.cat([lo, -hi]), torch.cat([hi, -lo])  # sign 0, then sign 1 (negated: lo and hi swap)
+
+
+def kernel_code_table(code: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """``(table, padded midpoints, m_bits, extra)`` of a code map for the Triton kernels' nearest-code search.
+    ``table[key(x)]`` (int64) holds, for ``x``'s cell, the number ``low`` of midpoints below the cell (low 32 bits)
+    and the midpoint ``mids[low]`` (fp32 bits, high 32 bits): one read gives the first compare-and-step, and
+    ``extra - 1`` more reads of the padded midpoints (256 fp32, the last +inf) finish the count exactly
+    (:func:`_cell_counts`; at least one step is always taken, which is exact for cells without midpoints too)."""
+    mids = code_midpoints(code.detach().float().cpu())
+    for m_bits in range(4, 9):
+        low, extra = _cell_counts(mids, *_kernel_key_cells(m_bits))
+        if extra <= KEY_MAX_EXTRA:
+            break
+    padded = _padded_midpoints(code.detach().cpu())
+    first = padded[low.long()].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return (first << 32) | low.to(torch.int64), padded, m_bits, extra
+
+
+def kernel_code_index(x: Tensor, code: Tensor) -> Tensor:
+    """The Triton kernels' nearest-code search written with torch ops (fp32 ``x``, ``|x| <= 1 + 2^-23``): the spec
+    of the table layout, tested equal to :func:`torch.bucketize` of the midpoints of the clamped value."""
+    table, mids, m_bits, extra = kernel_code_table(code)
+    bits = x.float().contiguous().view(torch.int32)
+    top = key_top(m_bits)
+    t = ((bits & 0x7FFFFFFF) >> (23 - m_bits)).long() - (KEY_EXP_LO << m_bits)
+    key = torch.where(t < 0, top, t.clamp(max=top)) + ((bits >> 31) & (top + 1))
+    entry = table.to(x.device)[key.long()]
+    first = (entry >> 32).to(torch.int32).view(torch.float32)
+    idx = (entry & 0xFFFFFFFF) + (first < x)
+    mids = mids.to(x.device)
+    for _ in range(extra - 1):
+        idx += mids[idx] < x
+    return idx
 
 
 def _nearest_code_cpu(normed: Tensor, code: Tensor) -> Tensor:

@@ -1,9 +1,16 @@
 """What the kernels share (Triton only): device functions, and the launchers' argument checks and RNG seed."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch import Tensor
+
+from memopt.functional import quantize as _q
+
+KEY_EXP_LO = tl.constexpr(_q.KEY_EXP_LO)
 
 KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -22,6 +29,7 @@ def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) 
     and contiguous tensors on the param's device."""
     if param.dtype not in KERNEL_FLOATS:
         raise ValueError(f"{kernel} supports fp32/bf16/fp16 params, got {param.dtype}")
+    check_numel(kernel, param.numel())
     if grad.dtype != param.dtype or grad.shape != param.shape:
         raise ValueError("grad must have the param's dtype and shape")
     for t in (param, grad, *state):
@@ -32,17 +40,30 @@ def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) 
 
 
 @triton.jit
-def row_block_offsets(pid, row_len, per_row, BLOCK: tl.constexpr):
-    """Element offsets and mask of quantization block ``pid`` in row blocks (``per_row`` blocks per row of
-    ``row_len`` elements; a flat tensor is one row): blocks never span two rows, absmax index = ``pid``."""
-    row = pid // per_row
-    in_row = (pid - row * per_row) * BLOCK + tl.arange(0, BLOCK)
-    return row * row_len + in_row, in_row < row_len
+def tile_offsets(pid, row_len, per_row, n_blocks, NB: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Quantization blocks ``pid * NB ... pid * NB + NB - 1`` of a tensor as an ``(NB, BLOCK)`` tile: element
+    offsets, element mask, block indices (= absmax indices) and block mask. ``ROWS``: row blocks of a tensor whose
+    rows (``per_row`` blocks of ``row_len`` elements) do not end on a block boundary, so blocks never span two
+    rows; otherwise the blocks are flat (``row_len`` = all elements) and the tile is contiguous, which lets the
+    compiler vectorise its loads and stores. Offsets are int32: launchers refuse tensors of 2^31 or more elements
+    (``check_numel``)."""
+    blk = pid * NB + tl.arange(0, NB)
+    live = blk < n_blocks
+    if ROWS:
+        row = blk // per_row
+        in_row = ((blk - row * per_row) * BLOCK)[:, None] + tl.arange(0, BLOCK)[None, :]
+        offs = (row * row_len)[:, None] + in_row
+        mask = (in_row < row_len) & live[:, None]
+    else:
+        offs = (blk * BLOCK)[:, None] + tl.arange(0, BLOCK)[None, :]
+        mask = offs < row_len
+    return offs, mask, blk, live
 
 
-def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tuple[int, int, int]:
-    """(grid size = blocks, row length, blocks per row) for a fused 8-bit update of a tensor of ``shape``; refuses
-    codes / absmax that do not match its row blocks (``memopt.functional.quantize.quantize_rows``)."""
+def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tuple[int, int, int, bool]:
+    """(blocks, row length, blocks per row, ROWS) of the row blocks of a tensor of ``shape`` for
+    :func:`tile_offsets` (rows that end on a block boundary are passed as one flat row); refuses codes / absmax
+    that do not match its row blocks (``memopt.functional.quantize.quantize_rows``)."""
     from memopt.functional.quantize import row_layout
 
     rows, length, per_row = row_layout(tuple(shape), blocksize)
@@ -51,39 +72,59 @@ def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tu
             raise ValueError("8-bit state must be uint8 codes and fp32 absmax")
         if codes.numel() != n or absmax.numel() != rows * per_row:
             raise ValueError("codes/absmax do not match the parameter's size and blocksize")
-    return rows * per_row, length, per_row
+    if length % blocksize == 0 or rows == 1:
+        return rows * per_row, n, rows * per_row, False
+    return rows * per_row, length, per_row, True
 
 
 @triton.jit
-def nearest_code_index(v, mids_ptr):
-    """Index of the nearest code for each value: the number of the 255 sorted midpoints strictly below it
-    (binary lifting, 8 gathers). Ties go to the lower code, as in the PyTorch reference."""
-    pos = tl.zeros_like(v).to(tl.int32)
-    for k in tl.static_range(8):
-        cand = pos + (128 >> k)
-        ok = cand <= 255
-        mid = tl.load(mids_ptr + cand - 1, mask=ok, other=float("inf"))
-        pos = tl.where(ok & (mid < v), cand, pos)
-    return pos
+def nearest_code_index(v, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr):
+    """Index of the nearest code for each value (up to 1 + 2^-23 in magnitude; beyond 1: that of -1 or 1): the
+    number of the 255 sorted midpoints strictly below it (ties go to the lower code, as in the PyTorch reference).
+    One read of a small table keyed on sign, exponent and top mantissa bits gives the count below the value's cell
+    and the first midpoint to compare with; ``EXTRA - 1`` more comparisons follow (none for the dynamic maps). The
+    layout is ``memopt.functional.quantize.kernel_code_index`` (its torch spelling)."""
+    TOP: tl.constexpr = ((127 - KEY_EXP_LO) << M_BITS) + 1
+    bits = v.to(tl.int32, bitcast=True)
+    t = ((bits & 0x7FFFFFFF) >> (23 - M_BITS)) - (KEY_EXP_LO << M_BITS)
+    key = tl.minimum(t.to(tl.uint32), TOP).to(tl.int32) + ((bits >> 31) & (TOP + 1))
+    entry = tl.load(table_ptr + key)  # int64: count below the cell | first midpoint's bits << 32
+    idx = entry.to(tl.int32) + ((entry >> 32).to(tl.int32).to(tl.float32, bitcast=True) < v).to(tl.int32)
+    for _ in tl.static_range(EXTRA - 1):
+        idx += (tl.load(mids_ptr + idx) < v).to(tl.int32)
+    return idx
 
 
 @triton.jit
-def quantize_block(m, mids_ptr):
-    """Absmax of a block (a 1-D tensor, padding lanes zero) and its codes against that absmax."""
-    amax = tl.max(tl.abs(m), axis=0)
-    safe = tl.where(amax > 0, amax, 1.0)
-    normed = tl.minimum(tl.maximum(m / safe, -1.0), 1.0)
-    return nearest_code_index(normed, mids_ptr).to(tl.uint8), amax
+def quantize_tile(m, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr):
+    """Absmax of each row of an ``(NB, BLOCK)`` tile (padding lanes zero) and the codes against it: each value
+    times the row's correctly rounded reciprocal (``div_rn``, once per block), as in the reference, so a value
+    next to a midpoint gets the same code on every path."""
+    amax = tl.max(tl.abs(m), axis=1)
+    inv = tl.math.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
+    # no clamp to [-1, 1] (the reference's): a value an ulp beyond falls in the table's outermost cell, whose code
+    # is the clamped value's
+    return nearest_code_index(m * inv[:, None], table_ptr, mids_ptr, M_BITS, EXTRA).to(tl.uint8), amax
+
+
+@triton.jit
+def fast_div(a, b, COMPILED: tl.constexpr):
+    """``a / b`` within 2 ulp for ``2^-126 <= |b| <= 2^126`` (PTX ``div.approx.f32``: a reciprocal and a multiply,
+    where ``/`` spends eight instructions on range scaling). ``COMPILED=False`` (the CPU interpreter, which has no
+    libdevice) divides exactly."""
+    if COMPILED:
+        q = libdevice.fast_dividef(a, b)
+    else:
+        q = a / b
+    return q
 
 
 @triton.jit
 def torch_lerp(start, end, weight):
-    """torch.lerp's formula (two branches on the weight), so results match the reference's lerp_."""
-    if weight < 0.5:
-        out = start + weight * (end - start)
-    else:
-        out = end - (end - start) * (1.0 - weight)
-    return out
+    """torch.lerp's formula, ``start + w (end - start)`` for ``w < 0.5`` else ``end - (end - start)(1 - w)``, so
+    results match the reference's lerp_; written as one multiply-add from a selected base (no branch)."""
+    low = weight < 0.5
+    return tl.where(low, start, end) + tl.where(low, weight, weight - 1.0) * (end - start)
 
 
 @triton.jit
@@ -103,12 +144,60 @@ def store_param(ptr, offs, x, mask, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, seed):
-    """Parameter store; with SR and a bf16 parameter, stochastic rounding: 16 random bits are added below
-    the bf16 mantissa before truncation (unbiased in expectation)."""
-    if SR and P_KIND == 1:
-        noise = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
-        bits = x.to(tl.int32, bitcast=True) + noise
+def sr_noise(seed, pid, NB: tl.constexpr, BLOCK: tl.constexpr):
+    """16 random bits for each element of program ``pid``'s ``(NB, BLOCK)`` tile: one Philox draw (four 32-bit
+    numbers, each split in two halves) per eight elements, counters unique over the whole launch."""
+    Q: tl.constexpr = NB * BLOCK // 8
+    r0, r1, r2, r3 = tl.randint4x(seed, pid * Q + tl.arange(0, Q))
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (4 * Q,))
+    halves = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
+    return tl.reshape(halves, (NB, BLOCK)).to(tl.int32)
+
+
+@triton.jit
+def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, seed, pid, NB: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Parameter store of an ``(NB, BLOCK)`` tile; with SR (bf16 parameters only, ``sr_flag``), stochastic
+    rounding: 16 random bits are added below the bf16 mantissa before truncation (unbiased in expectation)."""
+    if SR:
+        bits = x.to(tl.int32, bitcast=True) + sr_noise(seed, pid, NB, BLOCK)
         tl.store(ptr + offs, (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         store_param(ptr, offs, x, mask, P_KIND)
+
+
+# ------------------------------------------------------------------------------------------- launching
+MAX_NUMEL = 2**31 - 1  # int32 offsets: larger tensors are refused here and routed to the reference
+TILE = 4096  # elements per program of the 8-bit kernels (several quantization blocks per program)
+ELEMS_PER_THREAD = 16
+
+
+def launch_config(blocksize: int) -> dict:
+    """Blocks per program (``NB``) and ``num_warps`` of the 8-bit kernels for a blocksize: a program holds
+    ``max(TILE, blocksize)`` elements and its warps give each thread ``ELEMS_PER_THREAD`` of them, so the register
+    use per thread stays the same from blocksize 16 to 8192."""
+    elems = max(TILE, blocksize)
+    return {"NB": elems // blocksize, "num_warps": max(1, min(32, elems // (32 * ELEMS_PER_THREAD)))}
+
+
+def param_store_args(param: Tensor, stochastic_rounding: bool) -> dict:
+    """The parameter-store constexprs of an update kernel (``P_KIND``, ``SR``) and its RNG ``seed``."""
+    sr = bool(stochastic_rounding) and param.dtype == torch.bfloat16  # bf16 only: one variant fewer for the rest
+    return {"P_KIND": store_kind(param.dtype, param.device), "SR": sr, "seed": random_seed(sr, param.dtype)}
+
+
+def store_kind(dtype: torch.dtype, device: torch.device) -> int:
+    """Constexpr tag for stores: 1 = bf16 rounded to nearest even through integer bits (needed in the CPU
+    interpreter, whose bf16 cast truncates), 0 = a plain cast (compiled casts round to nearest even)."""
+    return 1 if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else 0
+
+
+def check_numel(kernel: str, n: int) -> None:
+    if n > MAX_NUMEL:
+        raise ValueError(f"{kernel}: a tensor of {n} elements needs 64-bit offsets; the kernels take at most "
+                         f"{MAX_NUMEL} (the optimizers route larger tensors to the PyTorch reference)")
+
+
+def device_guard(t: Tensor):
+    """Launch on ``t``'s GPU, not the current one (parameters may sit on several GPUs in one process)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -9,33 +9,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import (check_8bit_state, check_update_args, quantize_block, random_seed,
-                                    row_block_offsets, store_param_sr, torch_lerp)
-from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
+from memopt.kernels._common import (check_8bit_state, check_update_args, device_guard, launch_config,
+                                    fast_div, param_store_args, quantize_tile, store_param_sr, tile_offsets, torch_lerp)
+from memopt.kernels.quantize import check_blocksize, code_map
 
 
 @triton.jit
-def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, smids_ptr, ucode_ptr, umids_ptr,
-                       row_len, per_row, decay, beta1w, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, seed,
-                       SIGN: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, stable_ptr, smids_ptr, ucode_ptr,
+                       utable_ptr, umids_ptr, row_len, per_row, n_blocks, s_zero, u_zero, decay, beta1w, beta2,
+                       one_minus_beta2, inv_bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
+                       P_KIND: tl.constexpr, SR: tl.constexpr,
+                       S_BITS: tl.constexpr, S_EXTRA: tl.constexpr, U_BITS: tl.constexpr, U_EXTRA: tl.constexpr,
+                       NB: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                       COMPILED: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask = row_block_offsets(pid, row_len, per_row, BLOCK)
+    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, n_blocks, NB, BLOCK, ROWS)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
-    mi = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
-    vi = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
-    m = tl.load(scode_ptr + mi, mask=mask, other=0.0) * tl.load(ma_ptr + pid)
-    v = tl.load(ucode_ptr + vi, mask=mask, other=0.0) * tl.load(va_ptr + pid)
+    mi = tl.load(mc_ptr + offs, mask=mask, other=s_zero).to(tl.int32)  # masked lanes: m = v = 0 (and g = 0)
+    vi = tl.load(vc_ptr + offs, mask=mask, other=u_zero).to(tl.int32)
+    m = tl.load(scode_ptr + mi) * tl.load(ma_ptr + blk, mask=live, other=0.0)[:, None]
+    v = tl.load(ucode_ptr + vi) * tl.load(va_ptr + blk, mask=live, other=0.0)[:, None]
     m = torch_lerp(m, g, beta1w)
     v = v * beta2 + one_minus_beta2 * (g * g)
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    store_param_sr(p_ptr, offs, p + step_size * (m / denom), mask, P_KIND, SR, seed)
-    m_codes, m_amax = quantize_block(tl.where(mask, m, 0.0), smids_ptr)
-    v_codes, v_amax = quantize_block(tl.where(mask, v, 0.0), umids_ptr)
+    # compiled sqrt and division are approximate (within 2 ulp; denom >= eps keeps the divisor in fast_div's range):
+    # parameters agree with the reference to ~1e-6 relative; the stored moments do not depend on them
+    denom = tl.sqrt(v) * inv_bc2_sqrt + eps
+    store_param_sr(p_ptr, offs, p + step_size * fast_div(m, denom, COMPILED), mask, P_KIND, SR, seed, pid, NB, BLOCK)
+    m_codes, m_amax = quantize_tile(m, stable_ptr, smids_ptr, S_BITS, S_EXTRA)
+    v_codes, v_amax = quantize_tile(v, utable_ptr, umids_ptr, U_BITS, U_EXTRA)
     tl.store(mc_ptr + offs, m_codes, mask=mask)
-    tl.store(ma_ptr + pid, m_amax)
+    tl.store(ma_ptr + blk, m_amax, mask=live)
     tl.store(vc_ptr + offs, v_codes, mask=mask)
-    tl.store(va_ptr + pid, v_amax)
+    tl.store(va_ptr + blk, v_amax, mask=live)
 
 
 def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_avg_absmax: Tensor,
@@ -48,17 +54,18 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                       exp_avg_sq_absmax)
     n = param.numel()
-    n_blocks, row_len, per_row = check_8bit_state(n, tuple(param.shape), blocksize, exp_avg_codes, exp_avg_absmax,
-                                                  exp_avg_sq_codes, exp_avg_sq_absmax)
+    n_blocks, row_len, per_row, rows = check_8bit_state(n, tuple(param.shape), blocksize, exp_avg_codes,
+                                                        exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
     if n == 0:
         return
-    scode, smids = code_and_midpoints(signed_code, True, param.device)
-    ucode, umids = code_and_midpoints(unsigned_code, False, param.device)
-    _adamw_8bit_kernel[(n_blocks,)](
-        param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-        scode, smids, ucode, umids, row_len, per_row,
-        1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
-        -lr / (1.0 - beta1**step), random_seed(stochastic_rounding, param.dtype), SIGN=-1.0 if maximize else 1.0,
-        P_KIND=dtype_kind(param.dtype),
-        SR=stochastic_rounding, BLOCK=blocksize,
-    )
+    s, u = code_map(signed_code, True, param.device), code_map(unsigned_code, False, param.device)
+    cfg = launch_config(blocksize)
+    with device_guard(param):
+        _adamw_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+            param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+            s.code, s.table, s.mids, u.code, u.table, u.mids, row_len, per_row, n_blocks, s.zero, u.zero,
+            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**step), eps,
+            -lr / (1.0 - beta1**step), SIGN=-1.0 if maximize else 1.0, S_BITS=s.m_bits, S_EXTRA=s.extra,
+            U_BITS=u.m_bits, U_EXTRA=u.extra, BLOCK=blocksize, ROWS=rows, COMPILED=param.device.type != "cpu", **cfg,
+            **param_store_args(param, stochastic_rounding),
+        )

@@ -2,45 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.functional.quantize import check_code_map, check_codes, code_midpoints, default_code
-from memopt.kernels._common import quantize_block, store_param
+from memopt.functional.quantize import check_code_map, check_codes, default_code, kernel_code_table
+from memopt.kernels._common import (check_numel, device_guard, launch_config, quantize_tile, store_kind,
+                                    store_param, tile_offsets)
 
 
 @triton.jit
-def _quantize_blockwise_kernel(x_ptr, codes_ptr, absmax_ptr, mids_ptr, n, BLOCK: tl.constexpr):
+def _quantize_blockwise_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, mids_ptr, n, n_blocks,
+                               M_BITS: tl.constexpr, EXTRA: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, n_blocks, NB, BLOCK, False)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    codes, amax = quantize_block(x, mids_ptr)
+    codes, amax = quantize_tile(x, table_ptr, mids_ptr, M_BITS, EXTRA)
     # tl.max drops NaNs: flag a non-finite block through its absmax so the launcher can refuse it
-    n_bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
+    n_bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
     amax = tl.where(n_bad > 0, float("nan"), amax)
     tl.store(codes_ptr + offs, codes, mask=mask)
-    tl.store(absmax_ptr + pid, amax)
+    tl.store(absmax_ptr + blk, amax, mask=live)
 
 
 @triton.jit
-def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCK: tl.constexpr,
-                                 OUT_KIND: tl.constexpr):
+def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, n_blocks, OUT_KIND: tl.constexpr,
+                                 NB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, n_blocks, NB, BLOCK, False)
     idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    value = tl.load(code_ptr + idx, mask=mask, other=0.0) * tl.load(absmax_ptr + pid)
-    store_param(out_ptr, offs, value, mask, OUT_KIND)
-
-
-def dtype_kind(dtype: torch.dtype) -> int:
-    """Constexpr tag for stores: 1 = bf16 (rounded to nearest even through integer bits), 0 = a plain cast."""
-    return 1 if dtype == torch.bfloat16 else 0
+    scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
+    store_param(out_ptr, offs, tl.load(code_ptr + idx) * scale[:, None], mask, OUT_KIND)
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -49,20 +44,37 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize={blocksize!r}: the Triton kernels need a power of two in [16, 8192]")
 
 
-_MIDS: dict = {}
+class CodeMap(NamedTuple):
+    """A code map as the kernels read it (all on the launch device): the 256 codes, the nearest-code table, the
+    256 padded midpoints, the table's constexprs (``memopt.functional.quantize.kernel_code_table``), and the index
+    of the code 0.0 (the code a masked lane loads, so it dequantizes to exactly 0 and leaves the absmax alone)."""
+    code: Tensor
+    table: Tensor
+    mids: Tensor
+    m_bits: int
+    extra: int
+    zero: int
 
 
-def code_and_midpoints(code: Optional[Tensor], signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The map on ``device`` and its 255 midpoints. The default maps are built and copied once per device: a
-    host-to-device copy per call would synchronise the host on every tensor of every step."""
+_MAPS: dict = {}
+
+
+def code_map(code: Optional[Tensor], signed: bool, device: torch.device) -> CodeMap:
+    """The kernels' form of ``code`` (``None``: the default signed or unsigned dynamic map) on ``device``. The
+    default maps are built and copied once per device: a host-to-device copy per call would synchronise the host
+    on every tensor of every step."""
+    key = (signed, str(device))
+    if code is None and key in _MAPS:
+        return _MAPS[key]
+    base = default_code(signed, torch.device("cpu")) if code is None else code.detach().float().cpu()
+    zeros = (base == 0).nonzero()
+    if zeros.numel() != 1:
+        raise ValueError("the Triton kernels need a code map holding 0.0 exactly once (masked lanes load it)")
+    table, mids, m_bits, extra = kernel_code_table(base)
+    out = CodeMap(base.to(device).contiguous(), table.to(device), mids.to(device), m_bits, extra, int(zeros))
     if code is None:
-        key = (signed, str(device))
-        if key not in _MIDS:
-            default = default_code(signed, device)
-            _MIDS[key] = (default, code_midpoints(default).contiguous())
-        return _MIDS[key]
-    code = code.to(device=device, dtype=torch.float32).contiguous()
-    return code, code_midpoints(code).contiguous()
+        _MAPS[key] = out
+    return out
 
 
 def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int = 256) -> tuple[Tensor, Tensor]:
@@ -77,9 +89,14 @@ def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int 
     n_blocks = -(-n // blocksize)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    check_numel("quantize_blockwise (triton)", n)
     if n:
-        _, mids = code_and_midpoints(code, True, x.device)
-        _quantize_blockwise_kernel[(n_blocks,)](x, codes, absmax, mids, n, BLOCK=blocksize)
+        cm = code_map(code, True, x.device)
+        cfg = launch_config(blocksize)
+        with device_guard(x):
+            _quantize_blockwise_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+                x, codes, absmax, cm.table, cm.mids, n, n_blocks, M_BITS=cm.m_bits, EXTRA=cm.extra,
+                BLOCK=blocksize, **cfg)
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
     return codes, absmax
@@ -95,9 +112,11 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
         raise ValueError(f"dtype={dtype!r}: dequantize_blockwise (triton) writes fp32/bf16/fp16")
     n_blocks = -(-codes.numel() // blocksize)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    check_numel("dequantize_blockwise (triton)", codes.numel())
     if codes.numel():
-        _dequantize_blockwise_kernel[(n_blocks,)](codes.contiguous(), absmax.float().contiguous(),
-                                                  code_and_midpoints(code, True, codes.device)[0], out, codes.numel(),
-                                                  BLOCK=blocksize,
-                                                  OUT_KIND=dtype_kind(dtype))
+        cfg = launch_config(blocksize)
+        with device_guard(codes):
+            _dequantize_blockwise_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+                codes.contiguous(), absmax.float().contiguous(), code_map(code, True, codes.device).code, out,
+                codes.numel(), n_blocks, OUT_KIND=store_kind(dtype, codes.device), BLOCK=blocksize, **cfg)
     return out

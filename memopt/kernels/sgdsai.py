@@ -9,17 +9,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import (KERNEL_FLOATS, check_8bit_state, check_update_args, quantize_block,
-                                    random_seed, row_block_offsets, store_param, store_param_sr, torch_lerp)
-from memopt.kernels.quantize import check_blocksize, code_and_midpoints, dtype_kind
+from memopt.kernels._common import (KERNEL_FLOATS, check_8bit_state, check_update_args, device_guard,
+                                    launch_config, param_store_args, quantize_tile, store_kind, store_param,
+                                    store_param_sr, tile_offsets, torch_lerp)
+from memopt.kernels.quantize import check_blocksize, code_map
 
 _FP32_BLOCK = 1024
 
 
 @triton.jit
 def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, seed, HAS_M: tl.constexpr, FIRST: tl.constexpr,
-                   P_KIND: tl.constexpr, M_KIND: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                   P_KIND: tl.constexpr, M_KIND: tl.constexpr, SR: tl.constexpr, NB: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = (pid * BLOCK + tl.arange(0, BLOCK))[None, :]
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -28,27 +31,28 @@ def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, seed, HAS_M: tl
         if not FIRST:  # on the first step the buffer already holds g; the exact g is used for this step
             upd = torch_lerp(tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32), g, weight)
             store_param(m_ptr, offs, upd, mask, M_KIND)
-    store_param_sr(p_ptr, offs, p + alpha * upd, mask, P_KIND, SR, seed)
+    store_param_sr(p_ptr, offs, p + alpha * upd, mask, P_KIND, SR, seed, pid, NB, BLOCK)
 
 
 @triton.jit
-def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, mids_ptr, row_len, per_row, alpha, decay,
-                        weight, seed, FIRST: tl.constexpr, P_KIND: tl.constexpr, SR: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, table_ptr, mids_ptr, row_len, per_row,
+                        n_blocks, zero, alpha, decay, weight, seed, FIRST: tl.constexpr, P_KIND: tl.constexpr,
+                        SR: tl.constexpr, M_BITS: tl.constexpr, EXTRA: tl.constexpr, NB: tl.constexpr,
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask = row_block_offsets(pid, row_len, per_row, BLOCK)
+    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, n_blocks, NB, BLOCK, ROWS)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FIRST:
         m = g
     else:
-        idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-        m = tl.load(code_ptr + idx, mask=mask, other=0.0) * tl.load(absmax_ptr + pid)
-        m = torch_lerp(m, g, weight)
-    store_param_sr(p_ptr, offs, p + alpha * m, mask, P_KIND, SR, seed)
-    codes, amax = quantize_block(m, mids_ptr)  # padding lanes are 0 and do not move the absmax
+        idx = tl.load(codes_ptr + offs, mask=mask, other=zero).to(tl.int32)  # masked lanes: m = 0, g = 0
+        scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
+        m = torch_lerp(tl.load(code_ptr + idx) * scale[:, None], g, weight)
+    store_param_sr(p_ptr, offs, p + alpha * m, mask, P_KIND, SR, seed, pid, NB, BLOCK)
+    codes, amax = quantize_tile(m, table_ptr, mids_ptr, M_BITS, EXTRA)  # masked lanes hold 0
     tl.store(codes_ptr + offs, codes, mask=mask)
-    tl.store(absmax_ptr + pid, amax)
+    tl.store(absmax_ptr + blk, amax, mask=live)
 
 
 def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor], *, lr: float, scale: float,
@@ -63,12 +67,12 @@ def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor
         return
     alpha = (lr * scale) if maximize else -(lr * scale)
     m = grad if momentum_buffer is None else momentum_buffer
-    _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
-        param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
-        random_seed(stochastic_rounding, param.dtype),
-        HAS_M=momentum_buffer is not None, FIRST=first_step, P_KIND=dtype_kind(param.dtype),
-        M_KIND=dtype_kind(m.dtype), SR=stochastic_rounding, BLOCK=_FP32_BLOCK,
-    )
+    with device_guard(param):
+        _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
+            param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum, HAS_M=momentum_buffer is not None,
+            FIRST=first_step, M_KIND=store_kind(m.dtype, m.device), NB=1, BLOCK=_FP32_BLOCK,
+            **param_store_args(param, stochastic_rounding),
+        )
 
 
 def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, *, lr: float, scale: float,
@@ -80,13 +84,15 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     check_blocksize(blocksize)
     check_update_args("fused SGD-SaI", param, grad, codes, absmax)
     n = param.numel()
-    n_blocks, row_len, per_row = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
+    n_blocks, row_len, per_row, rows = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
     if n == 0:
         return
-    code, mids = code_and_midpoints(code, True, param.device)
+    cm = code_map(code, True, param.device)
     alpha = (lr * scale) if maximize else -(lr * scale)
-    _sgdsai_8bit_kernel[(n_blocks,)](
-        param, grad, codes, absmax, code, mids, row_len, per_row, alpha, 1.0 - lr * weight_decay, 1.0 - momentum,
-        random_seed(stochastic_rounding, param.dtype), FIRST=first_step, P_KIND=dtype_kind(param.dtype),
-        SR=stochastic_rounding, BLOCK=blocksize,
-    )
+    cfg = launch_config(blocksize)
+    with device_guard(param):
+        _sgdsai_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+            param, grad, codes, absmax, cm.code, cm.table, cm.mids, row_len, per_row, n_blocks, cm.zero, alpha,
+            1.0 - lr * weight_decay, 1.0 - momentum, FIRST=first_step, M_BITS=cm.m_bits, EXTRA=cm.extra,
+            BLOCK=blocksize, ROWS=rows, **cfg, **param_store_args(param, stochastic_rounding),
+        )
