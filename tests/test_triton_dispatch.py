@@ -132,3 +132,92 @@ def test_a_kernel_failing_its_self_check_falls_back_with_one_warning_or_raises_w
     # the AdamW kernels passed their own check and stay in use
     _, adam = _run(MAKERS["adamw_8bit"], None)
     assert adam.update_paths.get("triton", 0) >= 2
+
+
+def test_launches_go_to_the_tensors_gpu(monkeypatch):
+    """Parameters on several GPUs in one process: each launch runs under its tensor's device, not the current one."""
+    from memopt.kernels import _common
+    from memopt.kernels import sgdsai as sgdsai_kernels
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+
+    class FakeCuda:
+        device = torch.device("cuda", 1)
+
+    with _common.device_guard(FakeCuda()):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _common.device_guard(torch.zeros(1)):  # CPU tensors: no CUDA context is touched
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    # and every launcher enters the guard with its parameter
+    guarded = []
+    real = _common.device_guard
+    monkeypatch.setattr(sgdsai_kernels, "device_guard", lambda t: guarded.append(t) or real(t))
+    p, g = torch.randn(300, device=DEV), torch.randn(300, device=DEV)
+    codes, absmax = torch.zeros(300, dtype=torch.uint8, device=DEV), torch.zeros(2, device=DEV)
+    sgdsai_kernels.sgdsai_update_8bit_(p, g, codes, absmax, lr=0.1, scale=1.0, momentum=0.9, weight_decay=0.0,
+                                       first_step=True)
+    sgdsai_kernels.sgdsai_update_(p, g, None, lr=0.1, scale=1.0, momentum=0.0, weight_decay=0.0)
+    assert len(guarded) == 2 and all(t is p for t in guarded)
+
+
+@pytest.mark.parametrize("capability,usable", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_triton_is_used_only_on_compute_capability_8_or_more(monkeypatch, capability, usable):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    _STATUS.clear()
+    try:
+        ok, reason = triton_status(torch.device("cuda", 0))
+        assert ok is usable
+        if not usable:
+            assert f"compute capability {capability[0]}.{capability[1]}" in reason and "8.0 or more" in reason
+        assert triton_status(torch.device("cuda"))[0] is usable  # the current device, same answer
+    finally:
+        _STATUS.clear()
+
+
+def test_tensors_too_large_for_int32_offsets_go_to_the_reference(monkeypatch):
+    """Offsets in the kernels are int32: a tensor of 2^31 or more elements (here: the limit lowered to 1000, a
+    stub for a 2^31-element parameter) is updated by the reference and the launchers refuse it."""
+    from memopt import kernels
+    from memopt.kernels import sgdsai as sgdsai_kernels
+
+    monkeypatch.setattr(kernels, "MAX_NUMEL", 1000)
+    assert "64-bit offsets" in kernels.kernel_refusal((2000,))
+    big = torch.nn.Parameter(torch.randn(40, 50, device=DEV))
+    small = torch.nn.Parameter(torch.randn(30, 20, device=DEV))
+    opt = SGDSaI([big, small], lr=0.01, state_bits=8, min_8bit_size=256, use_triton=True)
+    for _ in range(2):
+        big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+        opt.step()
+    assert opt.update_paths == {"triton": 1, "torch": 1}
+    with pytest.raises(ValueError, match="64-bit offsets"):
+        sgdsai_kernels.sgdsai_update_(big.data, big.grad, None, lr=0.1, scale=1.0, momentum=0.0, weight_decay=0.0)
+
+
+def test_tensors_with_too_many_unaligned_row_blocks_go_to_the_reference(monkeypatch):
+    """Row blocks are found by a float quotient that is exact below MAX_ROW_BLOCKS blocks (here lowered to 8)."""
+    from memopt import kernels
+
+    monkeypatch.setattr(kernels, "MAX_ROW_BLOCKS", 8)
+    assert kernels.kernel_refusal((5, 300), 256) is not None  # 10 row blocks, rows of 300 (not a multiple of 256)
+    assert kernels.kernel_refusal((5, 512), 256) is None  # rows end on a block boundary: flat blocks, no limit
+    assert kernels.kernel_refusal((5, 300)) is None  # full-precision state has no row blocks
+    p = torch.nn.Parameter(torch.randn(5, 300, device=DEV))
+    opt = AdamW8bit([p], lr=1e-3, min_8bit_size=256, use_triton=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.update_paths == {"torch": 1}

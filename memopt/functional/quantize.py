@@ -106,7 +106,8 @@ def quantize_blockwise(
         stochastic: round to one of the two neighbouring codes with probability proportional to proximity
             (unbiased in expectation) instead of to the nearest code.
 
-    An all-zero block gets absmax 0 and the code of 0.0, and dequantizes to exact zeros.
+    An all-zero block gets absmax 0 and the code of 0.0, and dequantizes to exact zeros. A block whose largest
+    magnitude is below 2^-126 (fp32's smallest normal number) is stored against 2^-126.
     """
     _check_blocksize(blocksize)
     check_code_map(code)
@@ -118,6 +119,9 @@ def quantize_blockwise(
     absmax = blocks.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
+    # a block whose largest magnitude is below fp32's smallest normal number is stored against that number (its
+    # reciprocal would overflow); an all-zero block keeps absmax 0
+    absmax = torch.where(absmax > 0, absmax.clamp(min=torch.finfo(torch.float32).tiny), absmax)
     # x times the block's correctly rounded reciprocal: one division per block, and every path (CPU, interpreter,
     # compiled kernels) gets the same fp32 value, so the same code, even next to a midpoint
     normed = (blocks * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]).clamp_(-1.0, 1.0)

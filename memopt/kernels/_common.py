@@ -29,7 +29,7 @@ def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) 
     and contiguous tensors on the param's device."""
     if param.dtype not in KERNEL_FLOATS:
         raise ValueError(f"{kernel} supports fp32/bf16/fp16 params, got {param.dtype}")
-    check_numel(kernel, param.numel())
+    check_shape(kernel, tuple(param.shape))
     if grad.dtype != param.dtype or grad.shape != param.shape:
         raise ValueError("grad must have the param's dtype and shape")
     for t in (param, grad, *state):
@@ -40,17 +40,21 @@ def check_update_args(kernel: str, param: Tensor, grad: Tensor, *state: Tensor) 
 
 
 @triton.jit
-def tile_offsets(pid, row_len, per_row, n_blocks, NB: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def tile_offsets(pid, row_len, per_row, inv_per_row, n_blocks, NB: tl.constexpr, BLOCK: tl.constexpr,
+                 ROWS: tl.constexpr):
     """Quantization blocks ``pid * NB ... pid * NB + NB - 1`` of a tensor as an ``(NB, BLOCK)`` tile: element
     offsets, element mask, block indices (= absmax indices) and block mask. ``ROWS``: row blocks of a tensor whose
-    rows (``per_row`` blocks of ``row_len`` elements) do not end on a block boundary, so blocks never span two
-    rows; otherwise the blocks are flat (``row_len`` = all elements) and the tile is contiguous, which lets the
-    compiler vectorise its loads and stores. Offsets are int32: launchers refuse tensors of 2^31 or more elements
-    (``check_numel``)."""
+    rows (``per_row`` blocks of ``row_len`` elements; ``inv_per_row`` = fp32 1 / per_row) do not end on a block
+    boundary, so blocks never span two rows; otherwise the blocks are flat (``row_len`` = all elements) and the
+    tile is contiguous, which lets the compiler vectorise its loads and stores. Offsets are int32: launchers refuse
+    tensors of 2^31 or more elements (``memopt.kernels.kernel_refusal``)."""
     blk = pid * NB + tl.arange(0, NB)
     live = blk < n_blocks
     if ROWS:
-        row = blk // per_row
+        # row = blk // per_row without an integer division: (blk + 1/2) / per_row is at least 1/(2 per_row) from an
+        # integer, and the fp32 product with the host's rounded 1 / per_row is within that of it while
+        # n_blocks < MAX_ROW_BLOCKS = 2^22 (relative error < 2^-23 on a quotient below rows), so truncation is exact
+        row = ((blk.to(tl.float32) + 0.5) * inv_per_row).to(tl.int32)
         in_row = ((blk - row * per_row) * BLOCK)[:, None] + tl.arange(0, BLOCK)[None, :]
         offs = (row * row_len)[:, None] + in_row
         mask = (in_row < row_len) & live[:, None]
@@ -60,12 +64,16 @@ def tile_offsets(pid, row_len, per_row, n_blocks, NB: tl.constexpr, BLOCK: tl.co
     return offs, mask, blk, live
 
 
-def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tuple[int, int, int, bool]:
-    """(blocks, row length, blocks per row, ROWS) of the row blocks of a tensor of ``shape`` for
-    :func:`tile_offsets` (rows that end on a block boundary are passed as one flat row); refuses codes / absmax
-    that do not match its row blocks (``memopt.functional.quantize.quantize_rows``)."""
+def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tuple[int, dict]:
+    """The number of row blocks of a tensor of ``shape`` and the :func:`tile_offsets` arguments that lay them out
+    (rows that end on a block boundary are passed as one flat row); refuses codes / absmax that do not match its row
+    blocks (``memopt.functional.quantize.quantize_rows``) and shapes the kernels cannot take."""
     from memopt.functional.quantize import row_layout
+    from memopt.kernels import kernel_refusal
 
+    why = kernel_refusal(tuple(shape), blocksize)
+    if why:
+        raise ValueError(f"the Triton kernels cannot update this tensor: {why}")
     rows, length, per_row = row_layout(tuple(shape), blocksize)
     for codes, absmax in zip(state[::2], state[1::2]):
         if codes.dtype != torch.uint8 or absmax.dtype != torch.float32:
@@ -73,21 +81,25 @@ def check_8bit_state(n: int, shape: tuple, blocksize: int, *state: Tensor) -> tu
         if codes.numel() != n or absmax.numel() != rows * per_row:
             raise ValueError("codes/absmax do not match the parameter's size and blocksize")
     if length % blocksize == 0 or rows == 1:
-        return rows * per_row, n, rows * per_row, False
-    return rows * per_row, length, per_row, True
+        return rows * per_row, dict(row_len=n, per_row=rows * per_row, inv_per_row=1.0, ROWS=False)
+    return rows * per_row, dict(row_len=length, per_row=per_row, inv_per_row=1.0 / per_row, ROWS=True)
 
 
 @triton.jit
-def nearest_code_index(v, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr):
+def nearest_code_index(v, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr,
+                       NONNEG: tl.constexpr = False):
     """Index of the nearest code for each value (up to 1 + 2^-23 in magnitude; beyond 1: that of -1 or 1): the
     number of the 255 sorted midpoints strictly below it (ties go to the lower code, as in the PyTorch reference).
     One read of a small table keyed on sign, exponent and top mantissa bits gives the count below the value's cell
     and the first midpoint to compare with; ``EXTRA - 1`` more comparisons follow (none for the dynamic maps). The
-    layout is ``memopt.functional.quantize.kernel_code_index`` (its torch spelling)."""
+    layout is ``memopt.functional.quantize.kernel_code_index`` (its torch spelling). ``NONNEG``: the values are
+    known to be +0 or more (Adam's second moment), so the sign part of the key is left out."""
     TOP: tl.constexpr = ((127 - KEY_EXP_LO) << M_BITS) + 1
     bits = v.to(tl.int32, bitcast=True)
     t = ((bits & 0x7FFFFFFF) >> (23 - M_BITS)) - (KEY_EXP_LO << M_BITS)
-    key = tl.minimum(t.to(tl.uint32), TOP).to(tl.int32) + ((bits >> 31) & (TOP + 1))
+    key = tl.minimum(t.to(tl.uint32), TOP).to(tl.int32)
+    if not NONNEG:
+        key += (bits >> 31) & (TOP + 1)
     entry = tl.load(table_ptr + key)  # int64: count below the cell | first midpoint's bits << 32
     idx = entry.to(tl.int32) + ((entry >> 32).to(tl.int32).to(tl.float32, bitcast=True) < v).to(tl.int32)
     for _ in tl.static_range(EXTRA - 1):
@@ -96,15 +108,43 @@ def nearest_code_index(v, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.c
 
 
 @triton.jit
-def quantize_tile(m, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr):
-    """Absmax of each row of an ``(NB, BLOCK)`` tile (padding lanes zero) and the codes against it: each value
-    times the row's correctly rounded reciprocal (``div_rn``, once per block), as in the reference, so a value
-    next to a midpoint gets the same code on every path."""
-    amax = tl.max(tl.abs(m), axis=1)
-    inv = tl.math.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
+def quantize_tile(m, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr, NONNEG: tl.constexpr = False):
+    """The stored absmax of each row of an ``(NB, BLOCK)`` tile (padding lanes zero) and the codes against it."""
+    amax = stored_absmax(tl.max(tl.abs(m), axis=1))
+    return encode_tile(m, amax, table_ptr, mids_ptr, M_BITS, EXTRA, NONNEG), amax
+
+
+@triton.jit
+def stored_absmax(amax):
+    """A block's largest magnitude as stored: at least fp32's smallest normal number unless the block is all zero
+    (``memopt.functional.quantize.quantize_blockwise``); NaN stays NaN."""
+    return tl.where(amax > 0, tl.maximum(amax, 1.1754943508222875e-38), amax)
+
+
+@triton.jit
+def reciprocal_rn(a):
+    """1 / a rounded to nearest fp32, for normal ``a``, with no out-of-line call (a correctly rounded division
+    calls a slow path, and its calling convention spills registers around it): an approximate fp32 reciprocal
+    (within 2 ulp) refined twice in fp64 is within 2^-52 relative of 1 / a, closer than any fp32 rounding boundary
+    can be to the reciprocal of an fp32 number (2^-48 relative), so one rounding to fp32 gives the correctly
+    rounded result; the interpreter's exact division gets there too."""
+    a64 = a.to(tl.float64)
+    r = (1.0 / a).to(tl.float64)
+    r = r + r * (1.0 - a64 * r)
+    r = r + r * (1.0 - a64 * r)
+    return r.to(tl.float32)
+
+
+@triton.jit
+def encode_tile(m, amax, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.constexpr,
+                NONNEG: tl.constexpr = False):
+    """Codes of an ``(NB, BLOCK)`` tile against its rows' stored maxima (:func:`stored_absmax`): each value times the
+    row's correctly rounded reciprocal (once per block), as in the reference, so a value next to a midpoint gets the
+    same code on every path."""
+    inv = reciprocal_rn(tl.where(amax > 0, amax, 1.0))
     # no clamp to [-1, 1] (the reference's): a value an ulp beyond falls in the table's outermost cell, whose code
     # is the clamped value's
-    return nearest_code_index(m * inv[:, None], table_ptr, mids_ptr, M_BITS, EXTRA).to(tl.uint8), amax
+    return nearest_code_index(m * inv[:, None], table_ptr, mids_ptr, M_BITS, EXTRA, NONNEG).to(tl.uint8)
 
 
 @triton.jit
@@ -149,8 +189,8 @@ def sr_noise(seed, pid, NB: tl.constexpr, BLOCK: tl.constexpr):
     numbers, each split in two halves) per eight elements, counters unique over the whole launch."""
     Q: tl.constexpr = NB * BLOCK // 8
     r0, r1, r2, r3 = tl.randint4x(seed, pid * Q + tl.arange(0, Q))
-    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (4 * Q,))
-    halves = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (4 * Q,)).to(tl.uint32, bitcast=True)
+    halves = tl.join(words & 0xFFFF, words >> 16)  # logical shift: the top half
     return tl.reshape(halves, (NB, BLOCK)).to(tl.int32)
 
 
@@ -167,7 +207,6 @@ def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, s
 
 
 # ------------------------------------------------------------------------------------------- launching
-MAX_NUMEL = 2**31 - 1  # int32 offsets: larger tensors are refused here and routed to the reference
 TILE = 4096  # elements per program of the 8-bit kernels (several quantization blocks per program)
 ELEMS_PER_THREAD = 16
 
@@ -192,10 +231,14 @@ def store_kind(dtype: torch.dtype, device: torch.device) -> int:
     return 1 if dtype == torch.bfloat16 and torch.device(device).type == "cpu" else 0
 
 
-def check_numel(kernel: str, n: int) -> None:
-    if n > MAX_NUMEL:
-        raise ValueError(f"{kernel}: a tensor of {n} elements needs 64-bit offsets; the kernels take at most "
-                         f"{MAX_NUMEL} (the optimizers route larger tensors to the PyTorch reference)")
+def check_shape(kernel: str, shape: tuple) -> None:
+    """Refuse a tensor the kernels cannot take (``memopt.kernels.kernel_refusal``; the optimizers route such tensors
+    to the PyTorch reference before they get here)."""
+    from memopt.kernels import kernel_refusal
+
+    why = kernel_refusal(tuple(shape))
+    if why:
+        raise ValueError(f"{kernel}: {why}")
 
 
 def device_guard(t: Tensor):

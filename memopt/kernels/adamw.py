@@ -16,14 +16,13 @@ from memopt.kernels.quantize import check_blocksize, code_map
 
 @triton.jit
 def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, stable_ptr, smids_ptr, ucode_ptr,
-                       utable_ptr, umids_ptr, row_len, per_row, n_blocks, s_zero, u_zero, decay, beta1w, beta2,
-                       one_minus_beta2, inv_bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
-                       P_KIND: tl.constexpr, SR: tl.constexpr,
-                       S_BITS: tl.constexpr, S_EXTRA: tl.constexpr, U_BITS: tl.constexpr, U_EXTRA: tl.constexpr,
-                       NB: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                       COMPILED: tl.constexpr):
+                       utable_ptr, umids_ptr, row_len, per_row, inv_per_row, n_blocks, s_zero, u_zero, decay, beta1w,
+                       beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
+                       P_KIND: tl.constexpr, SR: tl.constexpr, S_BITS: tl.constexpr, S_EXTRA: tl.constexpr,
+                       U_BITS: tl.constexpr, U_EXTRA: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, COMPILED: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, n_blocks, NB, BLOCK, ROWS)
+    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, inv_per_row, n_blocks, NB, BLOCK, ROWS)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
     mi = tl.load(mc_ptr + offs, mask=mask, other=s_zero).to(tl.int32)  # masked lanes: m = v = 0 (and g = 0)
@@ -37,7 +36,7 @@ def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, 
     denom = tl.sqrt(v) * inv_bc2_sqrt + eps
     store_param_sr(p_ptr, offs, p + step_size * fast_div(m, denom, COMPILED), mask, P_KIND, SR, seed, pid, NB, BLOCK)
     m_codes, m_amax = quantize_tile(m, stable_ptr, smids_ptr, S_BITS, S_EXTRA)
-    v_codes, v_amax = quantize_tile(v, utable_ptr, umids_ptr, U_BITS, U_EXTRA)
+    v_codes, v_amax = quantize_tile(v, utable_ptr, umids_ptr, U_BITS, U_EXTRA, NONNEG=True)  # v >= +0
     tl.store(mc_ptr + offs, m_codes, mask=mask)
     tl.store(ma_ptr + blk, m_amax, mask=live)
     tl.store(vc_ptr + offs, v_codes, mask=mask)
@@ -54,8 +53,8 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
                       exp_avg_sq_absmax)
     n = param.numel()
-    n_blocks, row_len, per_row, rows = check_8bit_state(n, tuple(param.shape), blocksize, exp_avg_codes,
-                                                        exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    n_blocks, rows = check_8bit_state(n, tuple(param.shape), blocksize, exp_avg_codes, exp_avg_absmax,
+                                      exp_avg_sq_codes, exp_avg_sq_absmax)
     if n == 0:
         return
     s, u = code_map(signed_code, True, param.device), code_map(unsigned_code, False, param.device)
@@ -63,9 +62,10 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     with device_guard(param):
         _adamw_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
             param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-            s.code, s.table, s.mids, u.code, u.table, u.mids, row_len, per_row, n_blocks, s.zero, u.zero,
-            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**step), eps,
-            -lr / (1.0 - beta1**step), SIGN=-1.0 if maximize else 1.0, S_BITS=s.m_bits, S_EXTRA=s.extra,
-            U_BITS=u.m_bits, U_EXTRA=u.extra, BLOCK=blocksize, ROWS=rows, COMPILED=param.device.type != "cpu", **cfg,
+            s.code, s.table, s.mids, u.code, u.table, u.mids, n_blocks=n_blocks, s_zero=s.zero, u_zero=u.zero,
+            decay=1.0 - lr * weight_decay, beta1w=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+            inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step), eps=eps, step_size=-lr / (1.0 - beta1**step),
+            SIGN=-1.0 if maximize else 1.0, S_BITS=s.m_bits, S_EXTRA=s.extra, U_BITS=u.m_bits, U_EXTRA=u.extra,
+            BLOCK=blocksize, **rows, COMPILED=param.device.type != "cpu", **cfg,
             **param_store_args(param, stochastic_rounding),
         )

@@ -10,21 +10,25 @@ import triton.language as tl
 from torch import Tensor
 
 from memopt.functional.quantize import check_code_map, check_codes, default_code, kernel_code_table
-from memopt.kernels._common import (check_numel, device_guard, launch_config, quantize_tile, store_kind,
-                                    store_param, tile_offsets)
+from memopt.kernels._common import (check_shape, device_guard, encode_tile, launch_config, store_kind,
+                                    store_param, stored_absmax, tile_offsets)
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _quantize_blockwise_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, mids_ptr, n, n_blocks,
                                M_BITS: tl.constexpr, EXTRA: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, n_blocks, NB, BLOCK, False)
+    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, 1.0, n_blocks, NB, BLOCK, False)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    codes, amax = quantize_tile(x, table_ptr, mids_ptr, M_BITS, EXTRA)
-    # tl.max drops NaNs: flag a non-finite block through its absmax so the launcher can refuse it
-    n_bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1)
-    amax = tl.where(n_bad > 0, float("nan"), amax)
-    tl.store(codes_ptr + offs, codes, mask=mask)
+    # a maximum that keeps NaNs (compiled max drops them): a block with NaN or Inf gets a non-finite absmax, which
+    # the launcher refuses
+    amax = stored_absmax(tl.reduce(tl.abs(x), 1, _max_keeping_nan))
+    tl.store(codes_ptr + offs, encode_tile(x, amax, table_ptr, mids_ptr, M_BITS, EXTRA), mask=mask)
     tl.store(absmax_ptr + blk, amax, mask=live)
 
 
@@ -32,7 +36,7 @@ def _quantize_blockwise_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, mids_ptr
 def _dequantize_blockwise_kernel(codes_ptr, absmax_ptr, code_ptr, out_ptr, n, n_blocks, OUT_KIND: tl.constexpr,
                                  NB: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, n_blocks, NB, BLOCK, False)
+    offs, mask, blk, live = tile_offsets(pid, n, n_blocks, 1.0, n_blocks, NB, BLOCK, False)
     idx = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
     store_param(out_ptr, offs, tl.load(code_ptr + idx) * scale[:, None], mask, OUT_KIND)
@@ -89,7 +93,7 @@ def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int 
     n_blocks = -(-n // blocksize)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    check_numel("quantize_blockwise (triton)", n)
+    check_shape("quantize_blockwise (triton)", tuple(x.shape))
     if n:
         cm = code_map(code, True, x.device)
         cfg = launch_config(blocksize)
@@ -112,7 +116,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
         raise ValueError(f"dtype={dtype!r}: dequantize_blockwise (triton) writes fp32/bf16/fp16")
     n_blocks = -(-codes.numel() // blocksize)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-    check_numel("dequantize_blockwise (triton)", codes.numel())
+    check_shape("dequantize_blockwise (triton)", tuple(codes.shape))
     if codes.numel():
         cfg = launch_config(blocksize)
         with device_guard(codes):

@@ -9,12 +9,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import (KERNEL_FLOATS, check_8bit_state, check_update_args, device_guard,
+from memopt.kernels._common import (KERNEL_FLOATS, TILE, check_8bit_state, check_update_args, device_guard,
                                     launch_config, param_store_args, quantize_tile, store_kind, store_param,
                                     store_param_sr, tile_offsets, torch_lerp)
 from memopt.kernels.quantize import check_blocksize, code_map
 
-_FP32_BLOCK = 1024
 
 
 @triton.jit
@@ -36,11 +35,11 @@ def _sgdsai_kernel(p_ptr, g_ptr, m_ptr, n, alpha, decay, weight, seed, HAS_M: tl
 
 @triton.jit
 def _sgdsai_8bit_kernel(p_ptr, g_ptr, codes_ptr, absmax_ptr, code_ptr, table_ptr, mids_ptr, row_len, per_row,
-                        n_blocks, zero, alpha, decay, weight, seed, FIRST: tl.constexpr, P_KIND: tl.constexpr,
-                        SR: tl.constexpr, M_BITS: tl.constexpr, EXTRA: tl.constexpr, NB: tl.constexpr,
-                        BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                        inv_per_row, n_blocks, zero, alpha, decay, weight, seed, FIRST: tl.constexpr,
+                        P_KIND: tl.constexpr, SR: tl.constexpr, M_BITS: tl.constexpr, EXTRA: tl.constexpr,
+                        NB: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, n_blocks, NB, BLOCK, ROWS)
+    offs, mask, blk, live = tile_offsets(pid, row_len, per_row, inv_per_row, n_blocks, NB, BLOCK, ROWS)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FIRST:
@@ -68,10 +67,10 @@ def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor
     alpha = (lr * scale) if maximize else -(lr * scale)
     m = grad if momentum_buffer is None else momentum_buffer
     with device_guard(param):
-        _sgdsai_kernel[(triton.cdiv(n, _FP32_BLOCK),)](
+        _sgdsai_kernel[(triton.cdiv(n, TILE),)](
             param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum, HAS_M=momentum_buffer is not None,
-            FIRST=first_step, M_KIND=store_kind(m.dtype, m.device), NB=1, BLOCK=_FP32_BLOCK,
-            **param_store_args(param, stochastic_rounding),
+            FIRST=first_step and momentum_buffer is not None, M_KIND=store_kind(m.dtype, m.device), NB=1, BLOCK=TILE,
+            num_warps=launch_config(TILE)["num_warps"], **param_store_args(param, stochastic_rounding),
         )
 
 
@@ -84,7 +83,7 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     check_blocksize(blocksize)
     check_update_args("fused SGD-SaI", param, grad, codes, absmax)
     n = param.numel()
-    n_blocks, row_len, per_row, rows = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
+    n_blocks, rows = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
     if n == 0:
         return
     cm = code_map(code, True, param.device)
@@ -92,7 +91,7 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     cfg = launch_config(blocksize)
     with device_guard(param):
         _sgdsai_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
-            param, grad, codes, absmax, cm.code, cm.table, cm.mids, row_len, per_row, n_blocks, cm.zero, alpha,
-            1.0 - lr * weight_decay, 1.0 - momentum, FIRST=first_step, M_BITS=cm.m_bits, EXTRA=cm.extra,
-            BLOCK=blocksize, ROWS=rows, **cfg, **param_store_args(param, stochastic_rounding),
+            param, grad, codes, absmax, cm.code, cm.table, cm.mids, n_blocks=n_blocks, zero=cm.zero, alpha=alpha,
+            decay=1.0 - lr * weight_decay, weight=1.0 - momentum, FIRST=first_step, M_BITS=cm.m_bits, EXTRA=cm.extra,
+            BLOCK=blocksize, **rows, **cfg, **param_store_args(param, stochastic_rounding),
         )

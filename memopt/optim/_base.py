@@ -46,13 +46,14 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         self.__dict__.setdefault("_logged_paths", set())
         self.__dict__.setdefault("_known_params", {id(p) for g in self.param_groups for p in g["params"]})
 
-    def _use_triton(self, group: dict, p: Tensor, g: Tensor, kernel: str) -> bool:
+    def _use_triton(self, group: dict, p: Tensor, g: Tensor, kernel: str, eight_bit: bool = False) -> bool:
         """Whether this tensor's update runs the fused Triton kernel module ``kernel``. ``use_triton=None``
         (default): on CUDA when triton is installed and the kernels passed their first-use self-check;
         ``True``: required (CPU only under TRITON_INTERPRET=1), else RuntimeError; ``False``: the PyTorch
-        reference. Tensors the kernels do not take (fp64, non-contiguous) always use the reference. The choice
-        is logged once and counted in ``update_paths``."""
-        from memopt.kernels import kernel_usable, triton_status
+        reference. Tensors the kernels do not take (fp64, non-contiguous, too large for int32 offsets: see
+        ``memopt.kernels.kernel_refusal``; ``eight_bit``: the state is in 8-bit row blocks) always use the
+        reference. The choice is logged once and counted in ``update_paths``."""
+        from memopt.kernels import kernel_refusal, kernel_usable, triton_status
 
         flag = group["use_triton"]
         if flag is False:
@@ -70,6 +71,10 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                 ok, reason = False, "non-contiguous parameter or gradient"
             elif ok and (p.dtype not in _KERNEL_DTYPES or g.dtype != p.dtype or group.get("state_dtype") == "float64"):
                 ok, reason = False, f"the kernels take fp32/bf16/fp16 params, grads and state (got {p.dtype})"
+            elif ok:
+                why = kernel_refusal(tuple(p.shape), group["blocksize"] if eight_bit else None)
+                if why:
+                    ok, reason = False, why
         path = reason if ok else f"torch reference ({reason})"
         if path not in self._logged_paths:
             self._logged_paths.add(path)

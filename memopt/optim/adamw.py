@@ -112,7 +112,7 @@ class AdamW8bit(MemoptOptimizer):
         # on the local shards
         p, g = local(p), local(g)
         if "exp_avg_codes" in state:
-            fused = self._use_triton(group, p, g, "adamw")
+            fused = self._use_triton(group, p, g, "adamw", eight_bit=True)
             update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
             update(p, g, *(local(state[k]) for k in _CODES), step=state["step"], blocksize=group["blocksize"],
                    **common)

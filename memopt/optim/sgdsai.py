@@ -213,7 +213,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         state["step"] = state.get("step", 0) + 1
         u = normalized_gradient(g, group["eps"], clip=group["clip"]).to(g.dtype)
         scale = 1.0 / (1.0 - beta ** state["step"]) if beta != 0.0 else 1.0
-        fused = self._use_triton(group, p, u, "sgdsai")
+        fused = self._use_triton(group, p, u, "sgdsai", eight_bit="momentum_codes" in state)
         impl = load_kernels("sgdsai") if fused else _reference
         common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
                       maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
@@ -382,7 +382,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
                     state["started"] = True
                 if beta != 0.0 and first and self._wants_8bit(group, p):
                     self._create_state(group, p)  # zero codes: the first step writes m = g
-                fused = self._use_triton(group, p, g, "sgdsai")
+                fused = self._use_triton(group, p, g, "sgdsai", eight_bit="momentum_codes" in state)
                 if fused:
                     n_triton += 1
                     kernels = load_kernels("sgdsai")

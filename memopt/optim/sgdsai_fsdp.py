@@ -72,7 +72,7 @@ class ShardedSGDSaIMixin:
                 common = dict(lr=lr, scale=scale, momentum=beta, weight_decay=wd, first_step=first,
                               maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"])
                 lp, lg = local(p), local(g)
-                impl = self._shard_impl(group, lp, lg, paths)
+                impl = self._shard_impl(group, lp, lg, paths, "momentum_codes" in st)
                 if "momentum_codes" in st:  # 8-bit: the same row blocks as on one device, on the local rows
                     impl.sgdsai_update_8bit_(lp, lg, local(st["momentum_codes"]), local(st["momentum_absmax"]),
                                              blocksize=group["blocksize"], **common)
@@ -95,10 +95,10 @@ class ShardedSGDSaIMixin:
                                        stochastic_rounding=group["stochastic_rounding"])
         self._record_paths(*paths)
 
-    def _shard_impl(self, group: dict, lp, lg, paths: list):
+    def _shard_impl(self, group: dict, lp, lg, paths: list, eight_bit: bool):
         """The module whose update runs on a local shard: the Triton kernels where the single-device rules pick them
         (CUDA, triton installed, self-checked; ``use_triton``), else the PyTorch reference; counted in ``paths``."""
-        fused = self._use_triton(group, lp, lg, "sgdsai")
+        fused = self._use_triton(group, lp, lg, "sgdsai", eight_bit)
         paths[0 if fused else 1] += 1
         return load_kernels("sgdsai") if fused else _reference
 
@@ -122,7 +122,7 @@ class ShardedSGDSaIMixin:
             common = dict(lr=lr, scale=1.0 / (1.0 - beta ** st["step"]) if beta else 1.0, momentum=beta,
                           weight_decay=wd, maximize=group["maximize"], first_step=False,
                           stochastic_rounding=group["stochastic_rounding"])
-            impl = self._shard_impl(group, local(p), u, paths)
+            impl = self._shard_impl(group, local(p), u, paths, "momentum_codes" in st)
             if "momentum_codes" in st:
                 impl.sgdsai_update_8bit_(local(p), u, local(st["momentum_codes"]), local(st["momentum_absmax"]),
                                          blocksize=group["blocksize"], **common)
