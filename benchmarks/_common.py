@@ -22,6 +22,22 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+class RowWriter:
+    """Rows appended to a CSV as they come (flushed each time), so a crash or a timeout keeps every finished row.
+    The columns are fixed up front; a row lacking one leaves it empty."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path = Path(path).with_suffix(".csv")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fields = fields
+        with open(self.path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="raise").writerow(row)
+
+
 def _typed(value: str):
     for kind in (int, float):
         try:

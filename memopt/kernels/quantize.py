@@ -81,6 +81,21 @@ def code_map(code: Optional[Tensor], signed: bool, device: torch.device) -> Code
     return out
 
 
+def launch_quantize(x: Tensor, codes: Tensor, absmax: Tensor, code: Optional[Tensor], blocksize: int) -> None:
+    """The quantize kernel into preallocated ``codes`` / ``absmax`` (arguments checked by the caller), without the
+    finite check of :func:`quantize_blockwise` (which waits for the GPU): a block with NaN or Inf gets a
+    non-finite absmax."""
+    n = x.numel()
+    if n:
+        n_blocks = absmax.numel()
+        cm = code_map(code, True, x.device)
+        cfg = launch_config(blocksize)
+        with device_guard(x):
+            _quantize_blockwise_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
+                x, codes, absmax, cm.table, cm.mids, n, n_blocks, M_BITS=cm.m_bits, EXTRA=cm.extra,
+                BLOCK=blocksize, **cfg)
+
+
 def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int = 256) -> tuple[Tensor, Tensor]:
     """Triton twin of :func:`memopt.functional.quantize_blockwise` (nearest rounding)."""
     check_blocksize(blocksize)
@@ -89,19 +104,11 @@ def quantize_blockwise(x: Tensor, code: Optional[Tensor] = None, blocksize: int 
         raise ValueError(f"quantize_blockwise (triton) supports fp32/bf16/fp16, got {x.dtype}")
     if not x.is_contiguous():
         raise ValueError("quantize_blockwise (triton) needs a contiguous tensor")
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     check_shape("quantize_blockwise (triton)", tuple(x.shape))
-    if n:
-        cm = code_map(code, True, x.device)
-        cfg = launch_config(blocksize)
-        with device_guard(x):
-            _quantize_blockwise_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
-                x, codes, absmax, cm.table, cm.mids, n, n_blocks, M_BITS=cm.m_bits, EXTRA=cm.extra,
-                BLOCK=blocksize, **cfg)
-    if not torch.isfinite(absmax).all():
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-x.numel() // blocksize), dtype=torch.float32, device=x.device)
+    launch_quantize(x, codes, absmax, code, blocksize)
+    if not torch.isfinite(absmax).all():  # one host sync: a NaN/Inf input is refused
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
     return codes, absmax
 
