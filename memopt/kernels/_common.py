@@ -209,14 +209,19 @@ def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, s
 # ------------------------------------------------------------------------------------------- launching
 TILE = 4096  # elements per program of the 8-bit kernels (several quantization blocks per program)
 ELEMS_PER_THREAD = 16
+# Registers per thread, passed to ptxas (left alone it may aim for 32 and spill): 128 leave room for 16 warps per SM
+# (65536 / (128 x 32)); at 16 elements per thread that is over 80 KB of loads in flight per SM, above the ~30 KB
+# that hiding ~0.8 us of memory latency at 4.8 TB/s over 132 SMs takes
+MAX_REGISTERS = 128
 
 
 def launch_config(blocksize: int) -> dict:
     """Blocks per program (``NB``) and ``num_warps`` of the 8-bit kernels for a blocksize: a program holds
     ``max(TILE, blocksize)`` elements and its warps give each thread ``ELEMS_PER_THREAD`` of them, so the register
-    use per thread stays the same from blocksize 16 to 8192."""
+    use per thread stays the same from blocksize 16 to 8192; ``maxnreg``: the register budget given to ptxas."""
     elems = max(TILE, blocksize)
-    return {"NB": elems // blocksize, "num_warps": max(1, min(32, elems // (32 * ELEMS_PER_THREAD)))}
+    return {"NB": elems // blocksize, "num_warps": max(1, min(32, elems // (32 * ELEMS_PER_THREAD))),
+            "maxnreg": MAX_REGISTERS}
 
 
 def param_store_args(param: Tensor, stochastic_rounding: bool) -> dict:

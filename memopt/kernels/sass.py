@@ -35,10 +35,6 @@ BLOCKSIZES = tuple(2**k for k in range(4, 14))  # what check_blocksize accepts
 # 33.4e12 / (0.85 * 4.8e12) = 8.19 instructions per byte (H100, 3.35 TB/s: 11.7; A100: 19.5e12 / (0.85 * 2.04e12)
 # = 11.2). The H200 is the strictest.
 INSTRUCTIONS_PER_BYTE = 33.4e12 / (0.85 * 4.8e12)
-# Registers per thread: 128 leave room for 16 warps per SM (65536 / (128 x 32)); at 16 elements per thread that is
-# over 80 KB of loads in flight per SM, above the ~30 KB that hiding ~0.8 us of memory latency at 4.8 TB/s over
-# 132 SMs takes
-MAX_REGISTERS = 128
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 _PARAMS = ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False))
 
@@ -180,7 +176,10 @@ def compile_variant(v: Variant, arch: int) -> dict:
              if t.startswith("*") or n in ("n", "row_len")}
     src = ASTSource(fn, v.signature, constexprs={(names.index(k),): c for k, c in v.constexprs.items()},
                     attrs=attrs)
-    cubin = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps}).asm["cubin"]
+    from memopt.kernels._common import MAX_REGISTERS
+
+    options = {"num_warps": v.num_warps, "maxnreg": MAX_REGISTERS}  # what the launchers pass (launch_config)
+    cubin = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
@@ -194,10 +193,6 @@ def compile_variant(v: Variant, arch: int) -> dict:
             "bytes_per_element": round(v.bytes_per_element, 3), "budget": round(v.budget, 1)}
 
 
-def _without_interpreter() -> None:
-    os.environ.pop("TRITON_INTERPRET", None)
-
-
 def _compile_one(job: tuple) -> dict:
     return compile_variant(*job)
 
@@ -208,9 +203,13 @@ def compile_all(archs=ARCHS, workers: int = 0, only=None) -> list[dict]:
     import multiprocessing
 
     jobs = [(v, arch) for arch in archs for v in (variants() if only is None else only)]
-    with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1,
-                                                   initializer=_without_interpreter) as pool:
-        return pool.map(_compile_one, jobs, chunksize=8)
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers inherit the environment as they start
+    try:
+        with multiprocessing.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+            return pool.map(_compile_one, jobs, chunksize=8)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def main() -> None:

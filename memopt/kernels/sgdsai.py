@@ -66,11 +66,12 @@ def sgdsai_update_(param: Tensor, grad: Tensor, momentum_buffer: Optional[Tensor
         return
     alpha = (lr * scale) if maximize else -(lr * scale)
     m = grad if momentum_buffer is None else momentum_buffer
+    cfg = launch_config(TILE)
     with device_guard(param):
         _sgdsai_kernel[(triton.cdiv(n, TILE),)](
             param, grad, m, n, alpha, 1.0 - lr * weight_decay, 1.0 - momentum, HAS_M=momentum_buffer is not None,
             FIRST=first_step and momentum_buffer is not None, M_KIND=store_kind(m.dtype, m.device), NB=1, BLOCK=TILE,
-            num_warps=launch_config(TILE)["num_warps"], **param_store_args(param, stochastic_rounding),
+            num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"], **param_store_args(param, stochastic_rounding),
         )
 
 
