@@ -32,7 +32,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" with transformers)
 import torch  # noqa: E402
 
-from memopt.demo import CORPORA, DEFAULT_MODEL, qlora_config, resolve_model_path, text_splits  # noqa: E402
+from memopt.demo import (CORPORA, DEFAULT_MODEL, end_process_group, qlora_config, resolve_model_path,  # noqa: E402
+                         text_splits)
 
 # Recommended learning rates on this task: AdamW's for every AdamW-like optimizer (docs/sgdsai.md,
 # benchmarks/quality.py).
@@ -245,6 +246,7 @@ def main(argv=None):
         compare(args)
     else:
         run(args)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import memopt  # noqa: E402,F401  (registers optim="sgdsai" and the other memopt names with transformers)
 
-from memopt.demo import CORPORA, DEFAULT_MODEL, resolve_model_path  # noqa: E402
+from memopt.demo import CORPORA, DEFAULT_MODEL, end_process_group, resolve_model_path  # noqa: E402
 
 
 @dataclass
@@ -62,6 +62,7 @@ def main(argv=None):
         optim = getattr(config.optim, "value", config.optim)
         print(f"[sft_trl] optim={optim} steps={trainer.state.global_step} "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -115,3 +115,14 @@ def qlora_config(compute_dtype):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if a launcher started one, before the interpreter exits. Left to the
+    interpreter's teardown, gloo (CPU runs under ``accelerate launch``, torch 2.13) now and then aborts a rank
+    after the run has succeeded ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -89,11 +89,9 @@ def leave_distributed_run() -> None:
     import os
     import sys
 
-    import torch.distributed as dist
+    from memopt.demo import end_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
