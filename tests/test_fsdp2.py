@@ -49,13 +49,10 @@ def equal_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-# the *_triton cases compare against a one-device run of the kernels in the CPU interpreter (1-3 minutes each):
-# marked slow; the kernels' parity with the reference is in the default suite (tests/test_kernels_*.py)
 @pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored", "sgdsai_8bit",
                                   "sgdsai_8bit_gsnr_max", "memopt_adamw_8bit", "frugal_columns", "frugal_blocks",
-                                  "frugal_sgdsai_columns", "frugal_8bit_columns",
-                                  *(pytest.param(n, marks=pytest.mark.slow) for n in
-                                    ("sgdsai_8bit_triton", "sgdsai_gsnr_max_triton", "memopt_adamw_8bit_triton"))])
+                                  "frugal_sgdsai_columns", "frugal_8bit_columns", "sgdsai_8bit_triton",
+                                  "sgdsai_gsnr_max_triton", "memopt_adamw_8bit_triton"])
 def test_on_fsdp2_shards_equals_one_device(equal_run, name):
     # 8-bit state is in row blocks: the same blocks on shards as on one device, so the results agree to rounding
     out, results = equal_run
