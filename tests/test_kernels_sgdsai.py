@@ -96,3 +96,17 @@ def test_fused_8bit_row_blocks_across_programs(blocksize, shape):
     torch.testing.assert_close(a_t, a_r, atol=1e-7, rtol=1e-5)
     diff = (c_t.int() - c_r.int()).abs()
     assert diff.max() <= 1 and (diff != 0).float().mean() < 0.02
+
+
+def test_row_of_a_block_by_float_quotient_is_exact_below_the_limit():
+    """The kernels find a block's row as trunc((blk + 1/2) * fp32(1 / blocks_per_row)) (``tile_offsets``): equal
+    to blk // blocks_per_row for every block index below MAX_ROW_BLOCKS, for small, prime, power-of-two-adjacent
+    and large row widths (the fp32 arithmetic the kernels do, in torch)."""
+    from memopt.kernels import MAX_ROW_BLOCKS
+
+    blk = torch.arange(MAX_ROW_BLOCKS, dtype=torch.int32)
+    widths = [1, 2, 3, 5, 7, 43, 127, 255, 257, 1021, 4093, 65535, 65537, 1048573, MAX_ROW_BLOCKS - 1]
+    for per_row in widths:
+        inv = torch.tensor(1.0 / per_row, dtype=torch.float32)  # as the launcher passes it: a Python float to fp32
+        row = ((blk.float() + 0.5) * inv).to(torch.int32)
+        assert torch.equal(row, blk // per_row), per_row
