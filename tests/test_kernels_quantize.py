@@ -98,3 +98,21 @@ def test_reciprocal_refinement_is_correctly_rounded():
         r = r + r * (1.0 - a64 * r)
         r = r + r * (1.0 - a64 * r)
         assert torch.equal(r.float(), exact), ulps
+
+
+def test_a_code_map_without_zero_quantizes_but_the_fused_updates_refuse_it():
+    """quantize/dequantize take any valid map; the fused updates need the code 0.0 (their masked lanes load it)."""
+    from memopt.kernels import sgdsai as tri_sgdsai
+
+    code = torch.linspace(-1.0, 1.0, 256)  # 256 even steps: no exact 0.0
+    assert not bool((code == 0).any())
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(DEV)
+    c_ref, a_ref = ref.quantize_blockwise(x, code)
+    c_tri, a_tri = tri.quantize_blockwise(x, code)
+    assert torch.equal(a_tri, a_ref) and torch.equal(c_tri, c_ref)
+    assert torch.equal(tri.dequantize_blockwise(c_ref, a_ref, code), ref.dequantize_blockwise(c_ref, a_ref, code))
+    p, g = torch.randn(300, device=DEV), torch.randn(300, device=DEV)
+    with pytest.raises(ValueError, match="holding 0.0 exactly once"):
+        tri_sgdsai.sgdsai_update_8bit_(p, g, torch.zeros(300, dtype=torch.uint8, device=DEV),
+                                       torch.zeros(2, device=DEV), lr=0.1, scale=1.0, momentum=0.9,
+                                       weight_decay=0.0, code=code)

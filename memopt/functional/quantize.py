@@ -50,6 +50,10 @@ def default_code(signed: bool, device: torch.device) -> Tensor:
     return _MAPS[key]
 
 
+# The smallest stored absmax of a block that is not all zero: fp32's smallest normal number, 2^-126 (the kernels
+# read it too)
+MIN_ABSMAX = torch.finfo(torch.float32).tiny
+
 # A block is padded to its full size: a block of millions of elements is a mistake (and a huge allocation).
 MAX_BLOCKSIZE = 1 << 20
 
@@ -121,7 +125,7 @@ def quantize_blockwise(
         raise ValueError("quantize_blockwise: input has NaN or Inf values")
     # a block whose largest magnitude is below fp32's smallest normal number is stored against that number (its
     # reciprocal would overflow); an all-zero block keeps absmax 0
-    absmax = torch.where(absmax > 0, absmax.clamp(min=torch.finfo(torch.float32).tiny), absmax)
+    absmax = torch.where(absmax > 0, absmax.clamp(min=MIN_ABSMAX), absmax)
     # x times the block's correctly rounded reciprocal: one division per block, and every path (CPU, interpreter,
     # compiled kernels) gets the same fp32 value, so the same code, even next to a midpoint
     normed = (blocks * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]).clamp_(-1.0, 1.0)

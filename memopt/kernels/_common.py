@@ -11,6 +11,7 @@ from torch import Tensor
 from memopt.functional import quantize as _q
 
 KEY_EXP_LO = tl.constexpr(_q.KEY_EXP_LO)
+MIN_ABSMAX = tl.constexpr(_q.MIN_ABSMAX)
 
 KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -118,7 +119,7 @@ def quantize_tile(m, table_ptr, mids_ptr, M_BITS: tl.constexpr, EXTRA: tl.conste
 def stored_absmax(amax):
     """A block's largest magnitude as stored: at least fp32's smallest normal number unless the block is all zero
     (``memopt.functional.quantize.quantize_blockwise``); NaN stays NaN."""
-    return tl.where(amax > 0, tl.maximum(amax, 1.1754943508222875e-38), amax)
+    return tl.where(amax > 0, tl.maximum(amax, MIN_ABSMAX), amax)
 
 
 @triton.jit
@@ -197,7 +198,7 @@ def sr_noise(seed, pid, NB: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def store_param_sr(ptr, offs, x, mask, P_KIND: tl.constexpr, SR: tl.constexpr, seed, pid, NB: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """Parameter store of an ``(NB, BLOCK)`` tile; with SR (bf16 parameters only, ``sr_flag``), stochastic
+    """Parameter store of an ``(NB, BLOCK)`` tile; with SR (bf16 parameters only: ``param_store_args``), stochastic
     rounding: 16 random bits are added below the bf16 mantissa before truncation (unbiased in expectation)."""
     if SR:
         bits = x.to(tl.int32, bitcast=True) + sr_noise(seed, pid, NB, BLOCK)

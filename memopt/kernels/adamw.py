@@ -57,7 +57,8 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
                                       exp_avg_sq_codes, exp_avg_sq_absmax)
     if n == 0:
         return
-    s, u = code_map(signed_code, True, param.device), code_map(unsigned_code, False, param.device)
+    s = code_map(signed_code, True, param.device, needs_zero=True)
+    u = code_map(unsigned_code, False, param.device, needs_zero=True)
     cfg = launch_config(blocksize)
     with device_guard(param):
         _adamw_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](

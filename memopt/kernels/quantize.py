@@ -51,7 +51,8 @@ def check_blocksize(blocksize: int) -> None:
 class CodeMap(NamedTuple):
     """A code map as the kernels read it (all on the launch device): the 256 codes, the nearest-code table, the
     256 padded midpoints, the table's constexprs (``memopt.functional.quantize.kernel_code_table``), and the index
-    of the code 0.0 (the code a masked lane loads, so it dequantizes to exactly 0 and leaves the absmax alone)."""
+    of the code 0.0 (the code a masked lane of an update kernel loads, so it dequantizes to exactly 0 and leaves the
+    absmax alone; -1 where the map has none)."""
     code: Tensor
     table: Tensor
     mids: Tensor
@@ -63,19 +64,20 @@ class CodeMap(NamedTuple):
 _MAPS: dict = {}
 
 
-def code_map(code: Optional[Tensor], signed: bool, device: torch.device) -> CodeMap:
+def code_map(code: Optional[Tensor], signed: bool, device: torch.device, needs_zero: bool = False) -> CodeMap:
     """The kernels' form of ``code`` (``None``: the default signed or unsigned dynamic map) on ``device``. The
     default maps are built and copied once per device: a host-to-device copy per call would synchronise the host
-    on every tensor of every step."""
+    on every tensor of every step. ``needs_zero`` (the update kernels): refuse a map without the code 0.0."""
     key = (signed, str(device))
     if code is None and key in _MAPS:
         return _MAPS[key]
     base = default_code(signed, torch.device("cpu")) if code is None else code.detach().float().cpu()
     zeros = (base == 0).nonzero()
-    if zeros.numel() != 1:
-        raise ValueError("the Triton kernels need a code map holding 0.0 exactly once (masked lanes load it)")
+    if needs_zero and zeros.numel() != 1:
+        raise ValueError("the fused Triton updates need a code map holding 0.0 exactly once (masked lanes load it)")
     table, mids, m_bits, extra = kernel_code_table(base)
-    out = CodeMap(base.to(device).contiguous(), table.to(device), mids.to(device), m_bits, extra, int(zeros))
+    out = CodeMap(base.to(device).contiguous(), table.to(device), mids.to(device), m_bits, extra,
+                  int(zeros[0]) if zeros.numel() else -1)
     if code is None:
         _MAPS[key] = out
     return out
@@ -128,6 +130,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Optional[Tensor] =
         cfg = launch_config(blocksize)
         with device_guard(codes):
             _dequantize_blockwise_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
-                codes.contiguous(), absmax.float().contiguous(), code_map(code, True, codes.device).code, out,
+                codes.contiguous(), absmax.float().contiguous(),
+                default_code(True, codes.device) if code is None else code.to(codes.device).contiguous(), out,
                 codes.numel(), n_blocks, OUT_KIND=store_kind(dtype, codes.device), BLOCK=blocksize, **cfg)
     return out

@@ -87,7 +87,7 @@ def sgdsai_update_8bit_(param: Tensor, grad: Tensor, codes: Tensor, absmax: Tens
     n_blocks, rows = check_8bit_state(n, tuple(param.shape), blocksize, codes, absmax)
     if n == 0:
         return
-    cm = code_map(code, True, param.device)
+    cm = code_map(code, True, param.device, needs_zero=True)
     alpha = (lr * scale) if maximize else -(lr * scale)
     cfg = launch_config(blocksize)
     with device_guard(param):
