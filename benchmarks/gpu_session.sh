@@ -45,7 +45,8 @@ else:
     print("no CUDA device (dry run on CPU)")
 print("torch", torch.__version__, "triton", triton.__version__)
 PY
-TESTS=(tests/test_kernels_quantize.py tests/test_kernels_sgdsai.py tests/test_kernels_adamw.py tests/test_triton_dispatch.py)
+TESTS=(tests/test_kernels_quantize.py tests/test_kernels_sgdsai.py tests/test_kernels_adamw.py tests/test_triton_dispatch.py
+       tests/test_finite_flags.py)
 if [ -n "$DRY" ]; then
     step tests_1 120 python -m pytest -q -x -p no:cacheprovider "${TESTS[@]}" -k "257 or 300 or launches_go"
 else

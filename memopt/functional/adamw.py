@@ -9,6 +9,7 @@ from typing import Optional
 from torch import Tensor
 
 from memopt.functional.quantize import default_code, dequantize_rows, quantize_rows
+from memopt.functional.finite import skipped
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
 
@@ -80,10 +81,15 @@ def adamw_update_8bit_(
     signed_code: Optional[Tensor] = None,
     unsigned_code: Optional[Tensor] = None,
     stochastic_rounding: bool = False,
+    finite: Optional[Tensor] = None,
 ) -> None:
     """AdamW with both moments as blockwise 8-bit codes: ``exp_avg`` on the signed dynamic map,
     ``exp_avg_sq`` (non-negative) on the unsigned one. Dequantize to fp32, update, re-quantize against the new
-    block absmax (nearest code). Zero-initialised codes with absmax 0 dequantize to exact zeros (step 1)."""
+    block absmax (nearest code). Zero-initialised codes with absmax 0 dequantize to exact zeros (step 1).
+    ``finite``: ``None``, or a one-element bool tensor whose ``False`` leaves param and moments unchanged
+    (:mod:`memopt.functional.finite`)."""
+    if skipped(finite, param):
+        return
     signed_code = default_code(True, param.device) if signed_code is None else signed_code
     unsigned_code = default_code(False, param.device) if unsigned_code is None else unsigned_code
     cdt = compute_dtype(param.dtype)

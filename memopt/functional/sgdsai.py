@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from memopt.functional.finite import skipped
 from memopt.functional.rounding import write_param_
 
 # An all-equal gradient has std == 0 in exact arithmetic, but fp32 reductions leave a residue of about
@@ -148,6 +149,7 @@ def sgdsai_update_(
     maximize: bool = False,
     first_step: bool = False,
     stochastic_rounding: bool = False,
+    finite: Optional[Tensor] = None,
 ) -> None:
     """One SGD-SaI step of one tensor, in place.
 
@@ -162,7 +164,11 @@ def sgdsai_update_(
         maximize: ascend instead of descend. The buffer keeps the momentum of the raw gradient and the sign is
             applied to the update, which is exact (negation commutes with lerp) and needs no temporary.
         stochastic_rounding: round the bf16 parameter write stochastically (no effect on other dtypes).
+        finite: ``None``, or a one-element bool tensor: ``False`` leaves param and buffer unchanged
+            (:mod:`memopt.functional.finite`; the fused kernel reads it on the device).
     """
+    if skipped(finite, param):
+        return
     alpha = (lr * scale) if maximize else -(lr * scale)
     decay = 1.0 - lr * weight_decay
     same = param.dtype == compute_dtype(param.dtype) and grad.dtype == param.dtype
@@ -255,6 +261,7 @@ def sgdsai_update_8bit_(
     blocksize: int = 256,
     code: Optional[Tensor] = None,
     stochastic_rounding: bool = False,
+    finite: Optional[Tensor] = None,
 ) -> None:
     """:func:`sgdsai_update_` with the momentum held as blockwise 8-bit codes + one fp32 absmax per block (row
     blocks: :func:`memopt.functional.quantize.quantize_rows`).
@@ -262,9 +269,12 @@ def sgdsai_update_8bit_(
     Per tensor: dequantize the momentum to fp32, take the EMA with the fp32 gradient (``m = g`` on the first
     step), update the parameter with that fp32 momentum, then re-quantize it against the NEW block absmax
     (nearest code) into ``codes``/``absmax`` in place. The fused kernel does the same per block in registers.
-    ``grad`` must be finite (the optimizer skips non-finite tensors before calling this).
+    ``grad`` must be finite unless ``finite`` (as in :func:`sgdsai_update_`) says to skip the update.
     """
     from memopt.functional.quantize import dequantize_rows, quantize_rows
+
+    if skipped(finite, param):
+        return
 
     cdt = compute_dtype(param.dtype)
     g = grad.to(cdt)

@@ -9,6 +9,7 @@ from triton.language.extra import libdevice
 from torch import Tensor
 
 from memopt.functional import quantize as _q
+from memopt.functional.finite import check_finite_flag
 
 KEY_EXP_LO = tl.constexpr(_q.KEY_EXP_LO)
 MIN_ABSMAX = tl.constexpr(_q.MIN_ABSMAX)
@@ -245,6 +246,20 @@ def check_shape(kernel: str, shape: tuple) -> None:
     why = kernel_refusal(tuple(shape))
     if why:
         raise ValueError(f"{kernel}: {why}")
+
+
+_ALWAYS: dict = {}
+
+
+def finite_arg(finite, param: Tensor) -> Tensor:
+    """The ``ok_ptr`` argument of an update kernel: the caller's ``finite`` flag (checked), or a cached ``True`` on
+    the parameter's device. The kernel folds it into its masks, so a ``False`` flag writes nothing."""
+    check_finite_flag(finite, param)
+    if finite is not None:
+        return finite.reshape(())
+    if param.device not in _ALWAYS:
+        _ALWAYS[param.device] = torch.ones((), dtype=torch.bool, device=param.device)
+    return _ALWAYS[param.device]
 
 
 def device_guard(t: Tensor):

@@ -9,20 +9,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from memopt.kernels._common import (check_8bit_state, check_update_args, device_guard, launch_config,
+from memopt.kernels._common import (check_8bit_state, check_update_args, device_guard, finite_arg, launch_config,
                                     fast_div, param_store_args, quantize_tile, store_param_sr, tile_offsets, torch_lerp)
 from memopt.kernels.quantize import check_blocksize, code_map
 
 
 @triton.jit
-def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, scode_ptr, stable_ptr, smids_ptr, ucode_ptr,
-                       utable_ptr, umids_ptr, row_len, per_row, inv_per_row, n_blocks, s_zero, u_zero, decay, beta1w,
-                       beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
+def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, ok_ptr, scode_ptr, stable_ptr, smids_ptr,
+                       ucode_ptr, utable_ptr, umids_ptr, row_len, per_row, inv_per_row, n_blocks, s_zero, u_zero, decay,
+                       beta1w, beta2, one_minus_beta2, inv_bc2_sqrt, eps, step_size, seed, SIGN: tl.constexpr,
                        P_KIND: tl.constexpr, SR: tl.constexpr, S_BITS: tl.constexpr, S_EXTRA: tl.constexpr,
                        U_BITS: tl.constexpr, U_EXTRA: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr,
                        ROWS: tl.constexpr, COMPILED: tl.constexpr):
     pid = tl.program_id(0)
     offs, mask, blk, live = tile_offsets(pid, row_len, per_row, inv_per_row, n_blocks, NB, BLOCK, ROWS)
+    ok = tl.load(ok_ptr)  # a non-finite gradient (ok = False): nothing is written
+    mask = mask & ok
+    live = live & ok
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
     mi = tl.load(mc_ptr + offs, mask=mask, other=s_zero).to(tl.int32)  # masked lanes: m = v = 0 (and g = 0)
@@ -47,7 +50,8 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
                        exp_avg_sq_codes: Tensor, exp_avg_sq_absmax: Tensor, *, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
                        blocksize: int = 256, signed_code: Optional[Tensor] = None,
-                       unsigned_code: Optional[Tensor] = None, stochastic_rounding: bool = False) -> None:
+                       unsigned_code: Optional[Tensor] = None, stochastic_rounding: bool = False,
+                       finite: Optional[Tensor] = None) -> None:
     """Fused twin of :func:`memopt.functional.adamw.adamw_update_8bit_`."""
     check_blocksize(blocksize)
     check_update_args("fused AdamW-8bit", param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
@@ -62,7 +66,7 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     cfg = launch_config(blocksize)
     with device_guard(param):
         _adamw_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
-            param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+            param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, finite_arg(finite, param),
             s.code, s.table, s.mids, u.code, u.table, u.mids, n_blocks=n_blocks, s_zero=s.zero, u_zero=u.zero,
             decay=1.0 - lr * weight_decay, beta1w=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
             inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step), eps=eps, step_size=-lr / (1.0 - beta1**step),

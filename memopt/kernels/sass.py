@@ -71,7 +71,7 @@ def variants() -> tuple[Variant, ...]:
     out = []
     signed = quantize.code_map(None, True, torch.device("cpu"))
     unsigned = quantize.code_map(None, False, torch.device("cpu"))
-    tables = {"table_ptr": "*i64", "stable_ptr": "*i64", "utable_ptr": "*i64", "code_ptr": "*fp32",
+    tables = {"ok_ptr": "*i1", "table_ptr": "*i64", "stable_ptr": "*i64", "utable_ptr": "*i64", "code_ptr": "*fp32",
               "mids_ptr": "*fp32", "scode_ptr": "*fp32", "smids_ptr": "*fp32", "ucode_ptr": "*fp32",
               "umids_ptr": "*fp32"}
 
@@ -115,7 +115,7 @@ def variants() -> tuple[Variant, ...]:
     for dtype, sr in _PARAMS:
         for m_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
             for first in ((False,) if m_dtype is None else (False, True)):
-                types = {"p_ptr": _PTR[dtype], "g_ptr": _PTR[dtype], "m_ptr": _PTR[m_dtype or dtype],
+                types = {"p_ptr": _PTR[dtype], "g_ptr": _PTR[dtype], "m_ptr": _PTR[m_dtype or dtype], "ok_ptr": "*i1",
                          **_ints(("n", "seed"))}
                 moved = 3 * dtype.itemsize + (0 if m_dtype is None or first else 2 * m_dtype.itemsize)
                 add(sgdsai._sgdsai_kernel, f"{str(dtype)[6:]}{'+sr' if sr else ''} m={str(m_dtype)[6:]} "

@@ -13,8 +13,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from memopt.distributed import is_dtensor, row_sharded, rows_like
+from memopt.functional.finite import finite_flags
 from memopt.functional.quantize import row_blocked
-from memopt.functional.sgdsai import compute_dtype
 from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
                                   check_gradient)
 from memopt.optim._release import GradientReleaseMixin
@@ -32,7 +32,9 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
 
     def __init__(self, params, defaults: dict):
         self._validate_group(defaults)
-        self.nonfinite_skips = 0
+        self._skips = 0
+        self._pending: list = []  # device-side finite flags not read yet (_watch_flags)
+        self._generation = 0  # step() calls so far
         self.update_paths: dict[str, int] = {}
         self._logged_paths: set = set()
         self._init_release()
@@ -41,7 +43,9 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite_skips", 0)
+        self.__dict__.setdefault("_skips", self.__dict__.pop("nonfinite_skips", 0))
+        self.__dict__.setdefault("_pending", [])
+        self.__dict__.setdefault("_generation", 0)
         self.__dict__.setdefault("update_paths", {})
         self.__dict__.setdefault("_logged_paths", set())
         self.__dict__.setdefault("_known_params", {id(p) for g in self.param_groups for p in g["params"]})
@@ -155,21 +159,84 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape {tuple(p.shape)}")
         return g
 
+    # ------------------------------------------------------------------------------ non-finite gradients
+    @property
+    def nonfinite_skips(self) -> int:
+        """Tensors whose update was skipped for a non-finite gradient, over the optimizer's life (reading it waits
+        for the flags of the last step still on the device)."""
+        self._settle_skips()
+        return self._skips
+
     @staticmethod
     def _finite_mask(grads: list[Tensor]) -> list[bool]:
-        """One host sync per (device, dtype) for all gradients of a step: which tensors are entirely finite."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, g in enumerate(grads):
-            by_kind.setdefault((g.device, compute_dtype(g.dtype)), []).append(i)
+        """Which gradients are entirely finite, read on the host: one sync per (device, dtype) of ``grads``."""
         mask = [True] * len(grads)
-        for (_, dtype), idx in by_kind.items():
-            norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=dtype)
-            for i, ok in zip(idx, torch.isfinite(torch.stack(norms)).tolist()):
+        for flags, idx in finite_flags(grads):
+            for i, ok in zip(idx, flags.tolist()):
                 mask[i] = ok
         return mask
 
+    def _checked_on_device(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        """Whether ``p``'s gradient is checked on the device: its update takes the finite flag (a Triton kernel
+        reads it without a host sync) and skipping it needs no decision on the host but the step counter, which
+        :meth:`_settle_skips` puts back. ``False`` (default): checked on the host before the update."""
+        return False
+
+    def _device_flags(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Each gradient's finiteness as a one-element bool tensor on its device, without a host sync; the skips are
+        counted when the flags are read later (:meth:`_settle_skips`)."""
+        out: list = [None] * len(grads)
+        for flags, idx in finite_flags(grads):
+            for k, i in enumerate(idx):
+                out[i] = flags[k]
+            self._watch_flags(flags, [params[i] for i in idx])
+        return out
+
+    def _watch_flags(self, flags: Tensor, params: list[Tensor]) -> None:
+        event = None
+        if flags.device.type == "cuda":  # copied to the host behind the step's work; read once it has landed
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            with torch.cuda.device(flags.device):
+                event = torch.cuda.Event()
+                event.record()
+            flags = host
+        self._pending.append((self._generation, flags, params, event))
+
+    def _settle_skips(self, before: Optional[int] = None) -> None:
+        """Read the device-side flags of earlier steps (those of step() calls before ``before``; all if ``None``):
+        count the skipped tensors, log them, and take back the step count their skipped update advanced. Called at
+        the start of every step() and gradient-release hook (for the previous step's flags, which the device has
+        long finished), and before the state or the count is read."""
+        if not self._pending:
+            return
+        skipped, keep = [], []
+        for entry in self._pending:
+            generation, flags, params, event = entry
+            if before is not None and generation >= before:
+                keep.append(entry)
+                continue
+            if event is not None:
+                event.synchronize()
+            skipped += [p for p, ok in zip(params, flags.tolist()) if not ok]
+        self._pending = keep
+        for p in skipped:
+            state = self.state.get(p)
+            if state and isinstance(state.get("step"), int):
+                state["step"] -= 1
+        if skipped:
+            self._count_skips(len(skipped))
+
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """The group's (param, grad) pairs to update: grad present, non-empty, and finite if checked."""
+        """The group's (param, grad) pairs to update: grad present, non-empty, and finite if checked on the host."""
+        params, grads, _ = self._collect_flagged(group, on_device=False)
+        return params, grads
+
+    def _collect_flagged(self, group: dict, on_device: bool = True
+                         ) -> tuple[list[Tensor], list[Tensor], list[Optional[Tensor]]]:
+        """:meth:`_collect`, plus each tensor's device-side finite flag when ``on_device`` and
+        :meth:`_checked_on_device` say so (``None``: checked on the host, or not checked): the update must be
+        given it as ``finite=``."""
         params, grads = [], []
         for p in group["params"]:
             g = self._grad(p, group)
@@ -177,24 +244,33 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                 continue
             params.append(p)
             grads.append(g)
-        if group["check_finite"] and grads:
-            if is_dtensor(grads[0]):  # FSDP2 shards: each whole gradient's finiteness, agreed over the group
-                from memopt.distributed import finite_flags
+        flags: list = [None] * len(grads)
+        if not (group["check_finite"] and grads):
+            return params, grads, flags
+        if is_dtensor(grads[0]):  # FSDP2 shards: each whole gradient's finiteness, agreed over the group
+            from memopt.distributed import finite_flags as sharded_flags
 
-                mask = finite_flags(grads)
-            else:
-                mask = self._finite_mask(grads)
-            if not all(mask):
-                self._count_skips(mask.count(False))
-                params = [p for p, ok in zip(params, mask) if ok]
-                grads = [g for g, ok in zip(grads, mask) if ok]
-        return params, grads
+            mask = sharded_flags(grads)
+        else:
+            device = [i for i, (p, g) in enumerate(zip(params, grads))
+                      if on_device and self._checked_on_device(group, p, g)]
+            for i, flag in zip(device, self._device_flags([params[i] for i in device], [grads[i] for i in device])):
+                flags[i] = flag
+            on_host = [i for i in range(len(grads)) if flags[i] is None]
+            mask = [True] * len(grads)
+            for i, ok in zip(on_host, self._finite_mask([grads[i] for i in on_host]) if on_host else []):
+                mask[i] = ok
+        if not all(mask):
+            self._count_skips(mask.count(False))
+            params, grads, flags = (list(x) for x in zip(*[(p, g, f) for p, g, f, ok in zip(params, grads, flags, mask)
+                                                            if ok])) if any(mask) else ([], [], [])
+        return params, grads, flags
 
     def _count_skips(self, skipped: int) -> None:
-        self.nonfinite_skips += skipped
+        self._skips += skipped
         logger.warning(
-            "%s: skipped %d tensor(s) with non-finite gradients this step (param and state unchanged; "
-            "%d skips in total)", type(self).__name__, skipped, self.nonfinite_skips,
+            "%s: skipped %d tensor(s) with non-finite gradients (param and state unchanged; %d skips in total)",
+            type(self).__name__, skipped, self._skips,
         )
 
     @staticmethod
@@ -233,6 +309,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._layout(group).items()) + ")"
 
     def state_dict(self) -> dict:
+        self._settle_skips()
         out = super().state_dict()
         for saved, group in zip(out["param_groups"], self.param_groups):
             saved[self.ALGORITHM_KEY] = self._describe(group)
@@ -298,6 +375,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         come from the checkpoint.
         """
         name = type(self).__name__
+        self._settle_skips()
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")

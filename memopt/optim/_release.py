@@ -112,9 +112,10 @@ class GradientReleaseMixin:
     def _supports_release(self) -> bool:
         return False
 
-    def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
-        """Update ``p`` from its finite gradient ``g`` inside backward; return True to keep ``p.grad`` for
-        ``step()`` instead of freeing it. Counts the update path in ``self._release_paths``."""
+    def _release_update(self, group: dict, p: Tensor, g: Tensor, finite: Optional[Tensor]) -> bool:
+        """Update ``p`` from its gradient ``g`` inside backward (finite, or ``finite`` is its device-side flag, to
+        pass to the update); return True to keep ``p.grad`` for ``step()`` instead of freeing it. Counts the update
+        path in ``self._release_paths``."""
         raise NotImplementedError
 
     def _group_of(self, p: Tensor) -> dict:
@@ -134,18 +135,25 @@ class GradientReleaseMixin:
                 "accumulate gradients: set gradient_accumulation_steps=1 (use a larger per-device batch instead)"
             )
         _refuse_distributed_release()
+        self._settle_skips(before=self._generation)  # the previous step's flags, before a step count is used
         group = self._group_of(p)
         self.max_released_grad_bytes = max(self.max_released_grad_bytes, g.numel() * g.element_size())
         keep = False
         if p.numel():
-            if group["check_finite"] and not self._finite_mask([g])[0]:
-                self._count_skips(1)
+            # no host sync for a tensor checked on the device (its kernel reads the flag); one for any other
+            if not group["check_finite"]:
+                keep = self._release_update(group, p, g, None)
+            elif self._checked_on_device(group, p, g):
+                keep = self._release_update(group, p, g, self._device_flags([p], [g])[0])
+            elif self._finite_mask([g])[0]:
+                keep = self._release_update(group, p, g, None)
             else:
-                keep = self._release_update(group, p, g)
+                self._count_skips(1)
         if not keep:
             p.grad = None
 
     def _finish_release_step(self, n_triton: int, n_torch: int) -> None:
-        """Called by ``step()``: the update paths of this step, released tensors included."""
+        """Called at the end of ``step()``: the update paths of this step, released tensors included."""
         self._record_paths(n_triton + self._release_paths[0], n_torch + self._release_paths[1])
         self._release_paths = [0, 0]
+        self._generation += 1

@@ -94,12 +94,18 @@ class AdamW8bit(MemoptOptimizer):
     def _supports_release(self) -> bool:
         return True
 
-    def _release_update(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
-        self._release_paths[0 if self._update_one(group, p, g) else 1] += 1
+    def _release_update(self, group: dict, p: torch.Tensor, g: torch.Tensor, finite) -> bool:
+        self._release_paths[0 if self._update_one(group, p, g, finite) else 1] += 1
         return False
 
-    def _update_one(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
-        """One tensor's AdamW step; returns whether the fused kernel ran."""
+    def _checked_on_device(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
+        # 8-bit tensors on the fused kernel: a skipped update changes nothing but the step count (put back later)
+        return (not is_dtensor(p) and "exp_avg_codes" in self.state_layout(group, p)
+                and self._use_triton(group, p, g, "adamw", eight_bit=True))
+
+    def _update_one(self, group: dict, p: torch.Tensor, g: torch.Tensor, finite=None) -> bool:
+        """One tensor's AdamW step; returns whether the fused kernel ran. ``finite``: the gradient's device-side
+        flag (:meth:`_checked_on_device`), or ``None`` when it was checked on the host."""
         beta1, beta2 = group["betas"]
         common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                       maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"])
@@ -115,8 +121,10 @@ class AdamW8bit(MemoptOptimizer):
             fused = self._use_triton(group, p, g, "adamw", eight_bit=True)
             update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
             update(p, g, *(local(state[k]) for k in _CODES), step=state["step"], blocksize=group["blocksize"],
-                   **common)
+                   finite=finite, **common)
             return fused
+        if finite is not None and not bool(finite):
+            return False
         adamw_update_(p, g, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], **common)
         return False
 
@@ -141,11 +149,12 @@ class AdamW8bit(MemoptOptimizer):
             if self.gradient_release:
                 raise RuntimeError("gradient release is not supported with FSDP2 parameters")
             self.init_state()
+        self._settle_skips(before=self._generation)  # the previous step's flags, before a step count is used
         n_triton = n_torch = 0
         for group in self.param_groups:
-            params, grads = self._collect(group)
-            for p, g in zip(params, grads):
-                fused = self._update_one(group, p, g)
+            params, grads, flags = self._collect_flagged(group)
+            for p, g, finite in zip(params, grads, flags):
+                fused = self._update_one(group, p, g, finite)
                 n_triton += fused
                 n_torch += not fused
             if self.gradient_release:

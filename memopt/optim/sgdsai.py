@@ -91,8 +91,10 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             keep full-precision state under ``state_bits=8``). Update math is fp32.
         check_finite: skip the update of any tensor whose gradient has a NaN/Inf (param and state are left
             unchanged, a warning is logged and ``nonfinite_skips`` counts it). Costs one extra read of the
-            gradients and one host sync per step. With ``False``, non-finite gradients propagate into params and
-            state (only the g-SNR is protected: a non-finite gradient never sets it).
+            gradients; on the fused kernels past a tensor's first step the check stays on the device and the skip is
+            counted at the next step, otherwise one host sync per group and dtype (docs/reliability.md). With
+            ``False``, non-finite gradients propagate into params and state (only the g-SNR is protected: a
+            non-finite gradient never sets it).
 
         state_bits: ``8`` holds the momentum as blockwise 8-bit codes (uint8) + one fp32 absmax per block of
             ``blocksize`` elements (1.0156 B/param at 256) for tensors with at least ``min_8bit_size`` (4096)
@@ -199,10 +201,11 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         # normalised gradient, so a checkpoint cannot move between the two families
         return {**super()._layout(group), "buffer": "normalized" if group["scale"] == "factored" else "gradient"}
 
-    def _factored_update(self, group: dict, p: Tensor, g: Tensor) -> Optional[bool]:
+    def _factored_update(self, group: dict, p: Tensor, g: Tensor, finite: Optional[Tensor] = None) -> Optional[bool]:
         """One tensor's ``scale="factored"`` step: ``u = normalized_gradient(g)``, ``m ← β m + (1 − β) u`` (m starts
         at 0), ``θ ← θ(1 − lr·λ) − lr · m / (1 − β^t)``. Returns whether the fused kernel ran, or ``None`` when the
-        tensor still waits for its first non-zero gradient (then only the decay applies, as for a deferred g-SNR)."""
+        tensor still waits for its first non-zero gradient (then only the decay applies, as for a deferred g-SNR).
+        ``finite``: the gradient's device-side flag (:meth:`_checked_on_device`), or ``None``."""
         state, beta = self.state[p], group["momentum"]
         if not state.get("step"):
             if not bool(g.detach().abs().amax() > 0):  # one host sync, at a tensor's first steps only
@@ -216,7 +219,8 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         fused = self._use_triton(group, p, u, "sgdsai", eight_bit="momentum_codes" in state)
         impl = load_kernels("sgdsai") if fused else _reference
         common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
-                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
+                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False,
+                      finite=finite)
         if "momentum_codes" in state:
             impl.sgdsai_update_8bit_(p, u, state["momentum_codes"], state["momentum_absmax"],
                                      blocksize=group["blocksize"], **common)
@@ -290,10 +294,24 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         else:
             state["momentum_buffer"].copy_(g)
 
-    def _release_update(self, group: dict, p: Tensor, g: Tensor) -> bool:
+    def _checked_on_device(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        # Tensors past their first step on the fused kernel: a skipped update then changes nothing on the host but
+        # the step count (put back later). A first step (scale, buffer, start) is decided on the host.
+        if is_dtensor(p):
+            return False
+        state = self.state[p]
+        if group["scale"] == "factored":
+            steady = bool(state.get("step"))
+        else:
+            has_buffer = "momentum_buffer" in state or "momentum_codes" in state
+            scale_known = group["scale"] == "sqrt_numel" or bool(state.get("gsnr"))
+            steady = scale_known and (group["momentum"] == 0.0 or state.get("started", has_buffer))
+        return steady and self._use_triton(group, p, g, "sgdsai", eight_bit="momentum_codes" in state)
+
+    def _release_update(self, group: dict, p: Tensor, g: Tensor, finite: Optional[Tensor]) -> bool:
         state = self.state[p]
         if group["scale"] == "factored":  # per-tensor statistics only: the update can happen right here
-            fused = self._factored_update(group, p, g)
+            fused = self._factored_update(group, p, g, finite)
             if fused is not None:
                 self._release_paths[0 if fused else 1] += 1
             return False
@@ -310,7 +328,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             self._new_momentum(group, p, g)
             self._deferred.append(p)
             return False
-        fused = self._update_work([(group, [p], [g])], self._running_gsnr_max())
+        fused = self._update_work([(group, [p], [g], [finite])], self._running_gsnr_max())
         self._release_paths[0] += fused[0]
         self._release_paths[1] += fused[1]
         return False
@@ -337,36 +355,39 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         if any(is_dtensor(p) for group in self.param_groups for p in group["params"]):
             self._step_sharded()
             return loss
+        self._settle_skips(before=self._generation)  # the previous step's flags, before a step count is used
         if self._deferred:
             self._apply_deferred()
 
-        # Pass 1: collect work, drop non-finite gradients, record missing g-SNRs (before the max is taken).
+        # Pass 1: collect work, drop non-finite gradients (flag them, past a tensor's first step on the fused
+        # kernel), record missing g-SNRs (before the max is taken).
         work = []
         for group in self.param_groups:
-            params, grads = self._collect(group)
+            params, grads, flags = self._collect_flagged(group)
             for p, g in zip(params, grads):
                 self._record_gsnr(group, p, g)
-            work.append((group, params, grads))
+            work.append((group, params, grads, flags))
         # Pass 2: the update.
         n_triton, n_torch = self._update_work(work, self._running_gsnr_max())
         self._finish_release_step(n_triton, n_torch)
         if self.gradient_release:  # gradients kept by the hooks (first step with momentum 0) are done now
-            for _, params, _ in work:
+            for _, params, _, _ in work:
                 for p in params:
                     p.grad = None
         return loss
 
     def _update_work(self, work: list, gsnr_max: float) -> tuple[int, int]:
-        """Update every ``(group, params, grads)`` of ``work``; returns the (Triton, torch) tensor counts."""
+        """Update every ``(group, params, grads, finite flags)`` of ``work``; returns the (Triton, torch) tensor
+        counts."""
         n_triton = n_torch = 0
-        for group, params, grads in work:
+        for group, params, grads, flags in work:
             lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
             common = dict(lr=lr, momentum=beta, weight_decay=wd, maximize=group["maximize"],
                           stochastic_rounding=group["stochastic_rounding"])
             active_p, active_g, bufs, scales, firsts = [], [], [], [], []
-            for p, g in zip(params, grads):
+            for p, g, finite in zip(params, grads, flags):
                 if group["scale"] == "factored":
-                    fused = self._factored_update(group, p, g)
+                    fused = self._factored_update(group, p, g, finite)
                     n_triton += bool(fused)
                     n_torch += fused is False
                     continue
@@ -391,14 +412,14 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
                 if "momentum_codes" in state:
                     (kernels if fused else _reference).sgdsai_update_8bit_(
                         p, g, state["momentum_codes"], state["momentum_absmax"], scale=scale, first_step=first,
-                        blocksize=group["blocksize"], **common,
+                        blocksize=group["blocksize"], finite=finite, **common,
                     )
                     continue
                 if beta != 0.0 and first:
                     self._create_state(group, p)["momentum_buffer"].copy_(g)
-                if fused:
-                    kernels.sgdsai_update_(p, g, state.get("momentum_buffer"), scale=scale, first_step=first,
-                                           **common)
+                if fused or finite is not None:  # a flagged tensor takes its own update, which reads the flag
+                    (kernels if fused else _reference).sgdsai_update_(
+                        p, g, state.get("momentum_buffer"), scale=scale, first_step=first, finite=finite, **common)
                     continue
                 if beta != 0.0:
                     bufs.append(state["momentum_buffer"])
