@@ -166,9 +166,8 @@ def test_a_skip_on_the_device_equals_no_gradient(name, release, monkeypatch):
     a, oa, snap = _train(name, release, bad=True, log=log)
     monkeypatch.undo()
     b, ob, snap_b = _train(name, release, bad=False)
-    # past its first steps, the first tensor (on the kernel) is never checked on the host
-    host = [shapes for shapes in log[log.index(BAD_STEP):] if isinstance(shapes, list)]
-    assert not any(SHAPES[0] in shapes for shapes in host)
+    # past their first steps no tensor is checked on the host (AdamW's small 32-bit tensor neither)
+    assert [shapes for shapes in log[log.index(BAD_STEP):] if isinstance(shapes, list)] == []
     for x, y in zip(snap["before"], snap["after"]):
         assert torch.equal(x, y)  # the skipped update wrote nothing
     _same_state(snap["saved"], snap_b["saved"])  # saved with the step count of the skipped update taken back
@@ -184,11 +183,12 @@ def _same_state(x: dict, y: dict) -> None:
         assert torch.equal(v, y[k]) if isinstance(v, torch.Tensor) else v == y[k], k
 
 
-def test_a_steady_kernel_step_reads_nothing_on_the_host_but_the_last_steps_flags(monkeypatch):
+@pytest.mark.parametrize("name", ["factored_8bit", "adamw_8bit"])
+def test_a_steady_kernel_step_reads_nothing_on_the_host_but_the_last_steps_flags(name, monkeypatch):
     """On the kernel path, step() past the first steps reads one flag tensor per (device, dtype) of the previous
     step, and no value of this step: on a GPU nothing in it waits for the device."""
     params = [torch.nn.Parameter(torch.randn(s).to(DEV)) for s in SHAPES]
-    opt = SGDSaI(params, lr=1e-2, state_bits=8, min_8bit_size=256, use_triton=True, stochastic_rounding=False)
+    opt = MAKERS[name](params, False)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)

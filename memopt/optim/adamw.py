@@ -99,9 +99,11 @@ class AdamW8bit(MemoptOptimizer):
         return False
 
     def _checked_on_device(self, group: dict, p: torch.Tensor, g: torch.Tensor) -> bool:
-        # 8-bit tensors on the fused kernel: a skipped update changes nothing but the step count (put back later)
-        return (not is_dtensor(p) and "exp_avg_codes" in self.state_layout(group, p)
-                and self._use_triton(group, p, g, "adamw", eight_bit=True))
+        # Where the fused kernels run (a GPU): a skipped update changes nothing but the step count (put back later).
+        # 8-bit tensors take the kernel, which reads the flag; the 32-bit ones (small tensors) keep the result of
+        # the PyTorch update where the flag is true (see _update_one).
+        eight = "exp_avg_codes" in self.state_layout(group, p)
+        return not is_dtensor(p) and self._use_triton(group, p, g, "adamw", eight_bit=eight)
 
     def _update_one(self, group: dict, p: torch.Tensor, g: torch.Tensor, finite=None) -> bool:
         """One tensor's AdamW step; returns whether the fused kernel ran. ``finite``: the gradient's device-side
@@ -123,9 +125,16 @@ class AdamW8bit(MemoptOptimizer):
             update(p, g, *(local(state[k]) for k in _CODES), step=state["step"], blocksize=group["blocksize"],
                    finite=finite, **common)
             return fused
-        if finite is not None and not bool(finite):
+        m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        if finite is None:
+            adamw_update_(p, g, m, v, step=state["step"], **common)
             return False
-        adamw_update_(p, g, local(state["exp_avg"]), local(state["exp_avg_sq"]), step=state["step"], **common)
+        # checked on the device: update copies and keep them where the flag is true, without reading it on the host
+        # (a small tensor: 32-bit state is for tensors below min_8bit_size or marked to keep it)
+        new = [t.clone() for t in (p, m, v)]
+        adamw_update_(*new[:1], g, *new[1:], step=state["step"], **common)
+        for old, value in zip((p, m, v), new):
+            old.copy_(torch.where(finite, value, old))
         return False
 
     def _dtensor_refusal(self, group: dict) -> Optional[str]:
