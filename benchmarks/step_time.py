@@ -4,8 +4,9 @@ Question: on the demo model's real parameter set (SmolLM2-135M, 134.5M params in
 does one ``step()`` of each optimizer take, how much state does it hold, and how close does it come to the memory
 bandwidth that torch's fused AdamW reaches? Every optimizer is built as the Trainer's ``optim=`` route builds it
 (its own parameter groups: projection targets, 32-bit embeddings under 8-bit state) with its default settings and
-weight decay 0, on one shared set of parameters and fixed random gradients; all run in one process, interleaved
-round-robin so drift affects all alike; medians of ``--rounds`` x ``--steps`` after one untimed step.
+weight decay 0 (bitsandbytes: 32-bit embedding state, as the Trainer sets it), on one shared set of parameters and
+fixed random gradients; all run in one process, interleaved round-robin so drift affects all alike; medians of
+``--rounds`` x ``--steps`` after one untimed step.
 
 ``bytes_per_param`` is the least traffic a step needs: read the parameter and the gradient, write the parameter,
 read and write the state (3 x 4 B + 2 x state bytes per param for fp32); ``GBps`` is that over the step time, and
@@ -22,6 +23,7 @@ import gc
 import platform
 import statistics
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +50,12 @@ def _torch_and_bnb() -> dict:
             kwargs = dict(lr=1e-3, weight_decay=0.0)
             if cls == "SGD8bit":
                 kwargs["momentum"] = 0.9
-            return getattr(bnb.optim, cls)(params(model), **kwargs)
+            opt = getattr(bnb.optim, cls)(params(model), **kwargs)
+            manager = bnb.optim.GlobalOptimManager.get_instance()  # embeddings keep 32-bit state, as the Trainer does
+            for module in model.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    manager.register_module_override(module, "weight", {"optim_bits": 32})
+            return opt
         return make
 
     return {
@@ -66,7 +73,8 @@ def _memopt(name: str):
     def make(model):
         from memopt.integrations.transformers import param_groups_for
 
-        groups = [{**g, "weight_decay": 0.0} for g in param_groups_for(name, model)]
+        args = types.SimpleNamespace(weight_decay=0.0, optim_target_modules=None)  # what the groups read
+        groups = [{**g, "weight_decay": 0.0} for g in param_groups_for(name, model, args)]
         return memopt.create_optimizer(name, groups)
     return make
 

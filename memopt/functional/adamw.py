@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from memopt.functional.quantize import default_code, dequantize_rows, quantize_rows
+from memopt.functional.quantize import default_code, dequantize_rows, in_row_pieces, quantize_rows
 from memopt.functional.finite import skipped
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
@@ -89,6 +89,11 @@ def adamw_update_8bit_(
     ``finite``: ``None``, or a one-element bool tensor whose ``False`` leaves param and moments unchanged
     (:mod:`memopt.functional.finite`)."""
     if skipped(finite, param):
+        return
+    if in_row_pieces(adamw_update_8bit_, param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
+                     exp_avg_sq_absmax, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                     step=step, maximize=maximize, blocksize=blocksize, signed_code=signed_code,
+                     unsigned_code=unsigned_code, stochastic_rounding=stochastic_rounding):
         return
     signed_code = default_code(True, param.device) if signed_code is None else signed_code
     unsigned_code = default_code(False, param.device) if unsigned_code is None else unsigned_code

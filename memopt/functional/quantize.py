@@ -252,10 +252,16 @@ def _nearest_code_cpu(normed: Tensor, code: Tensor) -> Tensor:
     """:func:`torch.bucketize` of fp32 ``normed`` against the code midpoints, exactly, by a 65536-entry table on
     the value's top 16 bits plus at most ``extra`` compare-and-step passes (3x faster than bucketize on CPU)."""
     low, padded, extra = _midpoint_lut(code)
-    idx = low[(normed.view(torch.int32) >> 16) & 0xFFFF]  # int32 indices: half the memory traffic of int64
+    idx = _lookup(low, (normed.view(torch.int32) >> 16) & 0xFFFF)  # int32 indices: half the traffic of int64
     for _ in range(extra):
-        idx += padded[idx] < normed
+        idx += _lookup(padded, idx) < normed
     return idx
+
+
+def _lookup(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[idx]`` for a 1-D table: ``index_select`` on the flattened indices, 2-4x faster than advanced indexing on
+    CPU (which converts int32 indices to int64 first) and the same values."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
 
 
 def _stochastic_round(normed: Tensor, code: Tensor, nearest: Tensor, generator) -> Tensor:
@@ -297,7 +303,7 @@ def dequantize_blockwise(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
     code = default_code(True, codes.device) if code is None else code.to(device=codes.device)
-    values = _blocks(code[codes.reshape(-1).long()], blocksize) * absmax.float()[:, None]
+    values = _blocks(_lookup(code, codes.reshape(-1).int()), blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
 
 
@@ -359,6 +365,39 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, code: Optional[Tensor] = None
     padded = torch.nn.functional.pad(codes.reshape(rows, length), (0, per_row * blocksize - length))
     out = dequantize_blockwise(padded, absmax.reshape(-1), code, blocksize, dtype)
     return out[:, :length].reshape(shape)
+
+
+# Large tensors are updated in pieces of whole rows of at most this many elements: the temporaries of a piece stay
+# in the CPU's caches and are reused by the allocator, where whole-tensor temporaries cost a page fault per 4 KB
+# (measured 3-7x faster for a 28M-element tensor on CPU). Every piece is a whole number of row blocks, so the result
+# is the same as in one piece.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def row_ranges(shape: tuple) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` cutting a tensor of ``shape`` (``shape[0]`` rows) into pieces of at most
+    ``CHUNK_ELEMENTS`` elements, at least one row each."""
+    rows = shape[0] if shape else 1
+    length = math.prod(shape) // rows if rows else 0
+    step = max(1, CHUNK_ELEMENTS // max(length, 1))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def in_row_pieces(update, *tensors: Tensor, **kwargs) -> bool:
+    """Run ``update(*pieces, **kwargs)`` on pieces of whole rows (:func:`row_ranges`) of ``tensors`` (a parameter,
+    its gradient, and its 8-bit state in row blocks of ``kwargs["blocksize"]``: codes and block maxima have one row
+    per parameter row) when the parameter is larger than one piece; returns whether it did (``False``: the caller
+    updates it whole). Contiguous row-blocked tensors only."""
+    shape = tuple(tensors[0].shape)
+    if math.prod(shape) <= CHUNK_ELEMENTS or not row_blocked(shape, kwargs["blocksize"]) or \
+            not all(t.is_contiguous() for t in tensors):
+        return False
+    for t in tensors[2:]:  # corrupt block maxima raise before any piece is written (as they do in one piece)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("the 8-bit state holds NaN or Inf block maxima: it is corrupt")
+    for r0, r1 in row_ranges(shape):
+        update(*(t[r0:r1] for t in tensors), **kwargs)
+    return True
 
 
 def layout_8bit(key: str, shape: tuple, blocksize: int) -> dict:

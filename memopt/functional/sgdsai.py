@@ -71,6 +71,36 @@ def gsnr(grad: Tensor, eps: float = 1e-8) -> Optional[float]:
 _TINY = 1e-30
 
 
+def factored_scales(grad: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tensor]:
+    """The factors of :func:`normalized_gradient`'s RMS estimate ``d_ij = r_i · c_j`` of a tensor of two or more
+    dimensions viewed as ``rows × rest``: ``r = sqrt(R_i)`` shaped ``(rows, 1)`` and ``c = sqrt(C_j / M)`` shaped
+    ``(1, rest)``, in fp32 (fp64 for fp64). The sums of squares are taken in pieces of whole rows
+    (:func:`memopt.functional.quantize.row_ranges`), so no temporary is as large as the gradient."""
+    from memopt.functional.quantize import row_ranges
+
+    cdt = compute_dtype(grad.dtype)
+    g2 = grad.detach().reshape(grad.shape[0], -1)
+    rows, cols = g2.shape
+    row_ss = torch.empty(rows, dtype=cdt, device=g2.device)
+    col_ss = torch.zeros(cols, dtype=cdt, device=g2.device)
+    for r0, r1 in row_ranges((rows, cols)):
+        sq = g2[r0:r1].to(cdt).square()
+        torch.sum(sq, 1, out=row_ss[r0:r1])
+        col_ss.add_(sq.sum(0))
+    if reduce_columns is not None:
+        col_ss, rows = reduce_columns(col_ss, rows)
+    col_ms = col_ss / max(rows, 1)
+    ms = col_ms.mean().clamp_min(_TINY)
+    return row_ss.div_(cols).sqrt_()[:, None], col_ms.div_(ms).sqrt_()[None, :]
+
+
+def _normalize_into(out: Tensor, g: Tensor, r: Tensor, c: Tensor, eps: float, clip: Optional[float]) -> Tensor:
+    """``out = clamp(g / (r · c + eps), -clip, clip)`` for rows of a 2-D view (``out`` may not alias ``g``)."""
+    d = torch.mul(r, c, out=out).add_(eps)
+    torch.div(g, d, out=d)
+    return d.clamp_(-clip, clip) if clip is not None else d
+
+
 def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float] = None,
                         reduce_columns=None) -> Tensor:
     """The gradient divided, element by element, by an estimate of its RMS: the update direction of
@@ -91,22 +121,40 @@ def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float
             ``(column_sums_of_squares, local_rows) -> (global sums, global rows)`` so every rank divides by the
             statistics of the whole tensor.
     """
-    g = grad.detach().to(compute_dtype(grad.dtype))
-    if g.dim() < 2:
+    if grad.dim() < 2:
+        g = grad.detach().to(compute_dtype(grad.dtype))
         return g / (g.abs() + eps)  # |u| <= 1: nothing to clip
-    g2 = g.reshape(g.shape[0], -1)
-    row_ms = torch.linalg.vector_norm(g2, dim=1).square_().div_(g2.shape[1])
-    col_ss = torch.linalg.vector_norm(g2, dim=0).square_()
-    rows = g2.shape[0]
-    if reduce_columns is not None:
-        col_ss, rows = reduce_columns(col_ss, rows)
-    col_ms = col_ss / max(rows, 1)
-    ms = col_ms.mean().clamp_min(_TINY)
-    d = torch.outer(row_ms.sqrt_(), col_ms.div_(ms).sqrt_()).add_(eps)
-    u = torch.div(g2, d, out=d)
-    if clip is not None:
-        u.clamp_(-clip, clip)
+    r, c = factored_scales(grad, reduce_columns=reduce_columns)
+    g2 = grad.detach().reshape(grad.shape[0], -1)
+    u = torch.empty(g2.shape, dtype=c.dtype, device=g2.device)
+    for r0, r1 in normalized_ranges(grad):
+        _normalize_into(u[r0:r1], g2[r0:r1].to(c.dtype), r[r0:r1], c, eps, clip)
     return u.reshape(grad.shape)
+
+
+def normalized_ranges(grad: Tensor) -> list[tuple[int, int]]:
+    """The row pieces in which :func:`normalized_gradient` and :func:`normalized_pieces` work (two or more
+    dimensions)."""
+    from memopt.functional.quantize import row_ranges
+
+    return row_ranges((grad.shape[0], grad.numel() // max(grad.shape[0], 1)))
+
+
+def normalized_pieces(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float] = None):
+    """:func:`normalized_gradient` of a tensor of two or more dimensions one piece of whole rows at a time: yields
+    ``(r0, r1, u)`` with ``u`` the rows ``r0:r1`` (viewed as ``rows × rest``) in ``grad``'s dtype, equal bit for bit
+    to ``normalized_gradient(grad, eps, clip=clip).to(grad.dtype)`` there. The CPU update of ``scale="factored"``
+    applies each piece before the next is computed: the normalised gradient never exists whole, and each piece is
+    still in the cache when it is used. A piece is valid until the next is yielded."""
+    r, c = factored_scales(grad)
+    g2 = grad.detach().reshape(grad.shape[0], -1)
+    buf = None
+    for r0, r1 in normalized_ranges(grad):
+        if buf is None:
+            buf = torch.empty(((r1 - r0) * g2.shape[1],), dtype=c.dtype, device=g2.device)
+        u = _normalize_into(buf[:(r1 - r0) * g2.shape[1]].view(r1 - r0, g2.shape[1]), g2[r0:r1].to(c.dtype),
+                            r[r0:r1], c, eps, clip)
+        yield r0, r1, u.to(grad.dtype)
 
 
 def _update_low_precision_(
@@ -271,9 +319,13 @@ def sgdsai_update_8bit_(
     (nearest code) into ``codes``/``absmax`` in place. The fused kernel does the same per block in registers.
     ``grad`` must be finite unless ``finite`` (as in :func:`sgdsai_update_`) says to skip the update.
     """
-    from memopt.functional.quantize import dequantize_rows, quantize_rows
+    from memopt.functional.quantize import dequantize_rows, in_row_pieces, quantize_rows
 
     if skipped(finite, param):
+        return
+    if in_row_pieces(sgdsai_update_8bit_, param, grad, codes, absmax, lr=lr, scale=scale,
+                     momentum=momentum, weight_decay=weight_decay, maximize=maximize, first_step=first_step,
+                     blocksize=blocksize, code=code, stochastic_rounding=stochastic_rounding):
         return
 
     cdt = compute_dtype(param.dtype)

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
-from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows
-from memopt.functional.sgdsai import gsnr, normalized_gradient, sgdsai_update_, sgdsai_update_foreach_
+from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows, row_blocked
+from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
+                                      sgdsai_update_foreach_)
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.sgdsai_fsdp import ShardedSGDSaIMixin
@@ -214,19 +215,39 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
                 return None
             self._zero_momentum(group, p)
         state["step"] = state.get("step", 0) + 1
-        u = normalized_gradient(g, group["eps"], clip=group["clip"]).to(g.dtype)
         scale = 1.0 / (1.0 - beta ** state["step"]) if beta != 0.0 else 1.0
-        fused = self._use_triton(group, p, u, "sgdsai", eight_bit="momentum_codes" in state)
-        impl = load_kernels("sgdsai") if fused else _reference
+        eight = "momentum_codes" in state
+        # the kernel takes the normalised gradient: contiguous, in the gradient's dtype
+        fused = self._use_triton(group, p, torch.empty(0, dtype=g.dtype, device=g.device), "sgdsai", eight_bit=eight)
         common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
-                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False,
-                      finite=finite)
-        if "momentum_codes" in state:
-            impl.sgdsai_update_8bit_(p, u, state["momentum_codes"], state["momentum_absmax"],
-                                     blocksize=group["blocksize"], **common)
+                      maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
+        state_tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
+        if not fused and finite is None and self._in_pieces(group, p, state_tensors):
+            # PyTorch path: each piece of rows of the normalised gradient is applied while it is in the cache
+            rows = [p.view(p.shape[0], -1)] + [t if t is None or t.dim() == 2 and eight else
+                                               t.view(t.shape[0], -1) for t in state_tensors]
+            for r0, r1, u in normalized_pieces(g, group["eps"], clip=group["clip"]):
+                piece = [t if t is None else t[r0:r1] for t in rows]
+                if eight:
+                    _reference.sgdsai_update_8bit_(piece[0], u, *piece[1:], blocksize=group["blocksize"], **common)
+                else:
+                    _reference.sgdsai_update_(piece[0], u, piece[1], **common)
+            return False
+        u = normalized_gradient(g, group["eps"], clip=group["clip"]).to(g.dtype)
+        impl = load_kernels("sgdsai") if fused else _reference
+        if eight:
+            impl.sgdsai_update_8bit_(p, u, *state_tensors, blocksize=group["blocksize"], finite=finite, **common)
         else:
-            impl.sgdsai_update_(p, u, state.get("momentum_buffer"), **common)
+            impl.sgdsai_update_(p, u, state_tensors[0], finite=finite, **common)
         return fused
+
+    @staticmethod
+    def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
+        """Whether the PyTorch update of ``scale="factored"`` runs in pieces of rows (:func:`normalized_pieces`): a
+        tensor of two or more dimensions, contiguous with its state, whose 8-bit state (if any) is in row blocks."""
+        if p.dim() < 2 or not p.is_contiguous() or not all(t is None or t.is_contiguous() for t in state_tensors):
+            return False
+        return len(state_tensors) == 1 or row_blocked(tuple(p.shape), group["blocksize"])
 
     def state_layout(self, group: dict, p: Tensor) -> dict:
         """One momentum buffer (none with ``momentum=0``): 8-bit codes + block maxima for the tensors
