@@ -76,7 +76,7 @@ def factored_scales(grad: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tenso
     dimensions viewed as ``rows × rest``: ``r = sqrt(R_i)`` shaped ``(rows, 1)`` and ``c = sqrt(C_j / M)`` shaped
     ``(1, rest)``, in fp32 (fp64 for fp64). The sums of squares are taken in pieces of whole rows
     (:func:`memopt.functional.quantize.row_ranges`), so no temporary is as large as the gradient."""
-    from memopt.functional.quantize import row_ranges
+    from memopt.functional.quantize import row_ranges, scratch
 
     cdt = compute_dtype(grad.dtype)
     g2 = grad.detach().reshape(grad.shape[0], -1)
@@ -84,7 +84,8 @@ def factored_scales(grad: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tenso
     row_ss = torch.empty(rows, dtype=cdt, device=g2.device)
     col_ss = torch.zeros(cols, dtype=cdt, device=g2.device)
     for r0, r1 in row_ranges((rows, cols)):
-        sq = g2[r0:r1].to(cdt).square()
+        piece = g2[r0:r1].to(cdt)
+        sq = torch.mul(piece, piece, out=scratch(piece.numel(), cdt, g2.device).view(piece.shape))
         torch.sum(sq, 1, out=row_ss[r0:r1])
         col_ss.add_(sq.sum(0))
     if reduce_columns is not None:
@@ -145,15 +146,15 @@ def normalized_pieces(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float] 
     ``(r0, r1, u)`` with ``u`` the rows ``r0:r1`` (viewed as ``rows × rest``) in ``grad``'s dtype, equal bit for bit
     to ``normalized_gradient(grad, eps, clip=clip).to(grad.dtype)`` there. The CPU update of ``scale="factored"``
     applies each piece before the next is computed: the normalised gradient never exists whole, and each piece is
-    still in the cache when it is used. A piece is valid until the next is yielded."""
+    still in the cache when it is used. A piece lives in a reused buffer (:func:`memopt.functional.quantize.scratch`):
+    it is valid until the next is yielded."""
+    from memopt.functional.quantize import scratch
+
     r, c = factored_scales(grad)
     g2 = grad.detach().reshape(grad.shape[0], -1)
-    buf = None
     for r0, r1 in normalized_ranges(grad):
-        if buf is None:
-            buf = torch.empty(((r1 - r0) * g2.shape[1],), dtype=c.dtype, device=g2.device)
-        u = _normalize_into(buf[:(r1 - r0) * g2.shape[1]].view(r1 - r0, g2.shape[1]), g2[r0:r1].to(c.dtype),
-                            r[r0:r1], c, eps, clip)
+        out = scratch((r1 - r0) * g2.shape[1], c.dtype, g2.device).view(r1 - r0, g2.shape[1])
+        u = _normalize_into(out, g2[r0:r1].to(c.dtype), r[r0:r1], c, eps, clip)
         yield r0, r1, u.to(grad.dtype)
 
 
