@@ -1,4 +1,5 @@
-"""The PyTorch updates of large tensors run in pieces of whole rows (memopt.functional.quantize.CHUNK_ELEMENTS):
+"""The PyTorch updates of large tensors run in pieces of whole rows (memopt.functional.quantize.CHUNK_ELEMENTS and
+STATE_CHUNK_ELEMENTS):
 the same numbers as in one piece, bit for bit (bf16 stochastic rounding draws per piece)."""
 
 import pytest
@@ -32,6 +33,11 @@ def _train(name, dtype, sr=False):
     return params, opt
 
 
+def _small_pieces(monkeypatch):
+    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(quantize, "STATE_CHUNK_ELEMENTS", 600)
+
+
 def _whole(monkeypatch):
     monkeypatch.setattr(quantize, "in_row_pieces", lambda *a, **k: False)
     monkeypatch.setattr(ref_sgdsai, "in_row_pieces", lambda *a, **k: False, raising=False)
@@ -42,7 +48,7 @@ def _whole(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", MAKERS)
 def test_pieces_give_the_numbers_of_one_piece(name, dtype, monkeypatch):
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)  # every 2-D tensor here takes several pieces
+    _small_pieces(monkeypatch)  # every 2-D tensor here takes several pieces
     a, oa = _train(name, dtype)
     _whole(monkeypatch)
     b, ob = _train(name, dtype)
@@ -54,7 +60,7 @@ def test_pieces_give_the_numbers_of_one_piece(name, dtype, monkeypatch):
 
 
 def test_bf16_stochastic_rounding_draws_per_piece(monkeypatch):
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)
+    _small_pieces(monkeypatch)
     a, oa = _train("factored_8bit", torch.bfloat16, sr=True)
     _whole(monkeypatch)
     b, ob = _train("factored_8bit", torch.bfloat16, sr=True)
@@ -91,7 +97,7 @@ def test_factored_statistics_match_float64():
 
 @pytest.mark.parametrize("which", ["sgdsai", "adamw"])
 def test_corrupt_block_maxima_raise_before_any_piece_is_written(which, monkeypatch):
-    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 1000)
+    _small_pieces(monkeypatch)
     shape = (40, 300)
     p, g = torch.randn(shape), torch.randn(shape) * 1e-2
     state = []

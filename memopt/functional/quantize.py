@@ -367,11 +367,15 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, code: Optional[Tensor] = None
     return out[:, :length].reshape(shape)
 
 
-# Large tensors are updated in pieces of whole rows of at most this many elements: the temporaries of a piece stay
-# in the CPU's caches and are reused by the allocator, where whole-tensor temporaries cost a page fault per 4 KB
-# (measured 3-7x faster for a 28M-element tensor on CPU). Every piece is a whole number of row blocks, so the result
-# is the same as in one piece.
+# Large tensors are updated in pieces of whole rows: the temporaries of a piece stay in the CPU's caches and are
+# reused by the allocator, where whole-tensor temporaries cost a page fault per 4 KB. CHUNK_ELEMENTS bounds the pieces
+# of scale="factored", whose temporaries live in one reused buffer (scratch); STATE_CHUNK_ELEMENTS those of the 8-bit
+# updates, whose PyTorch ops allocate a temporary each: 2^17 elements keep an fp32 temporary at 512 KB, below glibc's
+# mmap threshold in its default and in the benchmarks' 1 MiB setting (measured on the demo parameter set, interleaved:
+# 2^17 takes 0.82x the step of 2^20 by default and 0.56x at a 1 MiB threshold). Every piece is a whole number of row
+# blocks, so the result is the same as in one piece.
 CHUNK_ELEMENTS = 1 << 20
+STATE_CHUNK_ELEMENTS = 1 << 17
 
 
 _SCRATCH: dict = {}
@@ -388,28 +392,28 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return buf[:numel]
 
 
-def row_ranges(shape: tuple) -> list[tuple[int, int]]:
-    """Row ranges ``[r0, r1)`` cutting a tensor of ``shape`` (``shape[0]`` rows) into pieces of at most
-    ``CHUNK_ELEMENTS`` elements, at least one row each."""
+def row_ranges(shape: tuple, elements: Optional[int] = None) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` cutting a tensor of ``shape`` (``shape[0]`` rows) into pieces of at most ``elements``
+    (default ``CHUNK_ELEMENTS``) elements, at least one row each."""
     rows = shape[0] if shape else 1
     length = math.prod(shape) // rows if rows else 0
-    step = max(1, CHUNK_ELEMENTS // max(length, 1))
+    step = max(1, (elements or CHUNK_ELEMENTS) // max(length, 1))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 def in_row_pieces(update, *tensors: Tensor, **kwargs) -> bool:
-    """Run ``update(*pieces, **kwargs)`` on pieces of whole rows (:func:`row_ranges`) of ``tensors`` (a parameter,
+    """Run ``update(*pieces, **kwargs)`` on pieces of whole rows (``STATE_CHUNK_ELEMENTS``) of ``tensors`` (a parameter,
     its gradient, and its 8-bit state in row blocks of ``kwargs["blocksize"]``: codes and block maxima have one row
     per parameter row) when the parameter is larger than one piece; returns whether it did (``False``: the caller
     updates it whole). Contiguous row-blocked tensors only."""
     shape = tuple(tensors[0].shape)
-    if math.prod(shape) <= CHUNK_ELEMENTS or not row_blocked(shape, kwargs["blocksize"]) or \
+    if math.prod(shape) <= STATE_CHUNK_ELEMENTS or not row_blocked(shape, kwargs["blocksize"]) or \
             not all(t.is_contiguous() for t in tensors):
         return False
     for t in tensors[2:]:  # corrupt block maxima raise before any piece is written (as they do in one piece)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError("the 8-bit state holds NaN or Inf block maxima: it is corrupt")
-    for r0, r1 in row_ranges(shape):
+    for r0, r1 in row_ranges(shape, STATE_CHUNK_ELEMENTS):
         update(*(t[r0:r1] for t in tensors), **kwargs)
     return True
 
