@@ -75,15 +75,15 @@ def factored_scales(grad: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tenso
     """The factors of :func:`normalized_gradient`'s RMS estimate ``d_ij = r_i · c_j`` of a tensor of two or more
     dimensions viewed as ``rows × rest``: ``r = sqrt(R_i)`` shaped ``(rows, 1)`` and ``c = sqrt(C_j / M)`` shaped
     ``(1, rest)``, in fp32 (fp64 for fp64). The sums of squares are taken in pieces of whole rows
-    (:func:`memopt.functional.quantize.row_ranges`), so no temporary is as large as the gradient."""
-    from memopt.functional.quantize import row_ranges, scratch
+    (:func:`normalized_ranges`), so no temporary is as large as the gradient."""
+    from memopt.functional.quantize import scratch
 
     cdt = compute_dtype(grad.dtype)
     g2 = grad.detach().reshape(grad.shape[0], -1)
     rows, cols = g2.shape
     row_ss = torch.empty(rows, dtype=cdt, device=g2.device)
     col_ss = torch.zeros(cols, dtype=cdt, device=g2.device)
-    for r0, r1 in row_ranges((rows, cols)):
+    for r0, r1 in normalized_ranges(grad):
         piece = g2[r0:r1].to(cdt)
         sq = torch.mul(piece, piece, out=scratch(piece.numel(), cdt, g2.device).view(piece.shape))
         torch.sum(sq, 1, out=row_ss[r0:r1])
@@ -134,8 +134,8 @@ def normalized_gradient(grad: Tensor, eps: float = 1e-8, *, clip: Optional[float
 
 
 def normalized_ranges(grad: Tensor) -> list[tuple[int, int]]:
-    """The row pieces in which :func:`normalized_gradient` and :func:`normalized_pieces` work (two or more
-    dimensions)."""
+    """The row pieces in which :func:`factored_scales`, :func:`normalized_gradient` and :func:`normalized_pieces`
+    work (two or more dimensions)."""
     from memopt.functional.quantize import row_ranges
 
     return row_ranges((grad.shape[0], grad.numel() // max(grad.shape[0], 1)))

@@ -258,12 +258,13 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                 flags[i] = flag
             on_host = [i for i in range(len(grads)) if flags[i] is None]
             mask = [True] * len(grads)
-            for i, ok in zip(on_host, self._finite_mask([grads[i] for i in on_host]) if on_host else []):
-                mask[i] = ok
+            if on_host:  # no host check at all when every flag stays on the device
+                for i, ok in zip(on_host, self._finite_mask([grads[i] for i in on_host])):
+                    mask[i] = ok
         if not all(mask):
             self._count_skips(mask.count(False))
-            params, grads, flags = (list(x) for x in zip(*[(p, g, f) for p, g, f, ok in zip(params, grads, flags, mask)
-                                                            if ok])) if any(mask) else ([], [], [])
+            keep = [i for i, ok in enumerate(mask) if ok]
+            params, grads, flags = ([x[i] for i in keep] for x in (params, grads, flags))
         return params, grads, flags
 
     def _count_skips(self, skipped: int) -> None:

@@ -224,8 +224,8 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         state_tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
         if not fused and finite is None and self._in_pieces(group, p, state_tensors):
             # PyTorch path: each piece of rows of the normalised gradient is applied while it is in the cache
-            rows = [p.view(p.shape[0], -1)] + [t if t is None or t.dim() == 2 and eight else
-                                               t.view(t.shape[0], -1) for t in state_tensors]
+            # as rows: the parameter, its buffer or codes, and the block maxima (already one row per parameter row)
+            rows = [None if t is None else t.view(t.shape[0], -1) for t in (p, *state_tensors)]
             for r0, r1, u in normalized_pieces(g, group["eps"], clip=group["clip"]):
                 piece = [t if t is None else t[r0:r1] for t in rows]
                 if eight:
