@@ -64,9 +64,14 @@ def _all_reduce(buf: Tensor, groups: list, op=None) -> Tensor:
 
 def finite_flags(grads: Sequence[Tensor]) -> list[bool]:
     """Whether each whole (all shards) gradient is finite: one all-reduce for the whole list."""
+    from memopt.functional.finite import finite_flags as local_flags
+
     if not grads:
         return []
-    bad = torch.stack([(~torch.isfinite(local(g))).any() for g in grads]).to(torch.int32)
+    locs = [local(g) for g in grads]
+    bad = torch.zeros(len(grads), dtype=torch.int32, device=locs[0].device)
+    for flags, idx in local_flags(locs):  # each shard by the single-device rule
+        bad[idx] = (~flags).to(torch.int32)
     _all_reduce(bad, _shard_groups(grads[0]))
     return [not b for b in bad.tolist()]
 

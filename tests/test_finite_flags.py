@@ -104,6 +104,15 @@ def test_finiteness_does_not_overflow(host_read, monkeypatch):
     assert out == {0: True, 1: True, 2: False, 3: False, 4: True, 5: True, 6: True, 7: False}
 
 
+def test_the_sharded_check_applies_the_same_rule_to_each_shard():
+    from memopt.distributed import finite_flags as sharded_flags
+
+    # plain tensors are their own shard and need no all-reduce: the local rule, in the caller's order
+    grads = [torch.full((10,), 3e30), torch.tensor([1.0, float("nan")]).bfloat16(), torch.zeros(0),
+             torch.tensor([float("-inf"), 0.0]), torch.ones(3).half()]
+    assert sharded_flags(grads) == [True, False, True, False, True]
+
+
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_a_huge_finite_gradient_is_applied(use_triton):
     p = torch.nn.Parameter(torch.zeros(300, device=DEV))
