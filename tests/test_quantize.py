@@ -211,3 +211,56 @@ def test_row_blocks_never_span_two_rows_and_equal_flat_blocks_when_rows_align(sh
         assert torch.equal(c2, codes) and torch.equal(a2, absmax.reshape(-1))
     with pytest.raises(ValueError, match="absmax has shape"):
         dequantize_rows(codes, absmax.reshape(-1)[:-1] if absmax.numel() > 1 else torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 300), torch.float32), ((7, 576), torch.float32),
+                                         ((4, 2, 320), torch.bfloat16), ((2, 1000), torch.float16)])
+def test_rows_with_a_short_last_block_equal_quantizing_the_zero_padded_rows(shape, dtype):
+    """Rows whose length is not a multiple of the block size are quantized as two views (whole blocks, short last
+    block): bit for bit what quantizing every row padded with zeros to whole blocks gives, both ways."""
+    from memopt.functional.quantize import dequantize_rows, quantize_rows, row_layout
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen) * torch.logspace(-6, 0, shape[-1])).to(dtype)
+    x.view(-1)[-1] = 0.0
+    x.reshape(shape[0], -1)[1, -20:] = 0.0  # an all-zero short block
+    rows, length, per_row = row_layout(shape, 256)
+    padded = torch.nn.functional.pad(x.float().reshape(rows, length), (0, per_row * 256 - length))
+    ref_codes, ref_absmax = quantize_blockwise(padded)
+    codes, absmax = quantize_rows(x)
+    assert torch.equal(codes.reshape(rows, length), ref_codes[:, :length])
+    assert torch.equal(absmax, ref_absmax.view(rows, per_row))
+    ref_back = dequantize_blockwise(ref_codes, ref_absmax)[:, :length]
+    for out in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_rows(codes, absmax, dtype=out).reshape(rows, length), ref_back.to(out))
+    bad = x.clone()
+    bad.reshape(rows, length)[-1, -1] = float("nan")  # in a short last block
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_rows(bad)
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize_rows(torch.zeros(shape, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5), (7,), (2, 3, 8)])
+def test_code_values_two_at_a_time_equal_the_table_read(shape):
+    """Codes read two at a time from the pair table (even last dimension, contiguous) give ``code[codes]`` exactly,
+    for the default maps and a map of the caller's; odd or strided codes take the one-at-a-time read."""
+    from memopt.functional.quantize import code_values, default_code
+
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    own = torch.cat([torch.tensor([-1.0]), torch.linspace(-0.5, 0.99, 254), torch.tensor([1.0])])
+    for code in (default_code(True, torch.device("cpu")), default_code(False, torch.device("cpu")), own):
+        assert torch.equal(code_values(code, codes), code[codes.long()])
+        strided = codes.transpose(0, -1) if codes.dim() > 1 else codes[::2]
+        assert torch.equal(code_values(code, strided), code[strided.long()])
+
+
+def test_row_block_dequantize_refuses_codes_that_are_not_uint8():
+    from memopt.functional.quantize import dequantize_rows, quantize_rows
+
+    codes, absmax = quantize_rows(torch.randn(3, 300))
+    with pytest.raises(ValueError, match="uint8"):
+        dequantize_rows(codes.int(), absmax)
+    with pytest.raises(ValueError, match="floating-point"):
+        dequantize_rows(codes, absmax.int())
