@@ -47,16 +47,16 @@ from _common import MMAP_THRESHOLD, malloc_trim, merge_csv_rows, status_kib, wri
 CONFIGS = [
     ("adamw_torch", "adamw_torch", None, "float32", 1.0, 1e-4),
     ("bnb adamw_8bit", "adamw_bnb_8bit", None, "float32", 1.0, 1e-4),
-    ("sgdsai", "sgdsai", None, "float32", 1.0, 3e-2),
-    ("sgdsai_8bit", "sgdsai_8bit", None, "float32", 1.0, 3e-2),
-    ("sgdsai_8bit + release", "sgdsai_8bit", "grad_release=true", "float32", 0.0, 3e-2),
+    ("sgdsai", "sgdsai", None, "float32", 1.0, 1e-4),
+    ("sgdsai_8bit", "sgdsai_8bit", None, "float32", 1.0, 1e-4),
+    ("sgdsai_8bit + release", "sgdsai_8bit", "grad_release=true", "float32", 0.0, 1e-4),
     ("sgdsai_8bit + release + frozen emb", "sgdsai_8bit", "grad_release=true,freeze_embeddings=true", "float32",
-     0.0, 3e-2),
+     0.0, 1e-4),
     ("bf16 adamw_torch", "adamw_torch", None, "bfloat16", 1.0, 1e-4),
     ("bf16 sgdsai_8bit + release + frozen emb", "sgdsai_8bit", "grad_release=true,freeze_embeddings=true",
-     "bfloat16", 0.0, 3e-2),
+     "bfloat16", 0.0, 1e-4),
     ("bf16 sgdsai_8bit + release + frozen emb + chunked loss", "sgdsai_8bit",
-     "grad_release=true,freeze_embeddings=true,chunked_loss=true", "bfloat16", 0.0, 3e-2),
+     "grad_release=true,freeze_embeddings=true,chunked_loss=true", "bfloat16", 0.0, 1e-4),
 ]
 
 

@@ -226,16 +226,16 @@ def _int32_pairs(first: Tensor, second: Tensor) -> Tensor:
 
 
 def _midpoint_lut(code: Tensor) -> tuple[Tensor, Tensor, int]:
-    """The CPU path's table: one cell per value of the top 16 bits of an fp32 number (``_cell_counts``), each entry
-    the number ``low`` of midpoints below the cell paired with the midpoint ``mids[low]`` (:func:`_int32_pairs`), so
-    one read gives the first compare-and-step; then the padded midpoints and ``extra``."""
+    """The CPU path's table: one cell per value of the top 16 bits of an fp32 number (``_cell_counts``): the count
+    ``low`` of midpoints below each cell (int32), the padded midpoints and ``extra``. (Pairing each count with its first
+    midpoint in one int64 entry, as the kernels' table does, saves a read but makes a 1 MiB temporary per 2^17 values,
+    which costs more where large temporaries are given their own mapping.)"""
     def build(code):
         tops = torch.arange(65536, dtype=torch.int64) << 16
         first, last = _bits_to_float(tops), _bits_to_float(tops | 0xFFFF)
         low, extra = _cell_counts(code_midpoints(code.float()), torch.minimum(first, last),
                                   torch.maximum(first, last))
-        padded = _padded_midpoints(code)
-        return _int32_pairs(low, padded[low.long()]), padded, extra
+        return low, _padded_midpoints(code), extra
 
     return _cached("midpoints", code, build)
 
@@ -321,12 +321,10 @@ def kernel_code_index(x: Tensor, code: Tensor) -> Tensor:
 
 def _nearest_code_cpu(normed: Tensor, code: Tensor) -> Tensor:
     """:func:`torch.bucketize` of fp32 ``normed`` against the code midpoints, exactly, by a 65536-entry table on
-    the value's top 16 bits (:func:`_midpoint_lut`) plus ``extra - 1`` more compare-and-step passes (3x faster than
-    bucketize on CPU)."""
-    table, padded, extra = _midpoint_lut(code)
-    entry = _lookup(table, (normed.view(torch.int32) >> 16) & 0xFFFF).view(torch.int32)  # int32 indices: half the
-    idx = entry[..., 0::2] + (entry[..., 1::2].view(torch.float32) < normed)  # traffic of int64
-    for _ in range(extra - 1):
+    the value's top 16 bits plus at most ``extra`` compare-and-step passes (3x faster than bucketize on CPU)."""
+    low, padded, extra = _midpoint_lut(code)
+    idx = _lookup(low, (normed.view(torch.int32) >> 16) & 0xFFFF)  # int32 indices: half the traffic of int64
+    for _ in range(extra):
         idx += _lookup(padded, idx) < normed
     return idx
 
