@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import memopt  # noqa: E402
-from launchers.fsdp2_train import OPTIMIZERS, batches, fixed_grad_steps, train  # noqa: E402
+from launchers.fsdp2_train import NAN_AT, NAN_CASES, OPTIMIZERS, batches, fixed_grad_steps, train  # noqa: E402
 from tiny import free_port, tiny_llama  # noqa: E402
 
 
@@ -89,6 +89,27 @@ def test_on_fsdp2_shards_equals_one_device(equal_run, name):
     train_tol = dict(atol=1e-4, rtol=1e-4) if name.startswith("frugal") and "8bit" not in name else tol
     for k, v in r0.items():
         torch.testing.assert_close(v, ref[k].detach(), **train_tol, msg=k)
+
+
+@pytest.mark.parametrize("name", NAN_CASES)
+def test_a_nan_in_one_shard_skips_the_tensor_on_every_rank_as_on_one_device(equal_run, name):
+    """Two ranks, one of which holds a NaN in its shard of one gradient: both skip that tensor's update (its
+    shards and state stay as they were), count one skip, and end where one device given the same gradients ends."""
+    out, results = equal_run
+    assert results[name]["nan_skips"] == [1, 1]
+    sharded = torch.load(out / f"{name}_nan_rank0.pt", weights_only=True)
+    model = tiny_llama()
+    opt = OPTIMIZERS[name](list(model.parameters()))
+    fixed_grad_steps(model, opt, nan_at=NAN_AT)
+    assert opt.nonfinite_skips == 1
+    clean = torch.load(out / f"{name}_fixed_rank0.pt", weights_only=True)
+    tol = dict(atol=1.8e-3, rtol=0) if "8bit" in name else dict(atol=1e-6, rtol=1e-5)  # as in the test above
+    nan_name = [k for k, _ in model.named_parameters()][NAN_AT[1]]
+    for k, p in model.named_parameters():
+        assert torch.isfinite(sharded[k]).all(), k
+        torch.testing.assert_close(sharded[k], p.detach(), **tol, msg=k)
+    # the skipped step shows: that tensor ends elsewhere than in the run without the NaN
+    assert not torch.allclose(sharded[nan_name], clean[nan_name], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name,why", [("frugal", "selection='random'"), ("memopt_galore", "selection='svd'"),

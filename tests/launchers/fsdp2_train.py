@@ -77,14 +77,23 @@ def train(model, opt, bs):
         opt.zero_grad()
 
 
-def fixed_grad_steps(model, opt, steps=4):
+# Which optimizers the non-finite run covers, and where its NaN goes: step 2 (of 4), the gradient of parameter 3 (a
+# decoder matrix), its last row, which the second of two ranks holds
+NAN_CASES = ["sgdsai", "sgdsai_8bit", "memopt_adamw_8bit", "sgdsai_8bit_triton"]
+NAN_AT = (2, 3)
+
+
+def fixed_grad_steps(model, opt, steps=4, nan_at=None):
     """Steps on the same synthetic gradients on every device count (each rank gets its rows of them): isolates the
-    optimizer from the rounding of the gradient reduction."""
+    optimizer from the rounding of the gradient reduction. ``nan_at=(step, parameter index)``: that gradient's last
+    row starts with a NaN."""
     from torch.distributed.tensor import distribute_tensor
 
     for t in range(steps):
         for i, (name, p) in enumerate(model.named_parameters()):
             full = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * t + i)) * 1e-2
+            if nan_at == (t, i):
+                full[-1, 0] = float("nan")
             p.grad = distribute_tensor(full, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else full
         opt.step()
         opt.zero_grad()
@@ -121,6 +130,14 @@ def main():
             opt = make(list(model.parameters()))
             fixed_grad_steps(model, opt)
             torch.save(full_params(model), os.path.join(out, f"{name}_fixed_rank{rank}.pt"))
+            if name in NAN_CASES:  # a NaN in one rank's shard: every rank skips that tensor's update, and counts it
+                model = sharded_model()
+                opt = make(list(model.parameters()))
+                fixed_grad_steps(model, opt, nan_at=NAN_AT)
+                skips = [None] * world
+                dist.all_gather_object(skips, opt.nonfinite_skips)
+                results[name]["nan_skips"] = skips
+                torch.save(full_params(model), os.path.join(out, f"{name}_nan_rank{rank}.pt"))
         try:  # gradient release: its hook would run before the reduce-scatter
             memopt.SGDSaI(list(sharded_model().parameters()), grad_release=True)
             results["grad_release"] = {"ok": True}
