@@ -227,9 +227,9 @@ def _int32_pairs(first: Tensor, second: Tensor) -> Tensor:
 
 def _midpoint_lut(code: Tensor) -> tuple[Tensor, Tensor, int]:
     """The CPU path's table: one cell per value of the top 16 bits of an fp32 number (``_cell_counts``): the count
-    ``low`` of midpoints below each cell (int32), the padded midpoints and ``extra``. (Pairing each count with its first
-    midpoint in one int64 entry, as the kernels' table does, saves a read but makes a 1 MiB temporary per 2^17 values,
-    which costs more where large temporaries are given their own mapping.)"""
+    ``low`` of midpoints below each cell (int32), the padded midpoints and ``extra``. (Not paired with the first
+    midpoint in one int64 entry as in the kernels' table: that saves a read but makes 1 MiB temporaries per 2^17
+    values, no faster with glibc's defaults and slower where large blocks get their own mapping.)"""
     def build(code):
         tops = torch.arange(65536, dtype=torch.int64) << 16
         first, last = _bits_to_float(tops), _bits_to_float(tops | 0xFFFF)
@@ -364,6 +364,17 @@ def check_codes(codes: Tensor, absmax: Tensor, blocksize: int) -> None:
                          f"blocksize={blocksize}: blocksize does not match the codes and absmax given")
 
 
+def _dequantize_args(codes: Tensor, absmax: Tensor, code: Optional[Tensor], blocksize: int, dtype) -> Tensor:
+    """Refuse a bad block size, codes, block maxima, map or output dtype of the dequantizers; returns the map to use,
+    on the codes' device."""
+    _check_blocksize(blocksize)
+    _check_code_dtypes(codes, absmax)
+    check_code_map(code)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
+    return default_code(True, codes.device) if code is None else code.to(device=codes.device)
+
+
 def dequantize_blockwise(
     codes: Tensor,
     absmax: Tensor,
@@ -372,12 +383,8 @@ def dequantize_blockwise(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[codes] * absmax[block]``, shaped like ``codes``."""
-    _check_blocksize(blocksize)
+    code = _dequantize_args(codes, absmax, code, blocksize, dtype)
     check_codes(codes, absmax, blocksize)
-    check_code_map(code)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
-    code = default_code(True, codes.device) if code is None else code.to(device=codes.device)
     values = _blocks(code_values(code, codes.reshape(-1)), blocksize) * absmax.float()[:, None]
     return values.reshape(-1)[: codes.numel()].view(codes.shape).to(dtype)
 
@@ -439,12 +446,7 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, code: Optional[Tensor] = None
                          f"blocksize={blocksize} need {_absmax_shape(shape, blocksize)}")
     if rows == 1:
         return dequantize_blockwise(codes, absmax.reshape(-1), code, blocksize, dtype)
-    _check_blocksize(blocksize)
-    _check_code_dtypes(codes, absmax)
-    check_code_map(code)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} must be a floating-point dtype")
-    code = default_code(True, codes.device) if code is None else code.to(device=codes.device)
+    code = _dequantize_args(codes, absmax, code, blocksize, dtype)
     values = code_values(code, codes.reshape(rows, length))
     for view, cols in _block_views(values, blocksize):
         view.mul_(absmax[:, cols, None].float())
