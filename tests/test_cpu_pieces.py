@@ -95,11 +95,23 @@ def test_factored_statistics_match_float64():
     torch.testing.assert_close(u.double(), expected, rtol=2e-6, atol=0)
 
 
-@pytest.mark.parametrize("which", ["sgdsai", "adamw"])
+@pytest.mark.parametrize("which", ["sgdsai", "adamw", "factored_8bit"])
 def test_corrupt_block_maxima_raise_before_any_piece_is_written(which, monkeypatch):
     _small_pieces(monkeypatch)
     shape = (40, 300)
     p, g = torch.randn(shape), torch.randn(shape) * 1e-2
+    if which == "factored_8bit":  # the optimizer's pieces of the normalised gradient, each in pieces of its own
+        param = torch.nn.Parameter(p)
+        opt = MAKERS[which]([param], False)
+        for _ in range(2):
+            param.grad = g.clone()
+            opt.step()
+        opt.state[param]["momentum_absmax"][-1, -1] = float("nan")
+        before = param.detach().clone()
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            opt.step()
+        assert torch.equal(param.detach(), before)
+        return
     state = []
     for _ in range(1 if which == "sgdsai" else 2):
         codes, absmax = (torch.zeros(s, dtype=dt) for s, dt in layout_8bit("m", shape, 256).values())

@@ -8,7 +8,7 @@ as the index (uint8) of the nearest of 256 code values of the dynamic ("tree") m
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -487,6 +487,15 @@ def row_ranges(shape: tuple, elements: Optional[int] = None) -> list[tuple[int, 
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
+def check_block_maxima(state: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` when a floating tensor of ``state`` (8-bit codes and their block maxima) holds NaN or Inf:
+    an update in pieces calls it before its first piece, so corrupt state raises before anything is written, as it
+    does in one piece."""
+    for t in state:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("the 8-bit state holds NaN or Inf block maxima: it is corrupt")
+
+
 def in_row_pieces(update, *tensors: Tensor, **kwargs) -> bool:
     """Run ``update(*pieces, **kwargs)`` on pieces of whole rows (``STATE_CHUNK_ELEMENTS``) of ``tensors`` (a parameter,
     its gradient, and its 8-bit state in row blocks of ``kwargs["blocksize"]``: codes and block maxima have one row
@@ -496,9 +505,7 @@ def in_row_pieces(update, *tensors: Tensor, **kwargs) -> bool:
     if math.prod(shape) <= STATE_CHUNK_ELEMENTS or not row_blocked(shape, kwargs["blocksize"]) or \
             not all(t.is_contiguous() for t in tensors):
         return False
-    for t in tensors[2:]:  # corrupt block maxima raise before any piece is written (as they do in one piece)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError("the 8-bit state holds NaN or Inf block maxima: it is corrupt")
+    check_block_maxima(tensors[2:])
     for r0, r1 in row_ranges(shape, STATE_CHUNK_ELEMENTS):
         update(*(t[r0:r1] for t in tensors), **kwargs)
     return True

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
-from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows, row_blocked
+from memopt.functional.quantize import check_block_maxima, layout_8bit, load_moment, quantize_rows, row_blocked
 from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
                                       sgdsai_update_foreach_)
 from memopt.kernels import load as load_kernels
@@ -225,6 +225,8 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         if not fused and finite is None and self._in_pieces(group, p, state_tensors):
             # PyTorch path: each piece of rows of the normalised gradient is applied while it is in the cache
             # as rows: the parameter, its buffer or codes, and the block maxima (already one row per parameter row)
+            if eight:
+                check_block_maxima(state_tensors)  # corrupt state raises before the first piece is written
             rows = [None if t is None else t.view(t.shape[0], -1) for t in (p, *state_tensors)]
             for r0, r1, u in normalized_pieces(g, group["eps"], clip=group["clip"]):
                 piece = [t if t is None else t[r0:r1] for t in rows]
