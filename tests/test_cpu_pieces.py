@@ -13,12 +13,14 @@ from memopt.functional.quantize import layout_8bit
 from memopt.optim.sgdsai import SGDSaI as _SGDSaI
 
 SHAPES = [(64, 300), (33, 4, 80), (300,), (7, 7), (40, 100)]  # 3-D, vector, small, rows shorter than a block
+# use_triton=False: the PyTorch updates (the fused CPU ones, memopt.kernels.cpu, are tested in test_cpu_kernels.py)
 MAKERS = {
-    "factored": lambda ps, sr: SGDSaI(ps, lr=1e-2, stochastic_rounding=sr),
-    "factored_8bit": lambda ps, sr: SGDSaI(ps, lr=1e-2, state_bits=8, min_8bit_size=256, stochastic_rounding=sr),
+    "factored": lambda ps, sr: SGDSaI(ps, lr=1e-2, stochastic_rounding=sr, use_triton=False),
+    "factored_8bit": lambda ps, sr: SGDSaI(ps, lr=1e-2, state_bits=8, min_8bit_size=256, stochastic_rounding=sr,
+                                           use_triton=False),
     "gsnr_max_8bit": lambda ps, sr: SGDSaI(ps, lr=5e-2, scale="gsnr_max", state_bits=8, min_8bit_size=256,
-                                           stochastic_rounding=sr),
-    "adamw_8bit": lambda ps, sr: AdamW8bit(ps, lr=1e-2, min_8bit_size=256, stochastic_rounding=sr),
+                                           stochastic_rounding=sr, use_triton=False),
+    "adamw_8bit": lambda ps, sr: AdamW8bit(ps, lr=1e-2, min_8bit_size=256, stochastic_rounding=sr, use_triton=False),
 }
 
 

@@ -36,6 +36,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         self._pending: list = []  # device-side finite flags not read yet (_watch_flags)
         self._generation = 0  # step() calls so far
         self.update_paths: dict[str, int] = {}
+        self._cpu_updates = 0  # fused CPU updates since the last _record_paths
         self._logged_paths: set = set()
         self._init_release()
         self._known_params: set[int] = set()
@@ -48,6 +49,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         self.__dict__.setdefault("_generation", 0)
         self.__dict__.setdefault("update_paths", {})
         self.__dict__.setdefault("_logged_paths", set())
+        self.__dict__.setdefault("_cpu_updates", 0)
         self.__dict__.setdefault("_known_params", {id(p) for g in self.param_groups for p in g["params"]})
 
     def _use_triton(self, group: dict, p: Tensor, g: Tensor, kernel: str, eight_bit: bool = False) -> bool:
@@ -85,9 +87,26 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             logger.info("%s update path: %s", type(self).__name__, path)
         return ok
 
+    def _use_cpu_kernel(self, group: dict, p: Tensor, g: Tensor, state: list, blocksize: Optional[int]) -> bool:
+        """Whether this tensor's update (not on the Triton kernels) runs the fused CPU update of
+        :mod:`memopt.kernels.cpu`: a tensor it takes (``memopt.kernels.cpu.refusal``; ``state``: the tensor's state
+        tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers), unless ``use_triton=False``
+        (the PyTorch reference everywhere). Logged once per reason; counted as ``cpu`` in ``update_paths``."""
+        from memopt.kernels.cpu import refusal
+
+        why = "use_triton=False" if group["use_triton"] is False else refusal(p, g, state, blocksize)
+        path = "fused CPU update" if why is None else f"torch reference ({why})"
+        if path not in self._logged_paths:
+            self._logged_paths.add(path)
+            logger.info("%s update path: %s", type(self).__name__, path)
+        self._cpu_updates += why is None
+        return why is None
+
     def _record_paths(self, n_triton: int, n_torch: int) -> None:
-        """Tensors updated by each path in the last step (shown by the memory report)."""
-        self.update_paths = {k: v for k, v in (("triton", n_triton), ("torch", n_torch)) if v}
+        """Tensors updated by each path in the last step (shown by the memory report): ``n_torch`` counts every
+        update not on the Triton kernels, of which the fused CPU ones (:meth:`_use_cpu_kernel`) are shown as ``cpu``."""
+        n_cpu, self._cpu_updates = self._cpu_updates, 0
+        self.update_paths = {k: v for k, v in (("triton", n_triton), ("cpu", n_cpu), ("torch", n_torch - n_cpu)) if v}
 
     @staticmethod
     def _validate_group(group: dict) -> None:

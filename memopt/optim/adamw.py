@@ -9,6 +9,7 @@ import torch
 from memopt.distributed import is_dtensor, local
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
 from memopt.functional.quantize import layout_8bit
+from memopt.kernels import cpu as cpu_kernels
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_8bit_args, check_adam_args
@@ -121,9 +122,14 @@ class AdamW8bit(MemoptOptimizer):
         p, g = local(p), local(g)
         if "exp_avg_codes" in state:
             fused = self._use_triton(group, p, g, "adamw", eight_bit=True)
-            update = load_kernels("adamw").adamw_update_8bit_ if fused else adamw_update_8bit_
-            update(p, g, *(local(state[k]) for k in _CODES), step=state["step"], blocksize=group["blocksize"],
-                   finite=finite, **common)
+            codes = [local(state[k]) for k in _CODES]
+            if fused:
+                update = load_kernels("adamw").adamw_update_8bit_
+            elif finite is None and self._use_cpu_kernel(group, p, g, codes, group["blocksize"]):
+                update = cpu_kernels.adamw_update_8bit_
+            else:
+                update = adamw_update_8bit_
+            update(p, g, *codes, step=state["step"], blocksize=group["blocksize"], finite=finite, **common)
             return fused
         m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         if finite is None:

@@ -11,8 +11,9 @@ from torch import Tensor
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import check_block_maxima, layout_8bit, load_moment, quantize_rows, row_blocked
-from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
+from memopt.functional.sgdsai import (factored_scales, gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
                                       sgdsai_update_foreach_)
+from memopt.kernels import cpu as cpu_kernels
 from memopt.kernels import load as load_kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim.sgdsai_fsdp import ShardedSGDSaIMixin
@@ -222,6 +223,13 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
                       maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
         state_tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
+        if not fused and finite is None and \
+                self._use_cpu_kernel(group, p, g, state_tensors, group["blocksize"] if eight else None):
+            r, c = factored_scales(g)
+            cpu_kernels.factored_sgdsai_(p, g, r, c, state_tensors, lr=group["lr"], scale=scale, momentum=beta,
+                                         weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                         eps=group["eps"], clip=group["clip"], blocksize=group["blocksize"])
+            return False
         if not fused and finite is None and self._in_pieces(group, p, state_tensors):
             # PyTorch path: each piece of rows of the normalised gradient is applied while it is in the cache
             # as rows: the parameter, its buffer or codes, and the block maxima (already one row per parameter row)

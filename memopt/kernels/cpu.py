@@ -1,0 +1,163 @@
+"""Fused CPU updates: C loops (``cpu_update.c``) that make one pass over a tensor where the PyTorch form
+(``memopt.functional``, the specification and parity oracle) makes a dozen. Built on first use with the system C
+compiler into a per-user cache and loaded with ctypes; no compiler, a failed build or ``MEMOPT_CPU_KERNELS=0``
+leaves every update on the PyTorch form, with one log line (docs/optimizers.md, "Step time on CPU").
+
+The functions take the reference's arguments. :func:`refusal` says, in one place, which tensors they take.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from memopt.functional.quantize import _midpoint_lut, check_block_maxima, default_code, row_blocked
+
+logger = logging.getLogger("memopt")
+
+SOURCE = Path(__file__).with_name("cpu_update.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+_LIB: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MEMOPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "memopt")
+    return Path(root)
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    compiler = compiler.split()[0]
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler!r} not found)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_update-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target and rename: processes building at once each install a whole library
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+    lib.memopt_factored_sgdsai.restype = i64
+    lib.memopt_factored_sgdsai.argtypes = [ptr] * 5 + [i64, i64, ptr, ptr] + [f32] * 5 + [i64, ptr, ptr, ptr, i32, i32]
+    lib.memopt_adamw_8bit.restype = i64
+    lib.memopt_adamw_8bit.argtypes = [ptr] * 6 + [i64, i64, i64] + [f32] * 7 + [i32] + [ptr, ptr, ptr, i32] * 2 + [i32]
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library, or ``None`` when the fused CPU updates are off or cannot be built (logged once)."""
+    if "lib" not in _LIB:
+        if os.environ.get("MEMOPT_CPU_KERNELS", "1") == "0":
+            _LIB["lib"], why = None, "MEMOPT_CPU_KERNELS=0"
+        else:
+            try:
+                _LIB["lib"], why = _build(), None
+            except Exception as exc:  # noqa: BLE001  (no compiler, a failed build or load)
+                _LIB["lib"], why = None, f"{type(exc).__name__}: {exc}"
+        if why:
+            logger.warning("memopt: fused CPU updates unavailable (%s); CPU tensors use the PyTorch updates", why)
+    return _LIB["lib"]
+
+
+def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None) -> Optional[str]:
+    """Why the fused CPU updates cannot take parameter ``p`` with gradient ``g`` and state tensors ``state`` (8-bit
+    codes and maxima in row blocks of ``blocksize``, or fp32 buffers), or ``None``: CPU, fp32, contiguous, two or
+    more dimensions, 8-bit state in row blocks."""
+    if any(t is None for t in state):
+        return "no state buffer"
+    tensors = [p, g, *state]
+    if p.device.type != "cpu" or any(t.device != p.device for t in tensors):
+        return "not a CPU tensor"
+    if p.dim() < 2 or not all(t.is_contiguous() for t in tensors):
+        return "not a contiguous tensor of two or more dimensions"
+    if p.dtype != torch.float32 or g.dtype != torch.float32 or \
+            any(t.is_floating_point() and t.dtype != torch.float32 for t in state):
+        return "not fp32"
+    if blocksize is not None and not row_blocked(tuple(p.shape), blocksize):
+        return "8-bit state not in row blocks"
+    if library() is None:
+        return "the fused CPU updates are unavailable"
+    return None
+
+
+def _map(code: Optional[Tensor], signed: bool) -> tuple[list, list]:
+    """The tensors and the C arguments (values, midpoint counts, padded midpoints, passes) of a code map: the
+    default dynamic map when ``code`` is ``None``. The caller holds the tensors during the call."""
+    code = default_code(signed, torch.device("cpu")) if code is None else code.float().contiguous()
+    low, padded, extra = _midpoint_lut(code)
+    return [code, low, padded], [code.data_ptr(), low.data_ptr(), padded.data_ptr(), extra]
+
+
+def _raise_if(bad: int) -> None:
+    if bad:
+        raise ValueError(f"{bad} block(s) of the new 8-bit state are NaN or Inf (overflow): those blocks and their "
+                         f"parameters were left unchanged, the others were updated")
+
+
+def factored_sgdsai_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, state: list, *, lr: float, scale: float,
+                     momentum: float, weight_decay: float, eps: float, clip: Optional[float], maximize: bool = False,
+                     blocksize: int = 256) -> None:
+    """One ``scale="factored"`` SGD-SaI step past the first (``memopt.optim.sgdsai``), in one pass: the normalised
+    gradient from the factors ``r`` (rows, 1) and ``c`` (1, rest) of :func:`memopt.functional.sgdsai.factored_scales`,
+    its momentum (``state``: one fp32 buffer, or 8-bit codes and block maxima) and the parameter. Equal bit for bit
+    to :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)``."""
+    eight = len(state) == 2
+    if eight:
+        check_block_maxima(state)
+    rows = param.shape[0]
+    cols = param.numel() // rows
+    _held, code_args = _map(None, True)
+    bad = library().memopt_factored_sgdsai(
+        param.data_ptr(), grad.data_ptr(), None if eight else state[0].data_ptr(),
+        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, cols,
+        r.contiguous().data_ptr(), c.contiguous().data_ptr(), eps, float("inf") if clip is None else clip,
+        1.0 - momentum, 1.0 - lr * weight_decay, (lr * scale) if maximize else -(lr * scale), blocksize,
+        *code_args, torch.get_num_threads())
+    _raise_if(bad)
+
+
+def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_avg_absmax: Tensor,
+                       exp_avg_sq_codes: Tensor, exp_avg_sq_absmax: Tensor, *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, step: int, maximize: bool = False, blocksize: int = 256,
+                       signed_code: Optional[Tensor] = None, unsigned_code: Optional[Tensor] = None,
+                       stochastic_rounding: bool = False, finite: Optional[Tensor] = None) -> None:
+    """:func:`memopt.functional.adamw.adamw_update_8bit_` in one pass (fp32 parameters: ``stochastic_rounding`` has
+    no effect; ``finite`` must be ``None``, the CPU path checks gradients before the update)."""
+    if finite is not None:
+        raise ValueError("the fused CPU update takes no device-side finite flag")
+    state = [exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
+    check_block_maxima(state)
+    rows = param.shape[0]
+    cols = param.numel() // rows
+    _held_m, m_args = _map(signed_code, True)
+    _held_v, v_args = _map(unsigned_code, False)
+    bad = library().memopt_adamw_8bit(
+        *(t.data_ptr() for t in (param, grad, *state)), rows, cols, blocksize, 1.0 - beta1, beta2, 1.0 - beta2,
+        1.0 - lr * weight_decay, math.sqrt(1.0 - beta2**step), eps, -lr / (1.0 - beta1**step), int(maximize),
+        *m_args, *v_args, torch.get_num_threads())
+    _raise_if(bad)

@@ -1,0 +1,164 @@
+/* Fused CPU loops for the optimizer updates whose PyTorch form makes many passes over memory (docs/optimizers.md,
+ * "Step time on CPU"). memopt/kernels/cpu.py compiles this file with the system C compiler, loads it with ctypes
+ * and checks its arguments; the PyTorch functions in memopt/functional are the specification and the parity
+ * oracle. Every operation below is the fp32 operation the PyTorch form performs, in the same order:
+ *   - torch's lerp with a scalar weight w:  |w| < 0.5 ? fma(w, b - a, a) : fma(w - 1, b - a, b)
+ *   - add with alpha:                        fma(b, alpha, a)
+ *   - addcmul:                               fma(s * b, c, a)
+ *   - addcdiv:                               a + (s * b) / c
+ * The file is built with -ffp-contract=off, so the compiler fuses nothing else.
+ *
+ * 8-bit state: row blocks (rows x length, each row cut into blocks of bs, the last one possibly shorter), one
+ * fp32 maximum per block; a code is the count of the map's midpoints strictly below the value divided by its
+ * block's maximum (memopt/functional/quantize.py: the 65536-entry table `low` on the value's top 16 bits, then
+ * `extra` compare-and-step passes on the midpoints padded with +inf). */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float *code;   /* 256 code values */
+    const int32_t *low;  /* 65536 midpoint counts */
+    const float *mids;   /* 255 midpoints + inf */
+    int32_t extra;       /* compare-and-step passes */
+} qmap;
+
+static inline float lerp_scalar(float a, float b, float w) {
+    return fabsf(w) < 0.5f ? fmaf(w, b - a, a) : fmaf(w - 1.0f, b - a, b);
+}
+
+static inline uint8_t nearest_code(float v, const qmap *q) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    int32_t idx = q->low[bits >> 16];
+    for (int32_t k = 0; k < q->extra; k++) idx += q->mids[idx] < v;
+    return (uint8_t)idx;
+}
+
+/* Quantize n fp32 values into codes and the block maximum, as quantize_rows does. Returns 0, or 1 when a value is
+ * NaN or infinite (nothing written). */
+static int quantize_block(const float *x, int64_t n, uint8_t *codes, float *absmax, const qmap *q) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float a = fabsf(x[j]);
+        bad |= !(a <= FLT_MAX);
+        amax = a > amax ? a : amax;
+    }
+    if (bad) return 1;
+    if (amax > 0.0f && amax < FLT_MIN) amax = FLT_MIN;
+    float recip = 1.0f / (amax > 0.0f ? amax : 1.0f);
+    for (int64_t j = 0; j < n; j++) {
+        float v = x[j] * recip;
+        v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        codes[j] = nearest_code(v, q);
+    }
+    *absmax = amax;
+    return 0;
+}
+
+static inline float normalized(float g, float r, float c, float eps, float clip) {
+    float u = g / (r * c + eps);
+    return u < -clip ? -clip : (u > clip ? clip : u);
+}
+
+/* scale="factored" SGD-SaI on rows x cols: u = clamp(g / (r_i c_j + eps), -clip, clip); m = lerp(m, u, w);
+ * p = fma(m, alpha, p * decay) (decay 1: no multiply). With codes == NULL the momentum is the fp32 tensor m, else
+ * 8-bit row blocks (codes, absmax). Returns the number of blocks left unwritten because their new momentum is not
+ * finite. */
+int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *codes, float *absmax, int64_t rows,
+                               int64_t cols, const float *r, const float *c, float eps, float clip, float w,
+                               float decay, float alpha, int64_t bs, const float *code, const int32_t *low,
+                               const float *mids, int32_t extra, int32_t threads) {
+    const qmap q = {code, low, mids, extra};
+    const int64_t per_row = codes ? (cols + bs - 1) / bs : 1;
+    int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+    {
+        float *buf = codes ? (float *)malloc((size_t)bs * sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            float *pi = p + i * cols;
+            const float *gi = g + i * cols;
+            const float ri = r[i];
+            if (!codes) {
+                float *mi = m + i * cols;
+                for (int64_t j = 0; j < cols; j++) {
+                    float mj = lerp_scalar(mi[j], normalized(gi[j], ri, c[j], eps, clip), w);
+                    mi[j] = mj;
+                    pi[j] = fmaf(mj, alpha, decay != 1.0f ? pi[j] * decay : pi[j]);
+                }
+                continue;
+            }
+            for (int64_t b = 0; b < per_row; b++) {
+                const int64_t j0 = b * bs, n = cols - j0 < bs ? cols - j0 : bs;
+                uint8_t *cb = codes + i * cols + j0;
+                float *ab = absmax + i * per_row + b;
+                const float old = *ab;
+                for (int64_t j = 0; j < n; j++)
+                    buf[j] = lerp_scalar(code[cb[j]] * old, normalized(gi[j0 + j], ri, c[j0 + j], eps, clip), w);
+                if (quantize_block(buf, n, cb, ab, &q)) {
+                    bad++;
+                    continue;
+                }
+                for (int64_t j = 0; j < n; j++) {
+                    float pj = pi[j0 + j];
+                    pi[j0 + j] = fmaf(buf[j], alpha, decay != 1.0f ? pj * decay : pj);
+                }
+            }
+        }
+        free(buf);
+    }
+    return bad;
+}
+
+/* AdamW with both moments in 8-bit row blocks (m on the signed map qm, v on the unsigned map qv):
+ * m = lerp(m, g', w1); v = fma((1 - beta2) * g', g', v * beta2)   (g' = -g when maximizing);
+ * p = p * decay + (step_size * m) / (sqrt(v) / bc2_sqrt + eps). The parameter takes the fp32 moments; the state
+ * keeps them re-quantized. Returns the number of blocks left unwritten (a moment not finite). */
+int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
+                          float *v_absmax, int64_t rows, int64_t cols, int64_t bs, float w1, float beta2,
+                          float one_minus_beta2, float decay, float bc2_sqrt, float eps, float step_size,
+                          int32_t maximize, const float *m_code, const int32_t *m_low, const float *m_mids,
+                          int32_t m_extra, const float *v_code, const int32_t *v_low, const float *v_mids,
+                          int32_t v_extra, int32_t threads) {
+    const qmap qm = {m_code, m_low, m_mids, m_extra}, qv = {v_code, v_low, v_mids, v_extra};
+    const int64_t per_row = (cols + bs - 1) / bs;
+    int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+    {
+        float *mb = (float *)malloc(2 * (size_t)bs * sizeof(float));
+        float *vb = mb + bs;
+        uint8_t *mc_new = (uint8_t *)malloc(2 * (size_t)bs);
+        uint8_t *vc_new = mc_new + bs;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < rows * per_row; blk++) {
+            const int64_t i = blk / per_row, b = blk % per_row;
+            const int64_t j0 = b * bs, n = cols - j0 < bs ? cols - j0 : bs, at = i * cols + j0;
+            const float ma = m_absmax[blk], va = v_absmax[blk];
+            for (int64_t j = 0; j < n; j++) {
+                const float gj = maximize ? -g[at + j] : g[at + j];
+                mb[j] = lerp_scalar(m_code[m_codes[at + j]] * ma, gj, w1);
+                vb[j] = fmaf(one_minus_beta2 * gj, gj, v_code[v_codes[at + j]] * va * beta2);
+            }
+            float new_ma, new_va;
+            if (quantize_block(mb, n, mc_new, &new_ma, &qm) || quantize_block(vb, n, vc_new, &new_va, &qv)) {
+                bad++;
+                continue;
+            }
+            memcpy(m_codes + at, mc_new, (size_t)n);
+            memcpy(v_codes + at, vc_new, (size_t)n);
+            m_absmax[blk] = new_ma;
+            v_absmax[blk] = new_va;
+            for (int64_t j = 0; j < n; j++) {
+                const float denom = sqrtf(vb[j]) / bc2_sqrt + eps;
+                p[at + j] = p[at + j] * decay + (step_size * mb[j]) / denom;
+            }
+        }
+        free(mb);
+        free(mc_new);
+    }
+    return bad;
+}

@@ -1,0 +1,204 @@
+"""The fused CPU updates (memopt.kernels.cpu, C loops) against their PyTorch specification (memopt.functional):
+SGD-SaI's scale="factored" step bit for bit; 8-bit AdamW's state bit for bit and its parameters within one rounding
+of the update (torch's CPU sqrt is not correctly rounded, C's is); the dispatch, its refusals and its faults."""
+
+import logging
+
+import pytest
+import torch
+
+from memopt import AdamW8bit, SGDSaI
+from memopt.functional import sgdsai as ref
+from memopt.functional.adamw import adamw_update_8bit_
+from memopt.functional.quantize import default_code, quantize_rows
+from memopt.kernels import cpu
+
+CPU = torch.device("cpu")
+# rows of whole blocks, rows with a short last block (576 = 2 x 256 + 64, the demo model's width), short rows,
+# a 3-D tensor, and one larger than a piece of the PyTorch path (several pieces there)
+SHAPES = [(64, 512), (40, 576), (17, 515), (3, 8, 300), (300, 576)]
+
+
+def _factored_reference(p, g, state, *, lr, scale, momentum, weight_decay, maximize, eps, clip, blocksize):
+    """What SGDSaI's PyTorch path does with one tensor: the normalised gradient in pieces, applied piece by piece."""
+    common = dict(lr=lr, scale=scale, momentum=momentum, weight_decay=weight_decay, maximize=maximize,
+                  first_step=False)
+    rows = [t.view(t.shape[0], -1) for t in (p, *state)]
+    for r0, r1, u in ref.normalized_pieces(g, eps, clip=clip):
+        piece = [t[r0:r1] for t in rows]
+        if len(state) == 2:
+            ref.sgdsai_update_8bit_(piece[0], u, *piece[1:], blocksize=blocksize, **common)
+        else:
+            ref.sgdsai_update_(piece[0], u, piece[1], **common)
+
+
+def _state(shape, eight, gen):
+    m = torch.randn(shape, generator=gen) * 0.1
+    return list(quantize_rows(m, None, 256)) if eight else [m]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("eight", [False, True], ids=["fp32", "8bit"])
+@pytest.mark.parametrize("momentum,weight_decay,maximize,clip", [(0.9, 0.0, False, 3.0), (0.3, 0.1, True, None)])
+def test_factored_sgdsai_equals_the_pytorch_path_bit_for_bit(shape, eight, momentum, weight_decay, maximize, clip):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=gen) * 3
+    g.view(-1)[::97] *= 50  # elements far above their row's and column's scale: clipped
+    state = _state(shape, eight, gen)
+    kw = dict(lr=1e-2, scale=1.0 / (1.0 - 0.9**3), momentum=momentum, weight_decay=weight_decay, maximize=maximize,
+              eps=1e-8, clip=clip, blocksize=256)
+    p_fast, state_fast = p.clone(), [t.clone() for t in state]
+    _factored_reference(p, g, state, **kw)
+    r, c = ref.factored_scales(g)
+    cpu.factored_sgdsai_(p_fast, g, r, c, state_fast, **kw)
+    assert torch.equal(p_fast, p)
+    for fast, slow in zip(state_fast, state):
+        assert torch.equal(fast, slow)
+
+
+def _adamw_state(shape, gen):
+    m = torch.randn(shape, generator=gen) * 0.1
+    v = torch.rand(shape, generator=gen) * 1e-2
+    return [*quantize_rows(m, default_code(True, CPU), 256), *quantize_rows(v, default_code(False, CPU), 256)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("maximize,weight_decay", [(False, 0.0), (True, 0.1)])
+def test_adamw_8bit_state_bit_for_bit_and_parameters_within_one_rounding(shape, maximize, weight_decay):
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(shape, generator=gen)
+    g = torch.randn(shape, generator=gen)
+    state = _adamw_state(shape, gen)
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=7, maximize=maximize)
+    p_fast, state_fast = p.clone(), [t.clone() for t in state]
+    before = p.clone()
+    adamw_update_8bit_(p, g, *state, **kw)
+    cpu.adamw_update_8bit_(p_fast, g, *state_fast, **kw)
+    for fast, slow in zip(state_fast, state):
+        assert torch.equal(fast, slow)
+    # the two differ only in sqrt(v) (one rounding): the step differs by at most ~2^-23 of itself, which the
+    # parameter's own rounding may turn into one unit in its last place
+    step = (p - before).abs()
+    ulp = torch.finfo(torch.float32).eps * p.abs()
+    assert ((p_fast - p).abs() <= 2 * torch.finfo(torch.float32).eps * step + ulp).all()
+    assert not torch.equal(p, before)
+
+
+def _params(gen, shapes=((64, 576), (40, 300), (576,))):
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+MAKERS = {
+    "sgdsai": lambda ps, **kw: SGDSaI(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "sgdsai_8bit": lambda ps, **kw: SGDSaI(ps, lr=1e-2, state_bits=8, min_8bit_size=256, **kw),
+    "adamw_8bit": lambda ps, **kw: AdamW8bit(ps, lr=1e-2, min_8bit_size=256, **kw),
+}
+
+
+def _train(name, steps=4, **kw):
+    gen = torch.Generator().manual_seed(2)
+    params = _params(gen)
+    opt = MAKERS[name](params, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_optimizers_take_the_fused_cpu_update_by_default_and_the_reference_with_use_triton_false(name):
+    fast, opt = _train(name)
+    assert opt.update_paths == {"cpu": 2, "torch": 1}  # the vector takes the PyTorch update
+    slow, opt_ref = _train(name, use_triton=False)
+    assert opt_ref.update_paths == {"torch": 3}
+    for a, b in zip(fast, slow):
+        if name == "adamw_8bit":  # sqrt rounding (above), over four steps
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_corrupt_block_maxima_raise_before_anything_is_written():
+    gen = torch.Generator().manual_seed(3)
+    p, g = torch.randn(40, 576, generator=gen), torch.randn(40, 576, generator=gen)
+    for update, state in [
+        (lambda st: cpu.factored_sgdsai_(p, g, *ref.factored_scales(g), st, lr=1e-2, scale=1.0, momentum=0.9,
+                                         weight_decay=0.0, eps=1e-8, clip=3.0), _state(p.shape, True, gen)),
+        (lambda st: cpu.adamw_update_8bit_(p, g, *st, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                           step=2), _adamw_state(p.shape, gen)),
+    ]:
+        state[-1][-1, -1] = float("nan")  # the last block of the last row
+        before = [t.clone() for t in (p, *state)]
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            update(state)
+        for old, now in zip(before, (p, *state)):
+            assert torch.equal(old.view(torch.uint8), now.view(torch.uint8))  # bit patterns: NaN included
+
+
+def test_a_moment_that_overflows_leaves_its_block_unchanged_and_raises():
+    gen = torch.Generator().manual_seed(4)
+    p, g = torch.randn(8, 512, generator=gen), torch.randn(8, 512, generator=gen)
+    g[5, 300] = 1e21  # finite, but (1 - beta2) g^2 overflows fp32: the second moment of its block is Inf
+    state = _adamw_state(p.shape, gen)
+    p0, s0 = p.clone(), [t.clone() for t in state]
+    with pytest.raises(ValueError, match=r"1 block\(s\) of the new 8-bit state are NaN or Inf"):
+        cpu.adamw_update_8bit_(p, g, *state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=2)
+    assert torch.equal(p[5, 256:], p0[5, 256:]) and torch.equal(state[2][5, 256:], s0[2][5, 256:])
+    assert torch.equal(state[3][5, 1], s0[3][5, 1])
+    assert not torch.equal(p[5, :256], p0[5, :256]) and not torch.equal(p[4], p0[4])
+
+
+@pytest.mark.parametrize("make,why", [
+    (lambda: (torch.randn(8, 512, dtype=torch.bfloat16), [torch.zeros(8, 512)]), "not fp32"),
+    (lambda: (torch.randn(512, 8).t(), [torch.zeros(8, 512)]), "not a contiguous tensor"),
+    (lambda: (torch.randn(512), [torch.zeros(512)]), "not a contiguous tensor of two or more dimensions"),
+    (lambda: (torch.randn(8, 512), [None]), "no state buffer"),
+    (lambda: (torch.randn(8, 100), list(quantize_rows(torch.zeros(8, 100), None, 256))), "not in row blocks"),
+])
+def test_refusals_name_the_reason(make, why):
+    p, state = make()
+    g = torch.zeros_like(p)
+    assert why in cpu.refusal(p, g, state, 256 if len(state) == 2 else None)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_LIB", {})
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_the_library_builds_into_the_cache_and_is_reused(fresh_library):
+    assert cpu.library() is not None
+    built = list(fresh_library.glob("cpu_update-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu._LIB.clear()
+    assert cpu.library() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("env,message", [({"MEMOPT_CPU_KERNELS": "0"}, "MEMOPT_CPU_KERNELS=0"),
+                                         ({"CC": "no-such-compiler-here"}, "no C compiler")])
+def test_without_the_library_updates_fall_back_with_one_log_line(fresh_library, monkeypatch, caplog, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        fast, opt = _train("sgdsai_8bit", steps=2)
+    assert opt.update_paths == {"torch": 3}
+    lines = [r.message for r in caplog.records if "fused CPU updates unavailable" in r.message]
+    assert len(lines) == 1 and message in lines[0]
+    cpu._LIB.clear()
+    monkeypatch.delenv(next(iter(env)))
+    slow, _ = _train("sgdsai_8bit", steps=2)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_build_is_reported(fresh_library, monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "FLAGS", [*cpu.FLAGS, "-fno-such-flag-anywhere"])
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        assert cpu.library() is None
+    assert "failed" in caplog.text and "no-such-flag" in caplog.text
+    assert not list(fresh_library.glob("*.so"))  # no half-written library left behind
