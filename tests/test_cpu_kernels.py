@@ -1,6 +1,8 @@
 """The fused CPU updates (memopt.kernels.cpu, C loops) against their PyTorch specification (memopt.functional):
-SGD-SaI's scale="factored" step bit for bit; 8-bit AdamW's state bit for bit and its parameters within one rounding
-of the update (torch's CPU sqrt is not correctly rounded, C's is); the dispatch, its refusals and its faults."""
+SGD-SaI's scale="factored" step bit for bit given the same statistics, and the statistics (sums of squares, in
+double) within one fp32 rounding; 8-bit AdamW's state bit for bit and its parameters within one rounding of the
+update (torch's CPU sqrt is not correctly rounded, C's is); the finite check the statistics make; the dispatch, its
+refusals and its faults."""
 
 import logging
 
@@ -113,11 +115,22 @@ def test_optimizers_take_the_fused_cpu_update_by_default_and_the_reference_with_
     assert opt.update_paths == {"cpu": 2, "torch": 1}  # the vector takes the PyTorch update
     slow, opt_ref = _train(name, use_triton=False)
     assert opt_ref.update_paths == {"torch": 3}
+    _assert_near_the_pytorch_path(name, fast, slow)
+
+
+def _assert_near_the_pytorch_path(name, fast, slow):
+    """The documented bounds (docs/optimizers.md) after a few steps at lr 1e-2: SGD-SaI's statistics are summed in
+    another order (in double, rounded once) and AdamW's sqrt rounds once more correctly, so parameters differ in
+    their last bits; with 8-bit momentum a value that lands within a rounding of a midpoint between two codes may
+    take the neighbouring code, a difference of up to one code step times the lr, in a few elements."""
     for a, b in zip(fast, slow):
-        if name == "adamw_8bit":  # sqrt rounding (above), over four steps
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        if a.dim() < 2:
+            assert torch.equal(a, b)  # vectors take the PyTorch update on both paths
+        elif name == "sgdsai_8bit":
+            far = (a - b).abs() > 1e-6
+            assert float((a - b).abs().max()) <= 1e-4 and int(far.sum()) <= a.numel() // 100
         else:
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_corrupt_block_maxima_raise_before_anything_is_written():
@@ -192,8 +205,7 @@ def test_without_the_library_updates_fall_back_with_one_log_line(fresh_library, 
     cpu._LIB.clear()
     monkeypatch.delenv(next(iter(env)))
     slow, _ = _train("sgdsai_8bit", steps=2)
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
+    _assert_near_the_pytorch_path("sgdsai_8bit", slow, fast)
 
 
 def test_a_failed_build_is_reported(fresh_library, monkeypatch, caplog):
@@ -202,3 +214,59 @@ def test_a_failed_build_is_reported(fresh_library, monkeypatch, caplog):
         assert cpu.library() is None
     assert "failed" in caplog.text and "no-such-flag" in caplog.text
     assert not list(fresh_library.glob("*.so"))  # no half-written library left behind
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (17, 515), (3, 8, 300), (1, 7)])
+def test_square_sums_are_the_float64_sums_rounded_once(shape):
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(shape, generator=gen) * torch.logspace(-15, 15, shape[0])[(...,) + (None,) * (len(shape) - 1)]
+    (row_ss, col_ss), finite = cpu.square_sums(g)
+    g64 = g.double().reshape(shape[0], -1) ** 2
+    assert finite
+    # the double sums carry ~n 2^-53 relative error; one rounding to fp32 adds at most 2^-24
+    torch.testing.assert_close(row_ss.double(), g64.sum(1), rtol=2.0**-23, atol=0)
+    torch.testing.assert_close(col_ss.double(), g64.sum(0), rtol=2.0**-23, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_square_sums_say_whether_the_gradient_is_finite(bad):
+    g = torch.ones(33, 300)
+    assert cpu.square_sums(g * 1e30)[1]  # finite, though its squares overflow fp32
+    g[32, 299] = bad
+    assert not cpu.square_sums(g)[1]
+
+
+def test_a_non_finite_gradient_is_skipped_by_the_statistics_without_a_separate_check(monkeypatch, caplog):
+    """Past a tensor's first step the fused SGD-SaI update's statistics are its finite check: the optimizer's own
+    check (one more read of the gradient) is not made for it, and a NaN gradient is skipped all the same."""
+    from memopt.optim import _base
+
+    checked = []
+    real = _base.MemoptOptimizer._finite_mask
+    monkeypatch.setattr(_base.MemoptOptimizer, "_finite_mask",
+                        staticmethod(lambda grads: checked.append([tuple(g.shape) for g in grads]) or real(grads)))
+    params, opt = _train("sgdsai_8bit", steps=2)
+    assert checked[0] == [(64, 576), (40, 300), (576,)]  # the first step: checked by the optimizer
+    assert checked[-1] == [(576,)]  # afterwards only the tensor on the PyTorch update
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params]
+    steps = [opt.state[p]["step"] for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    params[0].grad[3, 5] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        opt.step()
+    assert "skipped 1 tensor(s) with non-finite gradients" in caplog.text
+    assert torch.equal(params[0].detach(), before[0]) and not torch.equal(params[1].detach(), before[1])
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in state[0].items())
+    assert opt.state[params[0]]["step"] == steps[0] and opt.state[params[1]]["step"] == steps[1] + 1
+
+
+def test_with_check_finite_off_a_non_finite_gradient_reaches_the_parameter():
+    params, opt = _train("sgdsai", steps=2)
+    opt.param_groups[0]["check_finite"] = False
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    params[0].grad[3, 5] = float("nan")
+    opt.step()
+    assert params[0].isnan().any()

@@ -134,7 +134,8 @@ def test_a_kernel_failing_its_self_check_falls_back_with_one_warning_or_raises_w
     ref, _ = _run(MAKERS["sgdsai_8bit"], False)
     auto, opt = _run(MAKERS["sgdsai_8bit"], None)
     assert opt.update_paths == NO_TRITON_PATHS
-    assert all(torch.equal(a, b) for a, b in zip(ref, auto))
+    for a, b in zip(ref, auto):  # the fused CPU update's statistics are summed in another order (test_cpu_kernels.py)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # the AdamW kernels passed their own check and stay in use
     _, adam = _run(MAKERS["adamw_8bit"], None)
     assert adam.update_paths.get("triton", 0) >= 2

@@ -64,6 +64,8 @@ def _build() -> ctypes.CDLL:
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
     lib.memopt_factored_sgdsai.restype = i64
     lib.memopt_factored_sgdsai.argtypes = [ptr] * 5 + [i64, i64, ptr, ptr] + [f32] * 5 + [i64, ptr, ptr, ptr, i32, i32]
+    lib.memopt_square_sums.restype = i32
+    lib.memopt_square_sums.argtypes = [ptr, i64, i64, ptr, ptr, i32]
     lib.memopt_adamw_8bit.restype = i64
     lib.memopt_adamw_8bit.argtypes = [ptr] * 6 + [i64, i64, i64] + [f32] * 7 + [i32] + [ptr, ptr, ptr, i32] * 2 + [i32]
     return lib
@@ -105,6 +107,22 @@ def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None) 
     return None
 
 
+def square_sums(grad: Tensor) -> tuple[tuple[Tensor, Tensor], bool]:
+    """The sums of squares of the rows and of the columns of fp32 ``grad`` viewed as ``rows × rest`` (accumulated in
+    double, rounded once; the order of the column sums depends on the thread count), for
+    :func:`memopt.functional.sgdsai.scales_from_sums`, and whether ``grad`` is entirely finite: one read of the
+    gradient makes both the statistics of ``scale="factored"`` and its finite check."""
+    rows = grad.shape[0]
+    cols = grad.numel() // rows
+    row_ss = torch.empty(rows, dtype=torch.float32)
+    col_ss = torch.empty(cols, dtype=torch.float32)
+    finite = library().memopt_square_sums(grad.data_ptr(), rows, cols, row_ss.data_ptr(), col_ss.data_ptr(),
+                                          torch.get_num_threads())
+    if finite < 0:
+        raise MemoryError(f"memopt_square_sums: no memory for {torch.get_num_threads()} x {cols} column sums")
+    return (row_ss, col_ss), bool(finite)
+
+
 def _map(code: Optional[Tensor], signed: bool) -> tuple[list, list]:
     """The tensors and the C arguments (values, midpoint counts, padded midpoints, passes) of a code map: the
     default dynamic map when ``code`` is ``None``. The caller holds the tensors during the call."""
@@ -123,7 +141,7 @@ def factored_sgdsai_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, state: l
                      momentum: float, weight_decay: float, eps: float, clip: Optional[float], maximize: bool = False,
                      blocksize: int = 256) -> None:
     """One ``scale="factored"`` SGD-SaI step past the first (``memopt.optim.sgdsai``), in one pass: the normalised
-    gradient from the factors ``r`` (rows, 1) and ``c`` (1, rest) of :func:`memopt.functional.sgdsai.factored_scales`,
+    gradient from the factors ``r`` (rows, 1) and ``c`` (1, rest) of :func:`memopt.functional.sgdsai.scales_from_sums`,
     its momentum (``state``: one fp32 buffer, or 8-bit codes and block maxima) and the parameter. Equal bit for bit
     to :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)``."""
     eight = len(state) == 2

@@ -13,6 +13,9 @@
  * block's maximum (memopt/functional/quantize.py: the 65536-entry table `low` on the value's top 16 bits, then
  * `extra` compare-and-step passes on the midpoints padded with +inf). */
 #include <float.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -161,4 +164,51 @@ int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_a
         free(mc_new);
     }
     return bad;
+}
+
+/* The sums of squares of the rows (row_ss, rows values) and of the columns (col_ss, cols values) of g (rows x cols),
+ * accumulated in double and rounded to fp32 once. Returns 0 when an element is NaN or infinite (a finite fp32
+ * element's square cannot overflow a double, so this is the gradient's finite check), 1 otherwise, -1 when out of
+ * memory. */
+int32_t memopt_square_sums(const float *g, int64_t rows, int64_t cols, float *row_ss, float *col_ss,
+                           int32_t threads) {
+    double *cols_of = (double *)calloc((size_t)threads * (size_t)cols, sizeof(double));
+    if (!cols_of) return -1;
+    int finite = 1;
+#pragma omp parallel num_threads(threads) reduction(& : finite)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        double *acc = cols_of + (size_t)t * (size_t)cols;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *gi = g + i * cols;
+            double part[8] = {0.0};  /* eight running sums: a vector of them, not one chain of dependent adds */
+            int64_t j = 0;
+            for (; j + 8 <= cols; j += 8)
+                for (int k = 0; k < 8; k++) {
+                    const double x = gi[j + k];
+                    part[k] += x * x;
+                    acc[j + k] += x * x;
+                }
+            for (; j < cols; j++) {
+                const double x = gi[j];
+                part[0] += x * x;
+                acc[j] += x * x;
+            }
+            double s = 0.0;
+            for (int k = 0; k < 8; k++) s += part[k];
+            finite &= s <= DBL_MAX;  /* NaN or Inf in the row */
+            row_ss[i] = (float)s;
+        }
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int32_t t = 0; t < threads; t++) s += cols_of[(size_t)t * (size_t)cols + j];
+        col_ss[j] = (float)s;
+    }
+    free(cols_of);
+    return finite;
 }

@@ -91,7 +91,8 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         """Whether this tensor's update (not on the Triton kernels) runs the fused CPU update of
         :mod:`memopt.kernels.cpu`: a tensor it takes (``memopt.kernels.cpu.refusal``; ``state``: the tensor's state
         tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers), unless ``use_triton=False``
-        (the PyTorch reference everywhere). Logged once per reason; counted as ``cpu`` in ``update_paths``."""
+        (the PyTorch reference everywhere). Logged once per reason; the caller counts the updates it runs in
+        ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
         from memopt.kernels.cpu import refusal
 
         why = "use_triton=False" if group["use_triton"] is False else refusal(p, g, state, blocksize)
@@ -99,8 +100,13 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         if path not in self._logged_paths:
             self._logged_paths.add(path)
             logger.info("%s update path: %s", type(self).__name__, path)
-        self._cpu_updates += why is None
         return why is None
+
+    def _checks_finite_itself(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        """Whether this tensor's update checks its gradient for NaN/Inf itself, in a pass over it that it makes
+        anyway (then skipping it as the optimizer's check would, and counting the skip): the optimizer does not read
+        the gradient once more beforehand."""
+        return False
 
     def _record_paths(self, n_triton: int, n_torch: int) -> None:
         """Tensors updated by each path in the last step (shown by the memory report): ``n_torch`` counts every
@@ -275,7 +281,8 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                       if on_device and self._checked_on_device(group, p, g)]
             for i, flag in zip(device, self._device_flags([params[i] for i in device], [grads[i] for i in device])):
                 flags[i] = flag
-            on_host = [i for i in range(len(grads)) if flags[i] is None]
+            on_host = [i for i in range(len(grads))
+                       if flags[i] is None and not self._checks_finite_itself(group, params[i], grads[i])]
             mask = [True] * len(grads)
             if on_host:  # no host check at all when every flag stays on the device
                 for i, ok in zip(on_host, self._finite_mask([grads[i] for i in on_host])):

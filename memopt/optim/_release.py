@@ -145,7 +145,7 @@ class GradientReleaseMixin:
                 keep = self._release_update(group, p, g, None)
             elif self._checked_on_device(group, p, g):
                 keep = self._release_update(group, p, g, self._device_flags([p], [g])[0])
-            elif self._finite_mask([g])[0]:
+            elif self._checks_finite_itself(group, p, g) or self._finite_mask([g])[0]:
                 keep = self._release_update(group, p, g, None)
             else:
                 self._count_skips(1)

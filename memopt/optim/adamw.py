@@ -127,6 +127,7 @@ class AdamW8bit(MemoptOptimizer):
                 update = load_kernels("adamw").adamw_update_8bit_
             elif finite is None and self._use_cpu_kernel(group, p, g, codes, group["blocksize"]):
                 update = cpu_kernels.adamw_update_8bit_
+                self._cpu_updates += 1
             else:
                 update = adamw_update_8bit_
             update(p, g, *codes, step=state["step"], blocksize=group["blocksize"], finite=finite, **common)

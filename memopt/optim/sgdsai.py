@@ -11,7 +11,7 @@ from torch import Tensor
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import check_block_maxima, layout_8bit, load_moment, quantize_rows, row_blocked
-from memopt.functional.sgdsai import (factored_scales, gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
+from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, scales_from_sums, sgdsai_update_,
                                       sgdsai_update_foreach_)
 from memopt.kernels import cpu as cpu_kernels
 from memopt.kernels import load as load_kernels
@@ -209,7 +209,15 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         tensor still waits for its first non-zero gradient (then only the decay applies, as for a deferred g-SNR).
         ``finite``: the gradient's device-side flag (:meth:`_checked_on_device`), or ``None``."""
         state, beta = self.state[p], group["momentum"]
-        if not state.get("step"):
+        first = not state.get("step")
+        on_cpu = None if first or finite is not None else self._cpu_state(group, p, g)
+        sums = None
+        if on_cpu is not None:
+            sums, ok = cpu_kernels.square_sums(g)
+            if not ok and group["check_finite"]:  # the finite check, made by the statistics (_checks_finite_itself)
+                self._count_skips(1)
+                return None
+        if first:
             if not bool(g.detach().abs().amax() > 0):  # one host sync, at a tensor's first steps only
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
@@ -217,19 +225,21 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             self._zero_momentum(group, p)
         state["step"] = state.get("step", 0) + 1
         scale = 1.0 / (1.0 - beta ** state["step"]) if beta != 0.0 else 1.0
+        if first and finite is None:  # a first step takes the fused CPU update too (the optimizer checked g)
+            on_cpu = self._cpu_state(group, p, g)
+            sums = None if on_cpu is None else cpu_kernels.square_sums(g)[0]
+        if on_cpu is not None:
+            cpu_kernels.factored_sgdsai_(p, g, *scales_from_sums(*sums), on_cpu, lr=group["lr"], scale=scale,
+                                         momentum=beta, weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                         eps=group["eps"], clip=group["clip"], blocksize=group["blocksize"])
+            self._cpu_updates += 1
+            return False
         eight = "momentum_codes" in state
         # the kernel takes the normalised gradient: contiguous, in the gradient's dtype
         fused = self._use_triton(group, p, torch.empty(0, dtype=g.dtype, device=g.device), "sgdsai", eight_bit=eight)
         common = dict(lr=group["lr"], scale=scale, momentum=beta, weight_decay=group["weight_decay"],
                       maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"], first_step=False)
         state_tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
-        if not fused and finite is None and \
-                self._use_cpu_kernel(group, p, g, state_tensors, group["blocksize"] if eight else None):
-            r, c = factored_scales(g)
-            cpu_kernels.factored_sgdsai_(p, g, r, c, state_tensors, lr=group["lr"], scale=scale, momentum=beta,
-                                         weight_decay=group["weight_decay"], maximize=group["maximize"],
-                                         eps=group["eps"], clip=group["clip"], blocksize=group["blocksize"])
-            return False
         if not fused and finite is None and self._in_pieces(group, p, state_tensors):
             # PyTorch path: each piece of rows of the normalised gradient is applied while it is in the cache
             # as rows: the parameter, its buffer or codes, and the block maxima (already one row per parameter row)
@@ -250,6 +260,22 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         else:
             impl.sgdsai_update_(p, u, state_tensors[0], finite=finite, **common)
         return fused
+
+    def _cpu_state(self, group: dict, p: Tensor, g: Tensor) -> Optional[list]:
+        """The state tensors of a tensor past its first ``scale="factored"`` step whose update is the fused CPU one
+        (not the Triton kernels, :meth:`_use_cpu_kernel`), or ``None``."""
+        state = self.state[p]
+        if group["scale"] != "factored" or not state.get("step"):
+            return None
+        eight = "momentum_codes" in state
+        tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
+        if self._use_triton(group, p, torch.empty(0, dtype=g.dtype, device=g.device), "sgdsai", eight_bit=eight):
+            return None
+        return tensors if self._use_cpu_kernel(group, p, g, tensors, group["blocksize"] if eight else None) else None
+
+    def _checks_finite_itself(self, group: dict, p: Tensor, g: Tensor) -> bool:
+        # the fused CPU update reads the whole gradient for its statistics first, and they say whether it is finite
+        return self._cpu_state(group, p, g) is not None
 
     @staticmethod
     def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
