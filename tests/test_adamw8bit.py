@@ -29,13 +29,16 @@ def _run(opt, params, grads):
         opt.step()
 
 
-def test_32bit_form_equals_torch_adamw_bitwise():
+@pytest.mark.parametrize("fused", [False, True])
+def test_32bit_form_equals_torch_adamw_bitwise(fused):
+    """The PyTorch form (use_triton=False) is torch's single-tensor AdamW; the default CPU path runs torch's fused
+    CPU kernel, as torch.optim.AdamW(fused=True) does."""
     shapes = [(64, 80), (7,)]
     a, b = _params(*shapes), _params(*shapes)
     grads = _grads(shapes, 5)
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-    _run(torch.optim.AdamW(a, foreach=False, **kw), a, grads)
-    _run(AdamW8bit(b, state_bits=32, **kw), b, grads)
+    _run(torch.optim.AdamW(a, fused=True, **kw) if fused else torch.optim.AdamW(a, foreach=False, **kw), a, grads)
+    _run(AdamW8bit(b, state_bits=32, use_triton=None if fused else False, **kw), b, grads)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -86,17 +86,19 @@ def library() -> Optional[ctypes.CDLL]:
     return _LIB["lib"]
 
 
-def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None) -> Optional[str]:
+def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None, matrix: bool = True) -> Optional[str]:
     """Why the fused CPU updates cannot take parameter ``p`` with gradient ``g`` and state tensors ``state`` (8-bit
     codes and maxima in row blocks of ``blocksize``, or fp32 buffers), or ``None``: CPU, fp32, contiguous, two or
-    more dimensions, 8-bit state in row blocks."""
+    more dimensions (unless not ``matrix``: an elementwise update), 8-bit state in row blocks."""
     if any(t is None for t in state):
         return "no state buffer"
     tensors = [p, g, *state]
     if p.device.type != "cpu" or any(t.device != p.device for t in tensors):
         return "not a CPU tensor"
-    if p.dim() < 2 or not all(t.is_contiguous() for t in tensors):
-        return "not a contiguous tensor of two or more dimensions"
+    if not all(t.is_contiguous() for t in tensors):
+        return "not contiguous"
+    if matrix and p.dim() < 2:
+        return "not a tensor of two or more dimensions"
     if p.dtype != torch.float32 or g.dtype != torch.float32 or \
             any(t.is_floating_point() and t.dtype != torch.float32 for t in state):
         return "not fp32"
@@ -132,6 +134,8 @@ def _map(code: Optional[Tensor], signed: bool) -> tuple[list, list]:
 
 
 def _raise_if(bad: int) -> None:
+    if bad < 0:
+        raise MemoryError("the fused CPU update could not allocate its per-thread block buffers")
     if bad:
         raise ValueError(f"{bad} block(s) of the new 8-bit state are NaN or Inf (overflow): those blocks and their "
                          f"parameters were left unchanged, the others were updated")
@@ -159,23 +163,39 @@ def factored_sgdsai_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, state: l
     _raise_if(bad)
 
 
+def _adam_args(*, lr, beta1, beta2, eps, weight_decay, step, maximize) -> list:
+    """The C functions' AdamW arguments, as the PyTorch form computes them (memopt/functional/adamw.py)."""
+    return [1.0 - beta1, beta2, 1.0 - beta2, 1.0 - lr * weight_decay, math.sqrt(1.0 - beta2**step), eps,
+            -lr / (1.0 - beta1**step), int(maximize)]
+
+
+def adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
+                  stochastic_rounding: bool = False) -> None:
+    """:func:`memopt.functional.adamw.adamw_update_` (fp32: ``stochastic_rounding`` has no effect) on torch's fused CPU
+    AdamW kernel, the one ``torch.optim.AdamW(fused=True)`` runs: equal to that bit for bit, and to the PyTorch
+    form within a rounding (its operations differ in order in places)."""
+    torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [torch.tensor(float(step))], lr=lr, beta1=beta1,
+                        beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+
+
 def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_avg_absmax: Tensor,
                        exp_avg_sq_codes: Tensor, exp_avg_sq_absmax: Tensor, *, lr: float, beta1: float, beta2: float,
                        eps: float, weight_decay: float, step: int, maximize: bool = False, blocksize: int = 256,
                        signed_code: Optional[Tensor] = None, unsigned_code: Optional[Tensor] = None,
                        stochastic_rounding: bool = False, finite: Optional[Tensor] = None) -> None:
     """:func:`memopt.functional.adamw.adamw_update_8bit_` in one pass (fp32 parameters: ``stochastic_rounding`` has
-    no effect; ``finite`` must be ``None``, the CPU path checks gradients before the update)."""
+    no effect; ``finite`` must be ``None``, the CPU path checks gradients before the update). The state equals the
+    PyTorch form's bit for bit, the parameter within one rounding of its step (``sqrt``)."""
     if finite is not None:
         raise ValueError("the fused CPU update takes no device-side finite flag")
     state = [exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax]
     check_block_maxima(state)
     rows = param.shape[0]
-    cols = param.numel() // rows
     _held_m, m_args = _map(signed_code, True)
     _held_v, v_args = _map(unsigned_code, False)
     bad = library().memopt_adamw_8bit(
-        *(t.data_ptr() for t in (param, grad, *state)), rows, cols, blocksize, 1.0 - beta1, beta2, 1.0 - beta2,
-        1.0 - lr * weight_decay, math.sqrt(1.0 - beta2**step), eps, -lr / (1.0 - beta1**step), int(maximize),
-        *m_args, *v_args, torch.get_num_threads())
+        *(t.data_ptr() for t in (param, grad, *state)), rows, param.numel() // rows, blocksize,
+        *_adam_args(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                    maximize=maximize), *m_args, *v_args, torch.get_num_threads())
     _raise_if(bad)

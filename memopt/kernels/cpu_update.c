@@ -28,6 +28,14 @@ typedef struct {
     int32_t extra;       /* compare-and-step passes */
 } qmap;
 
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 static inline float lerp_scalar(float a, float b, float w) {
     return fabsf(w) < 0.5f ? fmaf(w, b - a, a) : fmaf(w - 1.0f, b - a, b);
 }
@@ -70,7 +78,7 @@ static inline float normalized(float g, float r, float c, float eps, float clip)
 /* scale="factored" SGD-SaI on rows x cols: u = clamp(g / (r_i c_j + eps), -clip, clip); m = lerp(m, u, w);
  * p = fma(m, alpha, p * decay) (decay 1: no multiply). With codes == NULL the momentum is the fp32 tensor m, else
  * 8-bit row blocks (codes, absmax). Returns the number of blocks left unwritten because their new momentum is not
- * finite. */
+ * finite, or -1 when out of memory (nothing written). */
 int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *codes, float *absmax, int64_t rows,
                                int64_t cols, const float *r, const float *c, float eps, float clip, float w,
                                float decay, float alpha, int64_t bs, const float *code, const int32_t *low,
@@ -78,9 +86,11 @@ int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *code
     const qmap q = {code, low, mids, extra};
     const int64_t per_row = codes ? (cols + bs - 1) / bs : 1;
     int64_t bad = 0;
+    float *bufs = codes ? (float *)malloc((size_t)threads * (size_t)bs * sizeof(float)) : NULL;
+    if (codes && !bufs) return -1;
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
-        float *buf = codes ? (float *)malloc((size_t)bs * sizeof(float)) : NULL;
+        float *buf = codes ? bufs + (size_t)thread_index() * (size_t)bs : NULL;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
             float *pi = p + i * cols;
@@ -112,15 +122,31 @@ int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *code
                 }
             }
         }
-        free(buf);
     }
+    free(bufs);
     return bad;
 }
 
-/* AdamW with both moments in 8-bit row blocks (m on the signed map qm, v on the unsigned map qv):
- * m = lerp(m, g', w1); v = fma((1 - beta2) * g', g', v * beta2)   (g' = -g when maximizing);
- * p = p * decay + (step_size * m) / (sqrt(v) / bc2_sqrt + eps). The parameter takes the fp32 moments; the state
- * keeps them re-quantized. Returns the number of blocks left unwritten (a moment not finite). */
+/* One AdamW element: m = lerp(m, g', w1); v = fma((1 - beta2) g', g', v beta2) (g' = -g when maximizing); then the
+ * parameter p decay + (step_size m) / (sqrt(v) / bc2_sqrt + eps), from the fp32 moments (the state keeps them
+ * re-quantized). */
+typedef struct {
+    float w1, beta2, one_minus_beta2, decay, bc2_sqrt, eps, step_size;
+    int32_t maximize;
+} adam_args;
+
+static inline void adam_moments(float g, float *m, float *v, const adam_args *a) {
+    const float gg = a->maximize ? -g : g;
+    *m = lerp_scalar(*m, gg, a->w1);
+    *v = fmaf(a->one_minus_beta2 * gg, gg, *v * a->beta2);
+}
+
+static inline float adam_param(float p, float m, float v, const adam_args *a) {
+    return p * a->decay + (a->step_size * m) / (sqrtf(v) / a->bc2_sqrt + a->eps);
+}
+
+/* AdamW with both moments in 8-bit row blocks (m on the signed map qm, v on the unsigned map qv). Returns the number
+ * of blocks left unwritten (a moment not finite), or -1 when out of memory (nothing written). */
 int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
                           float *v_absmax, int64_t rows, int64_t cols, int64_t bs, float w1, float beta2,
                           float one_minus_beta2, float decay, float bc2_sqrt, float eps, float step_size,
@@ -128,23 +154,29 @@ int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_a
                           int32_t m_extra, const float *v_code, const int32_t *v_low, const float *v_mids,
                           int32_t v_extra, int32_t threads) {
     const qmap qm = {m_code, m_low, m_mids, m_extra}, qv = {v_code, v_low, v_mids, v_extra};
+    const adam_args a = {w1, beta2, one_minus_beta2, decay, bc2_sqrt, eps, step_size, maximize};
     const int64_t per_row = (cols + bs - 1) / bs;
     int64_t bad = 0;
+    float *values = (float *)malloc((size_t)threads * 2 * (size_t)bs * sizeof(float));
+    uint8_t *new_codes = (uint8_t *)malloc((size_t)threads * 2 * (size_t)bs);
+    if (!values || !new_codes) {
+        free(values);
+        free(new_codes);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
-        float *mb = (float *)malloc(2 * (size_t)bs * sizeof(float));
-        float *vb = mb + bs;
-        uint8_t *mc_new = (uint8_t *)malloc(2 * (size_t)bs);
-        uint8_t *vc_new = mc_new + bs;
+        float *mb = values + (size_t)thread_index() * 2 * (size_t)bs, *vb = mb + bs;
+        uint8_t *mc_new = new_codes + (size_t)thread_index() * 2 * (size_t)bs, *vc_new = mc_new + bs;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < rows * per_row; blk++) {
             const int64_t i = blk / per_row, b = blk % per_row;
             const int64_t j0 = b * bs, n = cols - j0 < bs ? cols - j0 : bs, at = i * cols + j0;
             const float ma = m_absmax[blk], va = v_absmax[blk];
             for (int64_t j = 0; j < n; j++) {
-                const float gj = maximize ? -g[at + j] : g[at + j];
-                mb[j] = lerp_scalar(m_code[m_codes[at + j]] * ma, gj, w1);
-                vb[j] = fmaf(one_minus_beta2 * gj, gj, v_code[v_codes[at + j]] * va * beta2);
+                mb[j] = m_code[m_codes[at + j]] * ma;
+                vb[j] = v_code[v_codes[at + j]] * va;
+                adam_moments(g[at + j], &mb[j], &vb[j], &a);
             }
             float new_ma, new_va;
             if (quantize_block(mb, n, mc_new, &new_ma, &qm) || quantize_block(vb, n, vc_new, &new_va, &qv)) {
@@ -155,14 +187,11 @@ int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_a
             memcpy(v_codes + at, vc_new, (size_t)n);
             m_absmax[blk] = new_ma;
             v_absmax[blk] = new_va;
-            for (int64_t j = 0; j < n; j++) {
-                const float denom = sqrtf(vb[j]) / bc2_sqrt + eps;
-                p[at + j] = p[at + j] * decay + (step_size * mb[j]) / denom;
-            }
+            for (int64_t j = 0; j < n; j++) p[at + j] = adam_param(p[at + j], mb[j], vb[j], &a);
         }
-        free(mb);
-        free(mc_new);
     }
+    free(values);
+    free(new_codes);
     return bad;
 }
 
@@ -177,11 +206,7 @@ int32_t memopt_square_sums(const float *g, int64_t rows, int64_t cols, float *ro
     int finite = 1;
 #pragma omp parallel num_threads(threads) reduction(& : finite)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        double *acc = cols_of + (size_t)t * (size_t)cols;
+        double *acc = cols_of + (size_t)thread_index() * (size_t)cols;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; i++) {
             const float *gi = g + i * cols;

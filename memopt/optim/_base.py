@@ -87,15 +87,17 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             logger.info("%s update path: %s", type(self).__name__, path)
         return ok
 
-    def _use_cpu_kernel(self, group: dict, p: Tensor, g: Tensor, state: list, blocksize: Optional[int]) -> bool:
+    def _use_cpu_kernel(self, group: dict, p: Tensor, g: Tensor, state: list, blocksize: Optional[int],
+                        matrix: bool = True) -> bool:
         """Whether this tensor's update (not on the Triton kernels) runs the fused CPU update of
         :mod:`memopt.kernels.cpu`: a tensor it takes (``memopt.kernels.cpu.refusal``; ``state``: the tensor's state
-        tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers), unless ``use_triton=False``
+        tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers; ``matrix``: the update needs two or
+        more dimensions), unless ``use_triton=False``
         (the PyTorch reference everywhere). Logged once per reason; the caller counts the updates it runs in
         ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
         from memopt.kernels.cpu import refusal
 
-        why = "use_triton=False" if group["use_triton"] is False else refusal(p, g, state, blocksize)
+        why = "use_triton=False" if group["use_triton"] is False else refusal(p, g, state, blocksize, matrix)
         path = "fused CPU update" if why is None else f"torch reference ({why})"
         if path not in self._logged_paths:
             self._logged_paths.add(path)

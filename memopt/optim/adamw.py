@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from memopt.distributed import is_dtensor, local
+from memopt.functional import adamw as _functional
 from memopt.functional.adamw import adamw_update_, adamw_update_8bit_
 from memopt.functional.quantize import layout_8bit
 from memopt.kernels import cpu as cpu_kernels
@@ -134,7 +135,9 @@ class AdamW8bit(MemoptOptimizer):
             return fused
         m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
         if finite is None:
-            adamw_update_(p, g, m, v, step=state["step"], **common)
+            on_cpu = self._use_cpu_kernel(group, p, g, [m, v], None, matrix=False)
+            (cpu_kernels if on_cpu else _functional).adamw_update_(p, g, m, v, step=state["step"], **common)
+            self._cpu_updates += on_cpu
             return False
         # checked on the device: update copies and keep them where the flag is true, without reading it on the host
         # (a small tensor: 32-bit state is for tensors below min_8bit_size or marked to keep it)
