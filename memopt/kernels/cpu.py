@@ -63,7 +63,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
     lib.memopt_factored_sgdsai.restype = i64
-    lib.memopt_factored_sgdsai.argtypes = [ptr] * 5 + [i64, i64, ptr, ptr] + [f32] * 5 + [i64, ptr, ptr, ptr, i32, i32]
+    lib.memopt_factored_sgdsai.argtypes = [ptr] * 5 + [i64, i64, ptr, ptr, i32] + [f32] * 6 + [i64, ptr, ptr, ptr, i32,
+                                                                                          i32]
     lib.memopt_square_sums.restype = i32
     lib.memopt_square_sums.argtypes = [ptr, i64, i64, ptr, ptr, i32]
     lib.memopt_adamw_8bit.restype = i64
@@ -113,7 +114,8 @@ def square_sums(grad: Tensor) -> tuple[tuple[Tensor, Tensor], bool]:
     """The sums of squares of the rows and of the columns of fp32 ``grad`` viewed as ``rows × rest`` (accumulated in
     double, rounded once; the order of the column sums depends on the thread count), for
     :func:`memopt.functional.sgdsai.scales_from_sums`, and whether ``grad`` is entirely finite: one read of the
-    gradient makes both the statistics of ``scale="factored"`` and its finite check."""
+    gradient makes both the statistics of ``scale="factored"`` and its finite check (:func:`factored_sgdsai_` runs
+    it first)."""
     rows = grad.shape[0]
     cols = grad.numel() // rows
     row_ss = torch.empty(rows, dtype=torch.float32)
@@ -141,26 +143,34 @@ def _raise_if(bad: int) -> None:
                          f"parameters were left unchanged, the others were updated")
 
 
-def factored_sgdsai_(param: Tensor, grad: Tensor, r: Tensor, c: Tensor, state: list, *, lr: float, scale: float,
-                     momentum: float, weight_decay: float, eps: float, clip: Optional[float], maximize: bool = False,
-                     blocksize: int = 256) -> None:
-    """One ``scale="factored"`` SGD-SaI step past the first (``memopt.optim.sgdsai``), in one pass: the normalised
-    gradient from the factors ``r`` (rows, 1) and ``c`` (1, rest) of :func:`memopt.functional.sgdsai.scales_from_sums`,
-    its momentum (``state``: one fp32 buffer, or 8-bit codes and block maxima) and the parameter. Equal bit for bit
-    to :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)``."""
+def factored_sgdsai_(param: Tensor, grad: Tensor, state: list, *, lr: float, scale: float, momentum: float,
+                     weight_decay: float, eps: float, clip: Optional[float], maximize: bool = False,
+                     blocksize: int = 256, check_finite: bool = True, r: Optional[Tensor] = None,
+                     c: Optional[Tensor] = None) -> bool:
+    """One ``scale="factored"`` SGD-SaI step past the first (``memopt.optim.sgdsai``) in one call: the gradient's sums
+    of squares (:func:`square_sums`) and from them the factors (as :func:`memopt.functional.sgdsai.scales_from_sums`),
+    then one pass for the normalised gradient, its momentum (``state``: one fp32 buffer, or 8-bit codes and block
+    maxima) and the parameter. Given the factors ``r`` (rows, 1) and ``c`` (1, rest), the pass equals
+    :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)`` bit for bit. Returns
+    ``False``, having written nothing, when ``check_finite`` and the gradient holds NaN or Inf."""
+    from memopt.functional.sgdsai import _TINY
+
     eight = len(state) == 2
     if eight:
         check_block_maxima(state)
     rows = param.shape[0]
-    cols = param.numel() // rows
     _held, code_args = _map(None, True)
+    factors = [None, None] if r is None else [r.contiguous(), c.contiguous()]
     bad = library().memopt_factored_sgdsai(
         param.data_ptr(), grad.data_ptr(), None if eight else state[0].data_ptr(),
-        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, cols,
-        r.contiguous().data_ptr(), c.contiguous().data_ptr(), eps, float("inf") if clip is None else clip,
-        1.0 - momentum, 1.0 - lr * weight_decay, (lr * scale) if maximize else -(lr * scale), blocksize,
-        *code_args, torch.get_num_threads())
+        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, param.numel() // rows,
+        *(None if f is None else f.data_ptr() for f in factors), int(check_finite), _TINY, eps,
+        float("inf") if clip is None else clip, 1.0 - momentum, 1.0 - lr * weight_decay,
+        (lr * scale) if maximize else -(lr * scale), blocksize, *code_args, torch.get_num_threads())
+    if bad == -2:
+        return False
     _raise_if(bad)
+    return True
 
 
 def _adam_args(*, lr, beta1, beta2, eps, weight_decay, step, maximize) -> list:

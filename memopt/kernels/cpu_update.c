@@ -75,19 +75,96 @@ static inline float normalized(float g, float r, float c, float eps, float clip)
     return u < -clip ? -clip : (u > clip ? clip : u);
 }
 
+/* The sums of squares of the rows (row_ss, rows values) and of the columns (col_ss, cols values) of g (rows x cols),
+ * accumulated in double and rounded to fp32 once. Returns 0 when an element is NaN or infinite (a finite fp32
+ * element's square cannot overflow a double, so this is the gradient's finite check), 1 otherwise, -1 when out of
+ * memory. */
+int32_t memopt_square_sums(const float *g, int64_t rows, int64_t cols, float *row_ss, float *col_ss,
+                           int32_t threads) {
+    double *cols_of = (double *)calloc((size_t)threads * (size_t)cols, sizeof(double));
+    if (!cols_of) return -1;
+    int finite = 1;
+#pragma omp parallel num_threads(threads) reduction(& : finite)
+    {
+        double *acc = cols_of + (size_t)thread_index() * (size_t)cols;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *gi = g + i * cols;
+            double part[8] = {0.0};  /* eight running sums: a vector of them, not one chain of dependent adds */
+            int64_t j = 0;
+            for (; j + 8 <= cols; j += 8)
+                for (int k = 0; k < 8; k++) {
+                    const double x = gi[j + k];
+                    part[k] += x * x;
+                    acc[j + k] += x * x;
+                }
+            for (; j < cols; j++) {
+                const double x = gi[j];
+                part[0] += x * x;
+                acc[j] += x * x;
+            }
+            double s = 0.0;
+            for (int k = 0; k < 8; k++) s += part[k];
+            finite &= s <= DBL_MAX;  /* NaN or Inf in the row */
+            row_ss[i] = (float)s;
+        }
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int32_t t = 0; t < threads; t++) s += cols_of[(size_t)t * (size_t)cols + j];
+        col_ss[j] = (float)s;
+    }
+    free(cols_of);
+    return finite;
+}
+
+/* scale="factored"'s factors from the sums (memopt/functional/sgdsai.py, scales_from_sums), in place:
+ * r_i = sqrt(row_ss_i / cols), c_j = sqrt(C_j / max(mean(C), tiny)) with C_j = col_ss_j / rows. The mean is taken
+ * in double (the PyTorch form's in fp32). */
+static void scales_from_sums(float *row, float *col, int64_t rows, int64_t cols, float tiny) {
+    for (int64_t i = 0; i < rows; i++) row[i] = sqrtf(row[i] / (float)cols);
+    double total = 0.0;
+    for (int64_t j = 0; j < cols; j++) {
+        col[j] = col[j] / (float)rows;
+        total += col[j];
+    }
+    float ms = (float)(total / (double)cols);
+    ms = ms < tiny ? tiny : ms;
+    for (int64_t j = 0; j < cols; j++) col[j] = sqrtf(col[j] / ms);
+}
+
 /* scale="factored" SGD-SaI on rows x cols: u = clamp(g / (r_i c_j + eps), -clip, clip); m = lerp(m, u, w);
  * p = fma(m, alpha, p * decay) (decay 1: no multiply). With codes == NULL the momentum is the fp32 tensor m, else
- * 8-bit row blocks (codes, absmax). Returns the number of blocks left unwritten because their new momentum is not
- * finite, or -1 when out of memory (nothing written). */
+ * 8-bit row blocks (codes, absmax). The factors r, c are given, or (NULL) computed from g's sums of squares, which
+ * also check g: when it holds NaN or Inf and check_finite is set, nothing is written and -2 is returned.
+ * Otherwise returns the number of blocks left unwritten because their new momentum is not finite, or -1 when out
+ * of memory (nothing written). */
 int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *codes, float *absmax, int64_t rows,
-                               int64_t cols, const float *r, const float *c, float eps, float clip, float w,
-                               float decay, float alpha, int64_t bs, const float *code, const int32_t *low,
-                               const float *mids, int32_t extra, int32_t threads) {
+                               int64_t cols, const float *r, const float *c, int32_t check_finite, float tiny,
+                               float eps, float clip, float w, float decay, float alpha, int64_t bs,
+                               const float *code, const int32_t *low, const float *mids, int32_t extra,
+                               int32_t threads) {
     const qmap q = {code, low, mids, extra};
     const int64_t per_row = codes ? (cols + bs - 1) / bs : 1;
     int64_t bad = 0;
+    float *factors = NULL;
+    if (!r) {
+        factors = (float *)malloc((size_t)(rows + cols) * sizeof(float));
+        if (!factors) return -1;
+        const int32_t finite = memopt_square_sums(g, rows, cols, factors, factors + rows, threads);
+        if (finite < 0 || (!finite && check_finite)) {
+            free(factors);
+            return finite < 0 ? -1 : -2;
+        }
+        scales_from_sums(factors, factors + rows, rows, cols, tiny);
+        r = factors;
+        c = factors + rows;
+    }
     float *bufs = codes ? (float *)malloc((size_t)threads * (size_t)bs * sizeof(float)) : NULL;
-    if (codes && !bufs) return -1;
+    if (codes && !bufs) {
+        free(factors);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
         float *buf = codes ? bufs + (size_t)thread_index() * (size_t)bs : NULL;
@@ -124,6 +201,7 @@ int64_t memopt_factored_sgdsai(float *p, const float *g, float *m, uint8_t *code
         }
     }
     free(bufs);
+    free(factors);
     return bad;
 }
 
@@ -193,47 +271,4 @@ int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_a
     free(values);
     free(new_codes);
     return bad;
-}
-
-/* The sums of squares of the rows (row_ss, rows values) and of the columns (col_ss, cols values) of g (rows x cols),
- * accumulated in double and rounded to fp32 once. Returns 0 when an element is NaN or infinite (a finite fp32
- * element's square cannot overflow a double, so this is the gradient's finite check), 1 otherwise, -1 when out of
- * memory. */
-int32_t memopt_square_sums(const float *g, int64_t rows, int64_t cols, float *row_ss, float *col_ss,
-                           int32_t threads) {
-    double *cols_of = (double *)calloc((size_t)threads * (size_t)cols, sizeof(double));
-    if (!cols_of) return -1;
-    int finite = 1;
-#pragma omp parallel num_threads(threads) reduction(& : finite)
-    {
-        double *acc = cols_of + (size_t)thread_index() * (size_t)cols;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            const float *gi = g + i * cols;
-            double part[8] = {0.0};  /* eight running sums: a vector of them, not one chain of dependent adds */
-            int64_t j = 0;
-            for (; j + 8 <= cols; j += 8)
-                for (int k = 0; k < 8; k++) {
-                    const double x = gi[j + k];
-                    part[k] += x * x;
-                    acc[j + k] += x * x;
-                }
-            for (; j < cols; j++) {
-                const double x = gi[j];
-                part[0] += x * x;
-                acc[j] += x * x;
-            }
-            double s = 0.0;
-            for (int k = 0; k < 8; k++) s += part[k];
-            finite &= s <= DBL_MAX;  /* NaN or Inf in the row */
-            row_ss[i] = (float)s;
-        }
-    }
-    for (int64_t j = 0; j < cols; j++) {
-        double s = 0.0;
-        for (int32_t t = 0; t < threads; t++) s += cols_of[(size_t)t * (size_t)cols + j];
-        col_ss[j] = (float)s;
-    }
-    free(cols_of);
-    return finite;
 }

@@ -11,7 +11,7 @@ from torch import Tensor
 from memopt.distributed import is_dtensor
 from memopt.functional import sgdsai as _reference
 from memopt.functional.quantize import check_block_maxima, layout_8bit, load_moment, quantize_rows, row_blocked
-from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, scales_from_sums, sgdsai_update_,
+from memopt.functional.sgdsai import (gsnr, normalized_gradient, normalized_pieces, sgdsai_update_,
                                       sgdsai_update_foreach_)
 from memopt.kernels import cpu as cpu_kernels
 from memopt.kernels import load as load_kernels
@@ -209,31 +209,27 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         tensor still waits for its first non-zero gradient (then only the decay applies, as for a deferred g-SNR).
         ``finite``: the gradient's device-side flag (:meth:`_checked_on_device`), or ``None``."""
         state, beta = self.state[p], group["momentum"]
-        first = not state.get("step")
-        on_cpu = None if first or finite is not None else self._cpu_state(group, p, g)
-        sums = None
-        if on_cpu is not None:
-            sums, ok = cpu_kernels.square_sums(g)
-            if not ok and group["check_finite"]:  # the finite check, made by the statistics (_checks_finite_itself)
-                self._count_skips(1)
-                return None
-        if first:
+        if not state.get("step"):
             if not bool(g.detach().abs().amax() > 0):  # one host sync, at a tensor's first steps only
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 return None
             self._zero_momentum(group, p)
-        state["step"] = state.get("step", 0) + 1
-        scale = 1.0 / (1.0 - beta ** state["step"]) if beta != 0.0 else 1.0
-        if first and finite is None:  # a first step takes the fused CPU update too (the optimizer checked g)
-            on_cpu = self._cpu_state(group, p, g)
-            sums = None if on_cpu is None else cpu_kernels.square_sums(g)[0]
+        step = state.get("step", 0) + 1
+        scale = 1.0 / (1.0 - beta**step) if beta != 0.0 else 1.0
+        on_cpu = self._cpu_state(group, p, g) if finite is None else None
         if on_cpu is not None:
-            cpu_kernels.factored_sgdsai_(p, g, *scales_from_sums(*sums), on_cpu, lr=group["lr"], scale=scale,
-                                         momentum=beta, weight_decay=group["weight_decay"], maximize=group["maximize"],
-                                         eps=group["eps"], clip=group["clip"], blocksize=group["blocksize"])
+            # the update's statistics check the gradient (_checks_finite_itself): a non-finite one is skipped
+            if not cpu_kernels.factored_sgdsai_(p, g, on_cpu, lr=group["lr"], scale=scale, momentum=beta,
+                                                weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                                eps=group["eps"], clip=group["clip"], blocksize=group["blocksize"],
+                                                check_finite=group["check_finite"]):
+                self._count_skips(1)
+                return None
+            state["step"] = step
             self._cpu_updates += 1
             return False
+        state["step"] = step
         eight = "momentum_codes" in state
         # the kernel takes the normalised gradient: contiguous, in the gradient's dtype
         fused = self._use_triton(group, p, torch.empty(0, dtype=g.dtype, device=g.device), "sgdsai", eight_bit=eight)
