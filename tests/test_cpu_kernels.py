@@ -1,8 +1,8 @@
-"""The fused CPU updates (memopt.kernels.cpu, C loops) against their PyTorch specification (memopt.functional):
-SGD-SaI's scale="factored" step bit for bit given the same statistics, and the statistics (sums of squares, in
-double) within one fp32 rounding; 8-bit AdamW's state bit for bit and its parameters within one rounding of the
-update (torch's CPU sqrt is not correctly rounded, C's is); the finite check the statistics make; the dispatch, its
-refusals and its faults."""
+"""The fused CPU updates (memopt.kernels.cpu, C loops) against their PyTorch specification (memopt.functional and
+Lion's step): SGD-SaI's scale="factored" step bit for bit given the same statistics, and the statistics (sums of
+squares, in double) within one fp32 rounding; 8-bit AdamW's state bit for bit and its parameters within one rounding
+of the update (torch's CPU sqrt is not correctly rounded, C's is); 32-bit AdamW state on torch's fused kernel; Lion
+bit for bit; the finite check the statistics make; the dispatch, its refusals and its faults."""
 
 import logging
 
@@ -180,6 +180,8 @@ def test_corrupt_block_maxima_raise_before_anything_is_written():
                                          clip=3.0), _state(p.shape, True, gen)),
         (lambda st: cpu.adamw_update_8bit_(p, g, *st, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                            step=2), _adamw_state(p.shape, gen)),
+        (lambda st: cpu.lion_update_(p, g, st, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0),
+         _state(p.shape, True, gen)),
     ]:
         state[-1][-1, -1] = float("nan")  # the last block of the last row
         before = [t.clone() for t in (p, *state)]
@@ -309,3 +311,25 @@ def test_with_check_finite_off_a_non_finite_gradient_reaches_the_parameter():
     params[0].grad[3, 5] = float("nan")
     opt.step()
     assert params[0].isnan().any()
+
+
+@pytest.mark.parametrize("bits,shape", [(32, (64, 576)), (32, (1000,)), (8, (64, 576)), (8, (300, 515))])
+@pytest.mark.parametrize("maximize,weight_decay", [(False, 0.0), (True, 0.1)])
+def test_lion_equals_the_pytorch_form_bit_for_bit(fresh_library, monkeypatch, bits, shape, maximize, weight_decay):
+    from memopt import Lion
+
+    def run(fused):
+        monkeypatch.setenv("MEMOPT_CPU_KERNELS", "1" if fused else "0")
+        cpu._LIB.clear()
+        gen = torch.Generator().manual_seed(7)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        opt = Lion([p], lr=1e-2, weight_decay=weight_decay, maximize=maximize, state_bits=bits, min_8bit_size=256)
+        for _ in range(3):
+            p.grad = torch.randn(shape, generator=gen)
+            opt.step()
+        return p, opt
+
+    (fast, opt), (slow, ref) = run(True), run(False)
+    assert opt.update_paths == {"cpu": 1} and ref.update_paths == {"torch": 1}
+    assert torch.equal(fast, slow)
+    assert all(torch.equal(v, ref.state[slow][k]) for k, v in opt.state[fast].items())

@@ -67,6 +67,8 @@ def _build() -> ctypes.CDLL:
                                                                                           i32]
     lib.memopt_square_sums.restype = i32
     lib.memopt_square_sums.argtypes = [ptr, i64, i64, ptr, ptr, i32]
+    lib.memopt_lion.restype = i64
+    lib.memopt_lion.argtypes = [ptr] * 5 + [i64, i64] + [f32] * 4 + [i32, i64, ptr, ptr, ptr, i32, i32]
     lib.memopt_adamw_8bit.restype = i64
     lib.memopt_adamw_8bit.argtypes = [ptr] * 6 + [i64, i64, i64] + [f32] * 7 + [i32] + [ptr, ptr, ptr, i32] * 2 + [i32]
     return lib
@@ -208,4 +210,21 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
         *(t.data_ptr() for t in (param, grad, *state)), rows, param.numel() // rows, blocksize,
         *_adam_args(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                     maximize=maximize), *m_args, *v_args, torch.get_num_threads())
+    _raise_if(bad)
+
+
+def lion_update_(param: Tensor, grad: Tensor, state: list, *, lr: float, beta1: float, beta2: float,
+                 weight_decay: float, maximize: bool = False, blocksize: int = 256) -> None:
+    """One Lion step (``memopt.optim.lion``) in one pass: ``state`` is the fp32 momentum (any shape) or its 8-bit codes
+    and block maxima (row blocks). Equal to the PyTorch form bit for bit."""
+    eight = len(state) == 2
+    if eight:
+        check_block_maxima(state)
+    rows = param.shape[0] if eight else 1
+    _held, code_args = _map(None, True)
+    bad = library().memopt_lion(
+        param.data_ptr(), grad.data_ptr(), None if eight else state[0].data_ptr(),
+        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, param.numel() // rows,
+        1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay, lr, int(maximize), blocksize, *code_args,
+        torch.get_num_threads())
     _raise_if(bad)

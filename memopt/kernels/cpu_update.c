@@ -272,3 +272,50 @@ int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_a
     free(new_codes);
     return bad;
 }
+
+/* Lion: c = lerp(m, g', w1); p = fma(sign(c), -lr, p * decay); m = lerp(m, g', w2)  (g' = -g when maximizing).
+ * With codes == NULL the momentum is the fp32 tensor m (n = rows x cols elements, any shape), else 8-bit row
+ * blocks. Returns the number of blocks left unwritten (a momentum not finite), or -1 when out of memory. */
+static inline float lion_element(float *pj, float m, float g, float w1, float w2, float decay, float lr,
+                                 int32_t maximize) {
+    const float gg = maximize ? -g : g, c = lerp_scalar(m, gg, w1);
+    const float sign = (float)((c > 0.0f) - (c < 0.0f));
+    *pj = fmaf(sign, -lr, *pj * decay);
+    return lerp_scalar(m, gg, w2);
+}
+
+int64_t memopt_lion(float *p, const float *g, float *m, uint8_t *codes, float *absmax, int64_t rows, int64_t cols,
+                    float w1, float w2, float decay, float lr, int32_t maximize, int64_t bs, const float *code,
+                    const int32_t *low, const float *mids, int32_t extra, int32_t threads) {
+    if (!codes) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < rows * cols; i++) m[i] = lion_element(&p[i], m[i], g[i], w1, w2, decay, lr, maximize);
+        return 0;
+    }
+    const qmap q = {code, low, mids, extra};
+    const int64_t per_row = (cols + bs - 1) / bs;
+    float *bufs = (float *)malloc((size_t)threads * 2 * (size_t)bs * sizeof(float));
+    if (!bufs) return -1;
+    int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+    {
+        float *pb = bufs + (size_t)thread_index() * 2 * (size_t)bs, *mb = pb + bs;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < rows * per_row; blk++) {
+            const int64_t i = blk / per_row, b = blk % per_row;
+            const int64_t j0 = b * bs, n = cols - j0 < bs ? cols - j0 : bs, at = i * cols + j0;
+            const float old = absmax[blk];
+            for (int64_t j = 0; j < n; j++) {
+                pb[j] = p[at + j];
+                mb[j] = lion_element(&pb[j], code[codes[at + j]] * old, g[at + j], w1, w2, decay, lr, maximize);
+            }
+            if (quantize_block(mb, n, codes + at, absmax + blk, &q)) {
+                bad++;
+                continue;
+            }
+            memcpy(p + at, pb, (size_t)n * sizeof(float));
+        }
+    }
+    free(bufs);
+    return bad;
+}

@@ -97,7 +97,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
         from memopt.kernels.cpu import refusal
 
-        why = "use_triton=False" if group["use_triton"] is False else refusal(p, g, state, blocksize, matrix)
+        why = "use_triton=False" if group.get("use_triton") is False else refusal(p, g, state, blocksize, matrix)
         path = "fused CPU update" if why is None else f"torch reference ({why})"
         if path not in self._logged_paths:
             self._logged_paths.add(path)

@@ -11,6 +11,7 @@ from torch import Tensor
 from memopt.functional.quantize import layout_8bit, load_moment, quantize_rows
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
+from memopt.kernels import cpu as cpu_kernels
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_8bit_layout, check_betas, check_float
 
@@ -80,6 +81,14 @@ class Lion(MemoptOptimizer):
             updated += len(params)
             for p, grad in zip(params, grads):
                 state = self._create_state(group, p)
+                eight = "exp_avg_codes" in state
+                tensors = [state["exp_avg_codes"], state["exp_avg_absmax"]] if eight else [state["exp_avg"]]
+                if self._use_cpu_kernel(group, p, grad, tensors, group["blocksize"] if eight else None, matrix=eight):
+                    cpu_kernels.lion_update_(p, grad, tensors, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                             weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                             blocksize=group["blocksize"])
+                    self._cpu_updates += 1
+                    continue
                 cdt = compute_dtype(p.dtype)
                 g = grad.to(cdt)
                 if group["maximize"]:
@@ -96,5 +105,5 @@ class Lion(MemoptOptimizer):
                     state["exp_avg_codes"], state["exp_avg_absmax"] = stored
                 else:
                     state["exp_avg"].copy_(m)
-        self._record_paths(0, updated)  # the PyTorch path (no fused kernel)
+        self._record_paths(0, updated)  # no Triton kernel; the fused CPU updates among them are counted as cpu
         return loss
