@@ -209,6 +209,7 @@ def test_a_moment_that_overflows_leaves_its_block_unchanged_and_raises():
     (lambda: (torch.randn(512, 8).t(), [torch.zeros(8, 512)]), "not contiguous"),
     (lambda: (torch.randn(512), [torch.zeros(512)]), "not a tensor of two or more dimensions"),
     (lambda: (torch.randn(8, 512), [None]), "no state buffer"),
+    (lambda: (torch.zeros(0, 512), [torch.zeros(0, 512)]), "empty"),
     (lambda: (torch.randn(8, 100), list(quantize_rows(torch.zeros(8, 100), None, 256))), "not in row blocks"),
 ])
 def test_refusals_name_the_reason(make, why):

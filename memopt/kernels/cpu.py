@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,13 +40,24 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_id() -> str:
+    """What ``-march=native`` compiles for: the processor's model and feature flags (Linux), else its architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     compiler = compiler.split()[0]
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform]).encode()).hexdigest()[:16]
+    # -march=native: a library built on one CPU may not run on another (a home directory shared between machines)
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform, _cpu_id()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_update-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +107,8 @@ def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None, 
     more dimensions (unless not ``matrix``: an elementwise update), 8-bit state in row blocks."""
     if any(t is None for t in state):
         return "no state buffer"
+    if p.numel() == 0:
+        return "empty"
     tensors = [p, g, *state]
     if p.device.type != "cpu" or any(t.device != p.device for t in tensors):
         return "not a CPU tensor"
@@ -114,10 +128,9 @@ def refusal(p: Tensor, g: Tensor, state: list, blocksize: Optional[int] = None, 
 
 def square_sums(grad: Tensor) -> tuple[tuple[Tensor, Tensor], bool]:
     """The sums of squares of the rows and of the columns of fp32 ``grad`` viewed as ``rows × rest`` (accumulated in
-    double, rounded once; the order of the column sums depends on the thread count), for
-    :func:`memopt.functional.sgdsai.scales_from_sums`, and whether ``grad`` is entirely finite: one read of the
-    gradient makes both the statistics of ``scale="factored"`` and its finite check (:func:`factored_sgdsai_` runs
-    it first)."""
+    double, rounded once; the order of the column sums depends on the thread count), and whether ``grad`` is
+    entirely finite: the C function :func:`factored_sgdsai_` runs first, one read of the gradient for both the
+    statistics of ``scale="factored"`` and its finite check; here on its own, for tests."""
     rows = grad.shape[0]
     cols = grad.numel() // rows
     row_ss = torch.empty(rows, dtype=torch.float32)

@@ -92,9 +92,8 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         """Whether this tensor's update (not on the Triton kernels) runs the fused CPU update of
         :mod:`memopt.kernels.cpu`: a tensor it takes (``memopt.kernels.cpu.refusal``; ``state``: the tensor's state
         tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers; ``matrix``: the update needs two or
-        more dimensions), unless ``use_triton=False``
-        (the PyTorch reference everywhere). Logged once per reason; the caller counts the updates it runs in
-        ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
+        more dimensions), unless ``use_triton=False`` (the PyTorch reference everywhere). Logged once per reason;
+        the caller counts the updates it runs in ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
         from memopt.kernels.cpu import refusal
 
         why = "use_triton=False" if group.get("use_triton") is False else refusal(p, g, state, blocksize, matrix)
