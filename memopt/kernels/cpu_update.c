@@ -9,9 +9,9 @@
  * The file is built with -ffp-contract=off, so the compiler fuses nothing else.
  *
  * 8-bit state: row blocks (rows x length, each row cut into blocks of bs, the last one possibly shorter), one
- * fp32 maximum per block; a code is the count of the map's midpoints strictly below the value divided by its
- * block's maximum (memopt/functional/quantize.py: the 65536-entry table `low` on the value's top 16 bits, then
- * `extra` compare-and-step passes on the midpoints padded with +inf). */
+ * fp32 maximum per block; the code of x is the number of the map's midpoints strictly below x / maximum (as in
+ * memopt/functional/quantize.py: the 65536-entry table `low` on that value's top 16 bits, then `extra`
+ * compare-and-step passes on the midpoints padded with +inf). */
 #include <float.h>
 #ifdef _OPENMP
 #include <omp.h>
