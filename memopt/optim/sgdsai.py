@@ -258,10 +258,10 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         return fused
 
     def _cpu_state(self, group: dict, p: Tensor, g: Tensor) -> Optional[list]:
-        """The state tensors of a tensor past its first ``scale="factored"`` step whose update is the fused CPU one
-        (not the Triton kernels, :meth:`_use_cpu_kernel`), or ``None``."""
+        """The state tensors of a tensor with ``scale="factored"`` state whose update is the fused CPU one (not the
+        Triton kernels, :meth:`_use_cpu_kernel`), or ``None``."""
         state = self.state[p]
-        if group["scale"] != "factored" or not state.get("step"):
+        if group["scale"] != "factored" or not ("momentum_codes" in state or "momentum_buffer" in state):
             return None
         eight = "momentum_codes" in state
         tensors = [state["momentum_codes"], state["momentum_absmax"]] if eight else [state.get("momentum_buffer")]
@@ -270,8 +270,9 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         return tensors if self._use_cpu_kernel(group, p, g, tensors, group["blocksize"] if eight else None) else None
 
     def _checks_finite_itself(self, group: dict, p: Tensor, g: Tensor) -> bool:
-        # the fused CPU update reads the whole gradient for its statistics first, and they say whether it is finite
-        return self._cpu_state(group, p, g) is not None
+        # past a tensor's first step (a first step decides on the host whether the gradient is all zero), the fused
+        # CPU update reads the whole gradient for its statistics first, and they say whether it is finite
+        return bool(self.state[p].get("step")) and self._cpu_state(group, p, g) is not None
 
     @staticmethod
     def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
