@@ -88,13 +88,6 @@ def factored_scales(grad: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tenso
         sq = torch.mul(piece, piece, out=scratch(piece.numel(), cdt, g2.device).view(piece.shape))
         torch.sum(sq, 1, out=row_ss[r0:r1])
         col_ss.add_(sq.sum(0))
-    return scales_from_sums(row_ss, col_ss, reduce_columns=reduce_columns)
-
-
-def scales_from_sums(row_ss: Tensor, col_ss: Tensor, *, reduce_columns=None) -> tuple[Tensor, Tensor]:
-    """:func:`factored_scales` from the sums of squares of the rows and of the columns (consumed: divided in place).
-    ``reduce_columns``: see :func:`normalized_gradient`."""
-    rows, cols = row_ss.numel(), col_ss.numel()
     if reduce_columns is not None:
         col_ss, rows = reduce_columns(col_ss, rows)
     col_ms = col_ss / max(rows, 1)

@@ -153,27 +153,32 @@ def _raise_if(bad: int) -> None:
                          f"parameters were left unchanged, the others were updated")
 
 
+def _momentum_args(state: list) -> list:
+    """The C arguments (fp32 buffer, codes, block maxima; the absent ones ``None``) of a momentum held as ``state``:
+    one fp32 buffer, or 8-bit codes and block maxima, which must be finite (checked before anything is written)."""
+    if len(state) == 1:
+        return [state[0].data_ptr(), None, None]
+    check_block_maxima(state)
+    return [None, state[0].data_ptr(), state[1].data_ptr()]
+
+
 def factored_sgdsai_(param: Tensor, grad: Tensor, state: list, *, lr: float, scale: float, momentum: float,
                      weight_decay: float, eps: float, clip: Optional[float], maximize: bool = False,
                      blocksize: int = 256, check_finite: bool = True, r: Optional[Tensor] = None,
                      c: Optional[Tensor] = None) -> bool:
     """One ``scale="factored"`` SGD-SaI step past the first (``memopt.optim.sgdsai``) in one call: the gradient's sums
-    of squares (:func:`square_sums`) and from them the factors (as :func:`memopt.functional.sgdsai.scales_from_sums`),
+    of squares (:func:`square_sums`) and from them the factors (as :func:`memopt.functional.sgdsai.factored_scales`),
     then one pass for the normalised gradient, its momentum (``state``: one fp32 buffer, or 8-bit codes and block
     maxima) and the parameter. Given the factors ``r`` (rows, 1) and ``c`` (1, rest), the pass equals
     :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)`` bit for bit. Returns
     ``False``, having written nothing, when ``check_finite`` and the gradient holds NaN or Inf."""
     from memopt.functional.sgdsai import _TINY
 
-    eight = len(state) == 2
-    if eight:
-        check_block_maxima(state)
     rows = param.shape[0]
     _held, code_args = _map(None, True)
     factors = [None, None] if r is None else [r.contiguous(), c.contiguous()]
     bad = library().memopt_factored_sgdsai(
-        param.data_ptr(), grad.data_ptr(), None if eight else state[0].data_ptr(),
-        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, param.numel() // rows,
+        param.data_ptr(), grad.data_ptr(), *_momentum_args(state), rows, param.numel() // rows,
         *(None if f is None else f.data_ptr() for f in factors), int(check_finite), _TINY, eps,
         float("inf") if clip is None else clip, 1.0 - momentum, 1.0 - lr * weight_decay,
         (lr * scale) if maximize else -(lr * scale), blocksize, *code_args, torch.get_num_threads())
@@ -225,14 +230,9 @@ def lion_update_(param: Tensor, grad: Tensor, state: list, *, lr: float, beta1: 
                  weight_decay: float, maximize: bool = False, blocksize: int = 256) -> None:
     """One Lion step (``memopt.optim.lion``) in one pass: ``state`` is the fp32 momentum (any shape) or its 8-bit codes
     and block maxima (row blocks). Equal to the PyTorch form bit for bit."""
-    eight = len(state) == 2
-    if eight:
-        check_block_maxima(state)
-    rows = param.shape[0] if eight else 1
+    rows = param.shape[0] if len(state) == 2 else 1  # fp32 momentum: one flat row of any shape
     _held, code_args = _map(None, True)
     bad = library().memopt_lion(
-        param.data_ptr(), grad.data_ptr(), None if eight else state[0].data_ptr(),
-        state[0].data_ptr() if eight else None, state[1].data_ptr() if eight else None, rows, param.numel() // rows,
-        1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay, lr, int(maximize), blocksize, *code_args,
-        torch.get_num_threads())
+        param.data_ptr(), grad.data_ptr(), *_momentum_args(state), rows, param.numel() // rows, 1.0 - beta1,
+        1.0 - beta2, 1.0 - lr * weight_decay, lr, int(maximize), blocksize, *code_args, torch.get_num_threads())
     _raise_if(bad)

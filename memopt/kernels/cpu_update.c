@@ -118,7 +118,7 @@ int32_t memopt_square_sums(const float *g, int64_t rows, int64_t cols, float *ro
     return finite;
 }
 
-/* scale="factored"'s factors from the sums (memopt/functional/sgdsai.py, scales_from_sums), in place:
+/* scale="factored"'s factors from the sums (memopt/functional/sgdsai.py, factored_scales), in place:
  * r_i = sqrt(row_ss_i / cols), c_j = sqrt(C_j / max(mean(C), tiny)) with C_j = col_ss_j / rows. The mean is taken
  * in double (the PyTorch form's in fp32). */
 static void scales_from_sums(float *row, float *col, int64_t rows, int64_t cols, float tiny) {
