@@ -334,3 +334,51 @@ def test_lion_equals_the_pytorch_form_bit_for_bit(fresh_library, monkeypatch, bi
     assert opt.update_paths == {"cpu": 1} and ref.update_paths == {"torch": 1}
     assert torch.equal(fast, slow)
     assert all(torch.equal(v, ref.state[slow][k]) for k, v in opt.state[fast].items())
+
+
+def test_sign_step_equals_torch_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(3001, generator=gen)
+    g = torch.randn(3001, generator=gen)
+    g[:4] = torch.tensor([0.0, -0.0, float("nan"), 1e-40])  # zeros stay, a NaN reaches the parameter as torch's does
+    want = p.clone().sub_(g.sign(), alpha=3e-3)
+    cpu.sign_step_(p, g, lr=3e-3)
+    assert torch.equal(p[3:], want[3:]) and torch.equal(p[:2], want[:2]) and p[2].isnan()
+
+
+def _frugal_run(state_bits, steps=6):
+    from memopt.optim.frugal import FRUGAL
+
+    gen = torch.Generator().manual_seed(3)
+    params = _params(gen, ((64, 576), (40, 300), (96, 512), (576,)))
+    opt = FRUGAL(params, lr=1e-2, selection="blocks", density=0.5, update_gap=2, state_bits=state_bits,
+                 min_8bit_size=256, weight_decay=0.1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("state_bits,paths", [(32, {"cpu": 4}), (8, {"cpu": 3, "torch": 1})])
+def test_frugal_blocks_take_the_fused_updates_within_a_rounding_of_the_pytorch_form(monkeypatch, state_bits, paths):
+    """Active tensors: AdamW by torch's fused kernel (32-bit) or memopt's 8-bit loop; inactive ones: sign descent in
+    one pass; the vector's 8-bit state is in flat blocks, which the loops do not take. The active set moves every
+    two steps, so both kinds of update and their (re)starts are exercised."""
+    from memopt.optim.frugal import FRUGAL
+
+    fast, opt = _frugal_run(state_bits)
+    assert opt.update_paths == paths
+    monkeypatch.setattr(FRUGAL, "_use_cpu_kernel", lambda self, *a, **k: False)
+    slow, opt_ref = _frugal_run(state_bits)
+    assert opt_ref.update_paths == {"torch": 4}
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for p_fast, p_slow in zip(fast, slow):  # the same tensors hold the same state; the 8-bit codes bit for bit
+        st, ref_st = opt.state[p_fast], opt_ref.state[p_slow]
+        assert sorted(st) == sorted(ref_st)
+        for key in st:
+            if key.endswith("_codes") or key == "step":
+                assert torch.equal(torch.as_tensor(st[key]), torch.as_tensor(ref_st[key])), key
+            elif torch.is_tensor(st[key]):
+                torch.testing.assert_close(st[key], ref_st[key], rtol=1e-6, atol=1e-9)

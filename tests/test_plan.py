@@ -115,6 +115,35 @@ def test_frugal_state_exact(config):
     assert _predicted(config, "frugal").state_bytes == memopt.state_bytes(opt)
 
 
+def test_frugal_blocks_plan_is_the_largest_active_set_and_bounds_every_step(config, monkeypatch):
+    """With ``selection=blocks`` only round(rho*T) of the T projected tensors hold inner state at a time: the plan
+    counts the largest such set. The real state, measured before each tensor's update over rounds that move the
+    active set every step, never exceeds it: tensors leaving the active set free their state first."""
+    from memopt.optim.frugal import FRUGAL
+
+    model = _real_model(config)
+    groups = projection_groups(model, None, 0.01)
+    # descending: each round's tensors come before the last round's in the update order, the case where an active
+    # set would grow before the old one is freed
+    opt = memopt.FRUGAL(groups, lr=1e-3, density=0.25, selection="blocks", update_gap=1, block_order="descending")
+    planned = planner.exact_parts(_meta_summary(config), planner.Setup("t", "frugal", "density=0.25,selection=blocks"),
+                                  "fp32").state_bytes
+    projected = sorted((p for g in opt.param_groups if g["project"] for p in g["params"]), key=lambda p: -p.numel())
+    k = round(0.25 * len(projected))
+    dense = sum(8 * p.numel() for g in opt.param_groups if not g["project"] for p in g["params"])
+    assert planned == dense + sum(8 * p.numel() for p in projected[:k])  # fp32 exp_avg + exp_avg_sq
+    seen = []
+    inner = FRUGAL._inner_update
+    monkeypatch.setattr(FRUGAL, "_inner_update", lambda self, *a: seen.append(memopt.state_bytes(self)) or inner(
+        self, *a))
+    for _ in range(6):
+        _step(model, opt)
+        opt.zero_grad()
+        seen.append(memopt.state_bytes(opt))
+    assert max(seen) <= planned
+    assert sum(len(st) > 0 and "exp_avg" in st for p in projected for st in [opt.state[p]]) == k
+
+
 def test_galore_state_exact(config):
     model = _real_model(config)
     opt = memopt.GaLoreAdamW(projection_groups(model, None, 0.01), lr=1e-3, rank=16)

@@ -244,15 +244,20 @@ def is_orthonormal(basis: Tensor, side: str, atol: float = 1e-4) -> bool:
     return bool(torch.allclose(gram, torch.eye(gram.shape[0], device=gram.device), atol=atol))
 
 
+def active_count(n_tensors: int, density: float) -> int:
+    """How many of ``n_tensors`` whole tensors are state-full in each round of the ``blocks`` selection."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density={density!r} must be in (0, 1]")
+    return max(1, min(n_tensors, int(round(density * n_tensors))))
+
+
 def active_blocks(n_tensors: int, density: float, order: str, round_index: int, seed: int = 0) -> list[int]:
     """``blocks`` selection (BAdam-like): which of ``n_tensors`` whole tensors are state-full in refresh round
     ``round_index``. ``descending`` walks from the last tensor to the first, ``round(density · n)`` at a time,
     and wraps around; ``random`` draws a fresh subset each round from ``seed + round_index``."""
     if order not in BLOCK_ORDERS:
         raise ValueError(f"order={order!r} is not one of {BLOCK_ORDERS}")
-    if not 0 < density <= 1:
-        raise ValueError(f"density={density!r} must be in (0, 1]")
-    k = max(1, min(n_tensors, int(round(density * n_tensors))))
+    k = active_count(n_tensors, density)
     if order == "random":
         gen = torch.Generator().manual_seed(int(seed) + int(round_index))
         return sorted(torch.randperm(n_tensors, generator=gen)[:k].tolist())

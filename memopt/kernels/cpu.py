@@ -27,6 +27,7 @@ from torch import Tensor
 
 from memopt._cache import cache_dir
 from memopt.functional.quantize import _midpoint_lut, check_block_maxima, default_code, row_blocked
+from memopt.functional.sgdsai import _TINY
 
 logger = logging.getLogger("memopt")
 
@@ -78,6 +79,8 @@ def _build() -> ctypes.CDLL:
     lib.memopt_lion.argtypes = [ptr] * 5 + [i64, i64] + [f32] * 4 + [i32, i64, ptr, ptr, ptr, i32, i32]
     lib.memopt_adamw_8bit.restype = i64
     lib.memopt_adamw_8bit.argtypes = [ptr] * 6 + [i64, i64, i64] + [f32] * 7 + [i32] + [ptr, ptr, ptr, i32] * 2 + [i32]
+    lib.memopt_sign_step.restype = None
+    lib.memopt_sign_step.argtypes = [ptr, ptr, i64, f32, i32]
     return lib
 
 
@@ -139,10 +142,18 @@ def square_sums(grad: Tensor) -> tuple[tuple[Tensor, Tensor], bool]:
 
 def _map(code: Optional[Tensor], signed: bool) -> tuple[list, list]:
     """The tensors and the C arguments (values, midpoint counts, padded midpoints, passes) of a code map: the
-    default dynamic map when ``code`` is ``None``. The caller holds the tensors during the call."""
-    code = default_code(signed, torch.device("cpu")) if code is None else code.float().contiguous()
+    default dynamic map when ``code`` is ``None`` (built once: its tables live as long as the process). The caller
+    holds the tensors during the call."""
+    if code is None:
+        if signed not in _DEFAULT_MAPS:
+            _DEFAULT_MAPS[signed] = _map(default_code(signed, torch.device("cpu")), signed)
+        return _DEFAULT_MAPS[signed]
+    code = code.float().contiguous()
     low, padded, extra = _midpoint_lut(code)
     return [code, low, padded], [code.data_ptr(), low.data_ptr(), padded.data_ptr(), extra]
+
+
+_DEFAULT_MAPS: dict = {}
 
 
 def _raise_if(bad: int) -> None:
@@ -172,8 +183,6 @@ def factored_sgdsai_(param: Tensor, grad: Tensor, state: list, *, lr: float, sca
     maxima) and the parameter. Given the factors ``r`` (rows, 1) and ``c`` (1, rest), the pass equals
     :func:`memopt.functional.sgdsai.normalized_pieces` applied by ``sgdsai_update_(_8bit_)`` bit for bit. Returns
     ``False``, having written nothing, when ``check_finite`` and the gradient holds NaN or Inf."""
-    from memopt.functional.sgdsai import _TINY
-
     rows = param.shape[0]
     _held, code_args = _map(None, True)
     factors = [None, None] if r is None else [r.contiguous(), c.contiguous()]
@@ -236,3 +245,9 @@ def lion_update_(param: Tensor, grad: Tensor, state: list, *, lr: float, beta1: 
         param.data_ptr(), grad.data_ptr(), *_momentum_args(state), rows, param.numel() // rows, 1.0 - beta1,
         1.0 - beta2, 1.0 - lr * weight_decay, lr, int(maximize), blocksize, *code_args, torch.get_num_threads())
     _raise_if(bad)
+
+
+def sign_step_(param: Tensor, grad: Tensor, *, lr: float) -> None:
+    """``param.sub_(grad.sign(), alpha=lr)`` (FRUGAL's state-free step) in one pass, without the sign tensor: equal
+    to it bit for bit."""
+    library().memopt_sign_step(param.data_ptr(), grad.data_ptr(), param.numel(), lr, torch.get_num_threads())

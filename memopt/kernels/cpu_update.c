@@ -319,3 +319,13 @@ int64_t memopt_lion(float *p, const float *g, float *m, uint8_t *codes, float *a
     free(bufs);
     return bad;
 }
+
+/* Sign descent, FRUGAL's state-free update: p = p - lr * sign(g) (sign(0) = 0; a NaN stays NaN, as torch.sign). The
+ * product lr * sign(g) is exact, so this equals p.sub_(g.sign(), alpha=lr) bit for bit. */
+void memopt_sign_step(float *p, const float *g, int64_t n, float lr, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float s = g[i] > 0.0f ? 1.0f : (g[i] < 0.0f ? -1.0f : g[i]);
+        p[i] = p[i] - lr * s;
+    }
+}

@@ -15,6 +15,8 @@ from torch.optim import Optimizer
 from memopt.distributed import is_dtensor, row_sharded, rows_like
 from memopt.functional.finite import finite_flags
 from memopt.functional.quantize import row_blocked
+from memopt import kernels as _kernels  # looked up at call time: tests replace its functions
+from memopt.kernels import cpu as _cpu_kernels
 from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
                                   check_gradient)
 from memopt.optim._release import GradientReleaseMixin
@@ -59,15 +61,13 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         reference. Tensors the kernels do not take (fp64, non-contiguous, too large for int32 offsets: see
         ``memopt.kernels.kernel_refusal``; ``eight_bit``: the state is in 8-bit row blocks) always use the
         reference. The choice is logged once and counted in ``update_paths``."""
-        from memopt.kernels import kernel_refusal, kernel_usable, triton_status
-
         flag = group["use_triton"]
         if flag is False:
             ok, reason = False, "use_triton=False"
         else:
-            ok, reason = triton_status(p.device, allow_interpreter=flag is True)
+            ok, reason = _kernels.triton_status(p.device, allow_interpreter=flag is True)
             if ok:
-                checked, why = kernel_usable(kernel, p.device)
+                checked, why = _kernels.kernel_usable(kernel, p.device)
                 if not checked:
                     ok, reason = False, why
             if flag is True and not ok:
@@ -78,7 +78,7 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             elif ok and (p.dtype not in _KERNEL_DTYPES or g.dtype != p.dtype or group.get("state_dtype") == "float64"):
                 ok, reason = False, f"the kernels take fp32/bf16/fp16 params, grads and state (got {p.dtype})"
             elif ok:
-                why = kernel_refusal(tuple(p.shape), group["blocksize"] if eight_bit else None)
+                why = _kernels.kernel_refusal(tuple(p.shape), group["blocksize"] if eight_bit else None)
                 if why:
                     ok, reason = False, why
         path = reason if ok else f"torch reference ({reason})"
@@ -94,9 +94,8 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         tensors, 8-bit in row blocks of ``blocksize`` or ``None`` for fp32 buffers; ``matrix``: the update needs two or
         more dimensions), unless ``use_triton=False`` (the PyTorch reference everywhere). Logged once per reason;
         the caller counts the updates it runs in ``_cpu_updates`` (``cpu`` in ``update_paths``)."""
-        from memopt.kernels.cpu import refusal
-
-        why = "use_triton=False" if group.get("use_triton") is False else refusal(p, g, state, blocksize, matrix)
+        why = ("use_triton=False" if group.get("use_triton") is False
+               else _cpu_kernels.refusal(p, g, state, blocksize, matrix))
         path = "fused CPU update" if why is None else f"torch reference ({why})"
         if path not in self._logged_paths:
             self._logged_paths.add(path)
@@ -350,6 +349,12 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         against it, and ``memopt plan`` counts bytes with it. Non-tensor entries (step counts, the g-SNR) are
         listed in ``STATE_KEYS``. A tensor's format never changes once created."""
         return {}
+
+    def planned_state_layouts(self, pairs: list) -> list[dict]:
+        """The :meth:`state_layout` of each ``(group, p)`` of ``pairs`` when the optimizer holds the most state, as
+        ``memopt plan`` counts it: every tensor's whole layout unless an optimizer holds state for only some of its
+        tensors at a time."""
+        return [self.state_layout(group, p) for group, p in pairs]
 
     def _create_state(self, group: dict, p: Tensor) -> dict:
         """Zero state tensors of ``p`` per :meth:`state_layout` for the keys it does not hold yet (same-shape ones

@@ -76,8 +76,10 @@ class MatrixOptimizer(MemoptOptimizer):
     def step(self, closure=None):
         loss = self._evaluate(closure)
         self._before_updates()
+        updated = 0
         for group in self.param_groups:
             params, grads = self._collect(group)
+            updated += len(params)
             for p, grad in zip(params, grads):
                 # FSDP2: the math runs on the local rows (state holds local tensors between steps; state_dict()
                 # hands checkpoints DTensors)
@@ -93,6 +95,7 @@ class MatrixOptimizer(MemoptOptimizer):
                     self._dense_update(group, state, p32, g, p)
                 if p32 is not lp:  # bf16 weights: stochastic rounding as the other memopt optimizers (default on)
                     write_param_(lp, p32, group["stochastic_rounding"])
+        self._record_paths(0, updated)  # no Triton kernel; the fused CPU updates among them are counted as cpu
         return loss
 
     # ------------------------------------------------------------------------------------------ FSDP2 state

@@ -14,6 +14,7 @@ from memopt.functional import projection as proj
 from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.functional.quantize import layout_8bit, load_moment, row_blocked, store_moment
 from memopt.functional.sgdsai import gsnr
+from memopt.kernels import cpu as cpu_kernels
 from memopt.optim._checks import check_8bit_layout, check_adam_args, check_float
 from memopt.optim._matrix import MatrixOptimizer
 
@@ -171,7 +172,7 @@ class FRUGAL(MatrixOptimizer):
         update direction (to be multiplied by the lr), or ``None`` when SGD-SaI has no scale yet."""
         beta1, beta2 = group["betas"]
         bs = group["blocksize"]
-        eight = self._moments_8bit(group, p, (p.shape[0], *x.shape[1:]) if is_dtensor(p) else tuple(x.shape))
+        eight = self._inner_8bit(group, p, x)
         if group["inner"] == "sgdsai":
             s = state.get("gsnr")
             if s is None:  # all-zero gradient so far: the scale (and the step) waits for a non-zero one
@@ -196,10 +197,48 @@ class FRUGAL(MatrixOptimizer):
             store_moment(state, key, value, bs, signed, eight)
         return direction
 
-    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+    def _inner_8bit(self, group: dict, p: Tensor, x: Tensor) -> bool:
+        """Whether the inner moments of ``p`` for its (local) projected or whole gradient ``x`` are 8-bit."""
+        return self._moments_8bit(group, p, (p.shape[0], *x.shape[1:]) if is_dtensor(p) else tuple(x.shape))
+
+    def _inner_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor, lr: float) -> None:
+        """The inner optimizer's step at ``lr`` on the whole gradient ``g`` of ``p`` (a parameter that is not
+        projected, or an active ``blocks`` tensor): ``p32 -= lr · inner_direction(g)``, AdamW's by the fused CPU
+        update where it takes the tensor (:meth:`_fused_adamw`)."""
+        if group["inner"] == "adamw" and self._fused_adamw(group, state, p32, g, p, lr):
+            return
         d = self.inner_direction(group, state, g, p)
         if d is not None:
-            p32.sub_(d, alpha=group["lr"])
+            p32.sub_(d, alpha=lr)
+
+    def _fused_adamw(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor, lr: float) -> bool:
+        """The AdamW inner step on the whole gradient in one pass of :mod:`memopt.kernels.cpu` (fp32 moments: torch's
+        fused CPU AdamW; 8-bit: memopt's loop): the same state layout and math as :meth:`inner_direction`, within a
+        rounding of the parameter (docs/8bit.md, "On CPU: fused C loops"). ``False`` where it does not take the
+        tensor (then the PyTorch form runs). Weight decay was applied before (``MatrixOptimizer.step``)."""
+        bs, eight = group["blocksize"], self._inner_8bit(group, p, g)
+        keys = ([f"{k}_{part}" for k, _ in _MOMENTS["adamw"] for part in ("codes", "absmax")] if eight
+                else [k for k, _ in _MOMENTS["adamw"]])
+        if state.get(keys[0]) is None or state[keys[0]].shape != g.shape:  # a (re)start: zero moments
+            _clear_inner(state)
+            for key, signed in _MOMENTS["adamw"]:
+                store_moment(state, key, torch.zeros_like(g), bs, signed, eight)
+            state["step"] = 0
+        moments = [state[k] for k in keys]
+        if not self._use_cpu_kernel(group, p32, g, moments, bs if eight else None, matrix=eight):
+            return False
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        args = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=0.0, step=state["step"])
+        if eight:
+            cpu_kernels.adamw_update_8bit_(p32, g, *moments, blocksize=bs, **args)
+        else:
+            cpu_kernels.adamw_update_(p32, g, *moments, **args)
+        self._cpu_updates += 1
+        return True
+
+    def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
+        self._inner_update(group, state, p32, g, p, group["lr"])
 
     # ------------------------------------------------------------------------------------ projection
     def _refresh(self, group: dict, state: dict, g: Tensor, step: int, p: Tensor) -> None:
@@ -224,7 +263,7 @@ class FRUGAL(MatrixOptimizer):
 
     def _matrix_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         if group["density"] == 0 and group["rank"] is None:  # no subspace: every coordinate is state-free
-            self._state_free(p32, g, group, state)
+            self._state_free(p32, g, group, state, whole=True)
             return
         if group["selection"] == "blocks":
             self._block_update(group, state, p32, g, p)
@@ -249,17 +288,36 @@ class FRUGAL(MatrixOptimizer):
             if group["on_refresh"] == "reset":
                 _clear_inner(state)
             state["block_round"] = rnd
-        n = len(self._block_params)
-        key = (n, group["density"], group["block_order"], rnd)
-        if key not in self._active_blocks:
-            self._active_blocks[key] = set(proj.active_blocks(*key))
-        if self._block_params[id(p)] in self._active_blocks[key]:
-            direction = self.inner_direction(group, state, g, p)
-            if direction is not None:
-                p32.sub_(direction, alpha=group["lr"] * group["active_scale"])
+        if self._block_active(group, p):
+            self._inner_update(group, state, p32, g, p, group["lr"] * group["active_scale"])
         else:
             _clear_inner(state)  # an inactive tensor holds no inner state
-            self._state_free(p32, g, group, state)
+            self._state_free(p32, g, group, state, whole=True)
+
+    def _block_active(self, group: dict, p: Tensor) -> bool:
+        """Whether ``p`` (a ``blocks`` tensor) is state-full in this step's round."""
+        key = (len(self._block_params), group["density"], group["block_order"],
+               (group["block_step"] - 1) // group["update_gap"])
+        if key not in self._active_blocks:
+            self._active_blocks[key] = set(proj.active_blocks(*key))
+        return self._block_params[id(p)] in self._active_blocks[key]
+
+    def planned_state_layouts(self, pairs: list) -> list[dict]:
+        """As the base's, but of a group's ``blocks`` tensors only as many hold inner state as a round makes active
+        (``round(ρ·T)`` of the T, at most the group's own), counted here as its largest ones: the most any round can
+        hold, since the tensors that leave the active set are cleared before the new ones take state."""
+        layouts = super().planned_state_layouts(pairs)
+        n_blocks = sum(g["selection"] == "blocks" and self._projected(g, p) for g, p in pairs)
+        for group in {id(g): g for g, _ in pairs}.values():
+            if group["selection"] != "blocks" or not group["density"]:
+                continue
+            mine = [i for i, (g, p) in enumerate(pairs) if g is group and self._projected(g, p)]
+            size = {i: sum(math.prod(s) * d.itemsize for s, d in layouts[i].values()) for i in mine}
+            keep = set(sorted(mine, key=size.get, reverse=True)[:proj.active_count(n_blocks, group["density"])])
+            for i in mine:
+                if i not in keep:
+                    layouts[i] = {}
+        return layouts
 
     def _before_updates(self) -> None:
         # SaI scales of every tensor are recorded before any update, so the max is the same for all of them
@@ -279,8 +337,16 @@ class FRUGAL(MatrixOptimizer):
         self._gsnr_max = max((st["gsnr"] for st in self.state.values() if "gsnr" in st), default=1.0)
         if blocks != getattr(self, "_block_params", None):
             self._block_params, self._active_blocks = blocks, {}
+        for group in self.param_groups:  # tensors that left the active set free their state before any other grows
+            if group["selection"] == "blocks" and group["density"]:
+                for p in group["params"]:
+                    if id(p) in blocks and self.state.get(p) and not self._block_active(group, p):
+                        _clear_inner(self.state[p])
 
-    def _state_free(self, p32: Tensor, residual: Tensor, group: dict, state: Optional[dict] = None) -> None:
+    def _state_free(self, p32: Tensor, residual: Tensor, group: dict, state: Optional[dict] = None,
+                    whole: bool = False) -> None:
+        """The state-free step on ``residual`` (``whole``: the parameter's whole gradient, its only update this step;
+        sign descent then takes the fused CPU update where it can, bit for bit the same)."""
         lr_free = group["lr"] * group["inactive_lr_scale"]
         if group["free_scale"] == "sai":
             s = (state or {}).get("gsnr")
@@ -288,7 +354,11 @@ class FRUGAL(MatrixOptimizer):
                 return
             lr_free *= s / self._gsnr_max
         if group["state_free"] == "sign_sgd":
-            p32.sub_(residual.sign(), alpha=lr_free)
+            if whole and self._use_cpu_kernel(group, p32, residual, [], None, matrix=False):
+                cpu_kernels.sign_step_(p32, residual, lr=lr_free)
+                self._cpu_updates += 1
+            else:
+                p32.sub_(residual.sign(), alpha=lr_free)
         elif group["state_free"] == "sgd":
             p32.sub_(residual, alpha=lr_free)
 

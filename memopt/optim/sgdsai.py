@@ -168,6 +168,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         )
         self._deferred: list[Tensor] = []
         self._gsnr_max_cache: Optional[float] = None
+        self._cpu_plans: dict = {}
         super().__init__(params, defaults)
         self.defaults["state_dtype"] = _dtype_name(state_dtype)
         if not isinstance(grad_release, bool):
@@ -179,6 +180,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_deferred", [])
         self.__dict__.setdefault("_gsnr_max_cache", None)
+        self.__dict__.setdefault("_cpu_plans", {})
 
     @staticmethod
     def _validate_group(group: dict) -> None:
@@ -217,7 +219,8 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             self._zero_momentum(group, p)
         step = state.get("step", 0) + 1
         scale = 1.0 / (1.0 - beta**step) if beta != 0.0 else 1.0
-        on_cpu = self._cpu_state(group, p, g) if finite is None else None
+        plan = self._cpu_plans.pop(id(p), None)  # decided by _checks_finite_itself for this very gradient
+        on_cpu = None if finite is not None else plan[1] if plan and plan[0] is g else self._cpu_state(group, p, g)
         if on_cpu is not None:
             # the update's statistics check the gradient (_checks_finite_itself): a non-finite one is skipped
             if not cpu_kernels.factored_sgdsai_(p, g, on_cpu, lr=group["lr"], scale=scale, momentum=beta,
@@ -272,7 +275,11 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
     def _checks_finite_itself(self, group: dict, p: Tensor, g: Tensor) -> bool:
         # past a tensor's first step (a first step decides on the host whether the gradient is all zero), the fused
         # CPU update reads the whole gradient for its statistics first, and they say whether it is finite
-        return bool(self.state[p].get("step")) and self._cpu_state(group, p, g) is not None
+        if not self.state[p].get("step"):
+            return False
+        tensors = self._cpu_state(group, p, g)
+        self._cpu_plans[id(p)] = (g, tensors)  # the update takes the same decision without asking again
+        return tensors is not None
 
     @staticmethod
     def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
@@ -410,6 +417,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
             self._step_sharded()
             return loss
         self._settle_skips(before=self._generation)  # the previous step's flags, before a step count is used
+        self._cpu_plans.clear()
         if self._deferred:
             self._apply_deferred()
 

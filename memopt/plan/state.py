@@ -133,9 +133,9 @@ def memopt_state_bytes(name: str, optim_args: str, model, trainable: Iterable, *
         try:
             for _, p in pairs:
                 setattr(p, PLANNED_SHARDS_ATTR, gpus)
-            for group, p in pairs:
+            for (group, p), layout in zip(pairs, opt.planned_state_layouts(pairs)):
                 rows = p.shape[0] if p.dim() else 1
-                for key, (shape, dtype) in opt.state_layout(group, p).items():
+                for key, (shape, dtype) in layout.items():
                     sharded = gpus > 1 and shards_with_rows(key, tuple(shape), rows, replicated)
                     for r in range(gpus):
                         totals[r] += (shard_numel(shape, gpus, r) if sharded else math.prod(shape)) * dtype.itemsize
