@@ -52,6 +52,9 @@ OPTIMIZERS = [
                             "lora": (3e-4, 1e-3, 3e-3, 1e-2)}),
     ("memopt_lion_8bit", "memopt_lion_8bit", None, {"full": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), "long": (1e-5, 3e-5, 1e-4),
                                                     "lora": (3e-4, 1e-3, 3e-3, 1e-2)}),
+    # FRUGAL's two ways of choosing the state-full part, named explicitly so the rows keep their meaning
+    ("frugal selection=random", "frugal", "selection=random", ADAM),
+    ("frugal selection=blocks", "frugal", "selection=blocks", ADAM),
 ]
 FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "steps", "eval_loss_before", "eval_loss_after",
           "train_loss_last_log", "trainable_params", "optimizer_state_bytes", "state_bytes_per_param",
