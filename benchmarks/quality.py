@@ -55,6 +55,7 @@ OPTIMIZERS = [
     # FRUGAL's two ways of choosing the state-full part, named explicitly so the rows keep their meaning
     ("frugal selection=random", "frugal", "selection=random", ADAM),
     ("frugal selection=blocks", "frugal", "selection=blocks", ADAM),
+    ("frugal_8bit selection=blocks", "frugal_8bit", "selection=blocks", {"full": (1e-4, 3e-4)}),
 ]
 FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "steps", "eval_loss_before", "eval_loss_after",
           "train_loss_last_log", "trainable_params", "optimizer_state_bytes", "state_bytes_per_param",
@@ -92,7 +93,7 @@ def sweep(tasks, labels, path: Path) -> None:
             for label, optim, optim_args, grids in OPTIMIZERS:
                 if label not in labels:
                     continue
-                for lr in grids[TASKS[task][2]]:
+                for lr in grids.get(TASKS[task][2], ()):  # a row may cover some kinds of task only
                     if (task, label, float(lr)) in done:
                         continue
                     before = before_of.get(task)  # the same for every run of a task: evaluated once

@@ -228,8 +228,10 @@ def test_state_after_real_steps_is_exactly_the_state_layout(name, dtype):
         for p in group["params"]:
             layout = {k: (tuple(s), d) for k, (s, d) in opt.state_layout(group, p).items()}
             held = {k: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
-            assert held == layout, (tuple(p.shape), held, layout)
-            expected_bytes += sum(math.prod(s) * d.itemsize for s, d in layout.values())
+            # FRUGAL's blocks: a tensor outside this round's active set holds no state at all
+            inactive = group.get("selection") == "blocks" and p.dim() == 2 and not held
+            assert held == layout or inactive, (tuple(p.shape), held, layout)
+            expected_bytes += 0 if inactive else sum(math.prod(s) * d.itemsize for s, d in layout.values())
     assert state_bytes(opt) == expected_bytes
     if name.endswith("_8bit"):
         assert any(d == torch.uint8 for g in opt.param_groups for p in g["params"]

@@ -309,7 +309,7 @@ def test_inner_option_refusals():
 def test_sgdsai_inner_defers_a_zero_gradient_tensor():
     w, z = _params((8, 8), (8, 8))
     z0 = z.detach().clone()
-    opt = FRUGAL([w, z], lr=1e-2, weight_decay=0.0, inner="sgdsai", state_free="none")
+    opt = FRUGAL([w, z], lr=1e-2, weight_decay=0.0, inner="sgdsai", state_free="none", selection="random")
     w.grad, z.grad = torch.randn(8, 8), torch.zeros(8, 8)
     opt.step()
     assert torch.equal(z.detach(), z0) and "gsnr" not in opt.state[z]

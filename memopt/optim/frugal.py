@@ -63,11 +63,11 @@ class FRUGAL(MatrixOptimizer):
             :func:`memopt.keep_32bit_state`.
         density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))``, fraction of columns/rows, or (``blocks``)
             fraction of the projectable tensors; 0 makes every projectable parameter state-free.
-        selection: ``random`` (default, orthogonal), ``svd``, ``randomized_svd``, ``columns``, ``rows``, or
-            ``blocks``: ``round(ρ·T)`` of the T projectable tensors are state-full (the inner optimizer on the
-            whole gradient), the rest state-free; the active set changes every ``update_gap`` steps in
-            ``block_order`` (``"random"`` or ``"descending"``: last layers first), and an inactive tensor holds
-            no inner state.
+        selection: ``blocks`` (default): ``round(ρ·T)`` of the T projectable tensors are state-full (the inner
+            optimizer on the whole gradient), the rest state-free; the active set changes every ``update_gap``
+            steps in ``block_order`` (``"random"`` or ``"descending"``: last layers first), and an inactive tensor
+            holds no inner state. Or a subspace of every projectable tensor: ``random`` (an orthonormal basis),
+            ``svd``, ``randomized_svd``, ``columns`` or ``rows`` (docs/projection.md: why ``blocks`` is the default).
         rank: a fixed subspace rank instead of ``density`` (for ``columns``/``rows``: a number of columns/rows).
         active_scale: factor on the state-full update (GaLore's α; default 1).
         update_gap: steps between subspace changes (default 200).
@@ -91,7 +91,7 @@ class FRUGAL(MatrixOptimizer):
     GROUP_STATE_KEYS = ("block_step",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "random",
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "blocks",
                  update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
                  rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
@@ -126,7 +126,8 @@ class FRUGAL(MatrixOptimizer):
             raise ValueError("on_refresh='reproject' needs a basis selection (svd, randomized_svd, random)")
         if sel == "blocks":
             if group["rank"] is not None:
-                raise ValueError("selection='blocks' takes density (a fraction of tensors), not rank")
+                raise ValueError("selection='blocks' (the default) takes density (a fraction of tensors), not rank: "
+                                 "a rank needs a subspace selection, e.g. selection='random'")
             sel = "columns"  # validate the shared keys below (update_gap, on_refresh)
         # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
         _config(dict(group, selection=sel,

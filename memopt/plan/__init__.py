@@ -85,15 +85,17 @@ class Setup:
 
 def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128, gpus: int = 1) -> tuple:
     """The rows ``memopt plan`` prints: the baselines, every registered memopt name (FRUGAL at ``density``,
-    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA. On several GPUs FRUGAL
-    selects ``columns`` (a selection FSDP2 shards support)."""
+    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA. On several GPUs a FRUGAL
+    name registered with the ``random`` subspace selects ``columns`` instead (FSDP2 shards support ``blocks``, the
+    default, and ``columns``)."""
     from memopt.registry import get_optimizer_spec, list_optimizers
 
     rows = [Setup("AdamW (torch)", "adamw_torch"), Setup("AdamW 8-bit (bnb, adamw_bnb_8bit)", "adamw_bnb_8bit")]
     for name in list_optimizers():
         label = get_optimizer_spec(name).label
         if name.startswith("frugal"):
-            columns = (" columns", ",selection=columns") if gpus > 1 else ("", "")
+            random = get_optimizer_spec(name).defaults.get("selection") == "random"
+            columns = (" columns", ",selection=columns") if gpus > 1 and random else ("", "")
             rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}{columns[0]}"), name,
                               f"density={density:g}{columns[1]}"))
         elif name.startswith("memopt_galore"):
