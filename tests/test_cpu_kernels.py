@@ -382,3 +382,22 @@ def test_frugal_blocks_take_the_fused_updates_within_a_rounding_of_the_pytorch_f
                 assert torch.equal(torch.as_tensor(st[key]), torch.as_tensor(ref_st[key])), key
             elif torch.is_tensor(st[key]):
                 torch.testing.assert_close(st[key], ref_st[key], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "pytorch"])
+def test_frugal_8bit_with_corrupt_block_maxima_raises_before_anything_is_written(monkeypatch, fused):
+    from memopt.optim.frugal import FRUGAL
+
+    if not fused:
+        monkeypatch.setattr(FRUGAL, "_use_cpu_kernel", lambda self, *a, **k: False)
+    gen = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(64, 576, generator=gen))
+    opt = FRUGAL([w], lr=1e-2, selection="blocks", density=1.0, state_bits=8, min_8bit_size=256)
+    w.grad = torch.randn(64, 576, generator=gen)
+    opt.step()
+    assert opt.update_paths == ({"cpu": 1} if fused else {"torch": 1})
+    opt.state[w]["exp_avg_absmax"][3, 1] = float("nan")
+    before, codes = w.detach().clone(), opt.state[w]["exp_avg_codes"].clone()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["exp_avg_codes"], codes)

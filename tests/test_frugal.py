@@ -296,6 +296,8 @@ def test_inner_option_refusals():
         FRUGAL(_params((4, 4)), selection="blocks", block_order="ascending")
     with pytest.raises(ValueError, match="not rank"):
         FRUGAL(_params((4, 4)), selection="blocks", rank=2)
+    with pytest.raises(ValueError, match="selection='random'"):  # a rank with the default selection says what to do
+        FRUGAL(_params((4, 4)), rank=2)
     with pytest.raises(ValueError, match="reproject"):
         FRUGAL(_params((4, 4)), selection="blocks", on_refresh="reproject")
     with pytest.raises(ValueError, match="state_bits"):

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from memopt.functional.adamw import adam_direction, adam_moments_
+from memopt.functional.quantize import check_block_maxima
 from memopt.functional.rounding import write_param_
 from memopt.distributed import is_dtensor, local, sharded_like, shards_with_rows
 from memopt.optim._base import MemoptOptimizer
@@ -85,6 +86,8 @@ class MatrixOptimizer(MemoptOptimizer):
                 # hands checkpoints DTensors)
                 g = (-local(grad) if group["maximize"] else local(grad)).float()
                 state = self.state[p]
+                # corrupt 8-bit state (NaN/Inf block maxima) raises before anything of this tensor is written
+                check_block_maxima([v for k, v in state.items() if k.endswith("_absmax")])
                 lp = local(p)
                 p32 = lp if lp.dtype == torch.float32 else lp.float()
                 if group["weight_decay"]:

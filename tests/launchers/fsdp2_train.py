@@ -38,7 +38,7 @@ OPTIMIZERS = {
                                                        use_triton=True),
     "memopt_adamw_8bit_triton": lambda ps: memopt.AdamW8bit(ps, lr=1e-3, min_8bit_size=256, blocksize=16,
                                                             use_triton=True),
-    "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3),  # selection="random": refused on shards
+    "frugal": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="random"),  # refused on shards
     "frugal_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="columns", update_gap=2),
     "frugal_blocks": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="blocks", update_gap=2),
     "frugal_sgdsai_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-2, selection="columns", inner="sgdsai",
