@@ -297,16 +297,15 @@ def state_bytes_per_param(name: str, shape: tuple = (4096, 4096), dtype=None, co
     (fp32 unless ``dtype``), from the optimizer's own planned state (``planned_state_layouts``: each matrix's
     ``state_layout``, or, for FRUGAL's ``blocks``, the matrices one round makes state-full): the figure the docs
     table shows."""
-    import math
-
     import torch
+
+    from memopt.optim._base import layout_bytes
 
     params = [torch.nn.Parameter(torch.empty(shape, device="meta", dtype=dtype or torch.float32))
               for _ in range(count)]
     opt = create_optimizer(name, params)
     layouts = opt.planned_state_layouts([(opt.param_groups[0], p) for p in params])
-    held = sum(math.prod(s) * d.itemsize for layout in layouts for s, d in layout.values())
-    return held / (count * params[0].numel())
+    return sum(map(layout_bytes, layouts)) / (count * params[0].numel())
 
 
 def optimizer_table() -> str:

@@ -24,6 +24,11 @@ from memopt.optim._release import GradientReleaseMixin
 logger = logging.getLogger("memopt")
 
 
+def layout_bytes(layout: dict) -> int:
+    """The bytes of a state layout ``{key: (shape, dtype)}`` (:meth:`MemoptOptimizer.state_layout`)."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+
+
 class MemoptOptimizer(GradientReleaseMixin, Optimizer):
     """Base class. Subclasses implement ``_validate_group`` and :meth:`state_layout` (the state tensors), and set
     ``STATE_KEYS`` (the non-tensor state entries, e.g. step counts), ``REQUIRED_GROUP_KEYS`` (how a checkpoint

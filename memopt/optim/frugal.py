@@ -16,6 +16,7 @@ from memopt.functional.quantize import layout_8bit, load_moment, row_blocked, st
 from memopt.functional.sgdsai import gsnr
 from memopt.kernels import cpu as cpu_kernels
 from memopt.optim._checks import check_8bit_layout, check_adam_args, check_float
+from memopt.optim._base import layout_bytes
 from memopt.optim._matrix import MatrixOptimizer
 
 STATE_FREE_RULES = ("sign_sgd", "sgd", "none")
@@ -291,8 +292,7 @@ class FRUGAL(MatrixOptimizer):
             state["block_round"] = rnd
         if self._block_active(group, p):
             self._inner_update(group, state, p32, g, p, group["lr"] * group["active_scale"])
-        else:
-            _clear_inner(state)  # an inactive tensor holds no inner state
+        else:  # inactive: its inner state was freed in _before_updates
             self._state_free(p32, g, group, state, whole=True)
 
     def _block_active(self, group: dict, p: Tensor) -> bool:
@@ -313,8 +313,8 @@ class FRUGAL(MatrixOptimizer):
             if group["selection"] != "blocks" or not group["density"]:
                 continue
             mine = [i for i, (g, p) in enumerate(pairs) if g is group and self._projected(g, p)]
-            size = {i: sum(math.prod(s) * d.itemsize for s, d in layouts[i].values()) for i in mine}
-            keep = set(sorted(mine, key=size.get, reverse=True)[:proj.active_count(n_blocks, group["density"])])
+            largest = sorted(mine, key=lambda i: layout_bytes(layouts[i]), reverse=True)
+            keep = set(largest[:proj.active_count(n_blocks, group["density"])])
             for i in mine:
                 if i not in keep:
                     layouts[i] = {}
