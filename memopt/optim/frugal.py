@@ -219,8 +219,7 @@ class FRUGAL(MatrixOptimizer):
         rounding of the parameter (docs/8bit.md, "On CPU: fused C loops"). ``False`` where it does not take the
         tensor (then the PyTorch form runs). Weight decay was applied before (``MatrixOptimizer.step``)."""
         bs, eight = group["blocksize"], self._inner_8bit(group, p, g)
-        keys = ([f"{k}_{part}" for k, _ in _MOMENTS["adamw"] for part in ("codes", "absmax")] if eight
-                else [k for k, _ in _MOMENTS["adamw"]])
+        keys = [k for key, _ in _MOMENTS["adamw"] for k in (layout_8bit(key, tuple(g.shape), bs) if eight else [key])]
         if state.get(keys[0]) is None or state[keys[0]].shape != g.shape:  # a (re)start: zero moments
             _clear_inner(state)
             for key, signed in _MOMENTS["adamw"]:
