@@ -128,7 +128,8 @@ def square_sums(grad: Tensor) -> tuple[tuple[Tensor, Tensor], bool]:
     """The sums of squares of the rows and of the columns of fp32 ``grad`` viewed as ``rows × rest`` (accumulated in
     double, rounded once; the order of the column sums depends on the thread count), and whether ``grad`` is
     entirely finite: the C function :func:`factored_sgdsai_` runs first, one read of the gradient for both the
-    statistics of ``scale="factored"`` and its finite check; here on its own, for tests."""
+    statistics of ``scale="factored"`` and its finite check; here on its own, for tests and
+    ``benchmarks/sgdsai_step_parts.py``."""
     rows = grad.shape[0]
     cols = grad.numel() // rows
     row_ss = torch.empty(rows, dtype=torch.float32)
