@@ -83,19 +83,30 @@ class Setup:
         return parse_chunked_loss(self._parsed().get("chunked_loss", "false")) is not None
 
 
+def _refused_on_shards(name: str) -> bool:
+    """Whether FSDP2 parameters are refused by the optimizer registered as ``name`` with its defaults
+    (``_dtensor_refusal``, the rule the optimizer applies at run time), asked of an instance on a meta tensor."""
+    import torch
+
+    from memopt.registry import create_optimizer
+
+    opt = create_optimizer(name, [torch.nn.Parameter(torch.empty(2, 2, device="meta"))])
+    return opt._dtensor_refusal(opt.param_groups[0]) is not None
+
+
 def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128, gpus: int = 1) -> tuple:
     """The rows ``memopt plan`` prints: the baselines, every registered memopt name (FRUGAL at ``density``,
     GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA. On several GPUs a FRUGAL
-    name registered with the ``random`` subspace selects ``columns`` instead (FSDP2 shards support ``blocks``, the
-    default, and ``columns``)."""
+    name whose registered selection FSDP2 shards refuse (the optimizer's own rule) selects ``columns`` instead
+    (shards support ``blocks``, the default, and ``columns``)."""
     from memopt.registry import get_optimizer_spec, list_optimizers
 
     rows = [Setup("AdamW (torch)", "adamw_torch"), Setup("AdamW 8-bit (bnb, adamw_bnb_8bit)", "adamw_bnb_8bit")]
     for name in list_optimizers():
         label = get_optimizer_spec(name).label
         if name.startswith("frugal"):
-            random = get_optimizer_spec(name).defaults.get("selection") == "random"
-            columns = (" columns", ",selection=columns") if gpus > 1 and random else ("", "")
+            refused = gpus > 1 and _refused_on_shards(name)
+            columns = (" columns", ",selection=columns") if refused else ("", "")
             rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}{columns[0]}"), name,
                               f"density={density:g}{columns[1]}"))
         elif name.startswith("memopt_galore"):
