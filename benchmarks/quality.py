@@ -15,8 +15,13 @@ Every (task, optimizer, lr) row is appended to the CSV as soon as it finishes, s
 where it stopped (rows already in the CSV are not rerun). ``--plot`` writes the table (best lr per optimizer and
 task, ratio to AdamW) and a PNG from the CSV without training.
 
+``--recheck`` trains the best row of each (task, optimizer) of the CSV again with the code as it is now and writes
+the table's eval loss beside the new one, with the update path the run took, to ``quality_recheck.csv``: whether
+the table still describes the code (its rows were trained as the code was then).
+
     python benchmarks/quality.py [--tasks full20 lora30 ...] [--optims sgdsai adamw_torch ...]
     python benchmarks/quality.py --plot
+    python benchmarks/quality.py --recheck [--tasks ...] [--optims ...]
 """
 
 from __future__ import annotations
@@ -73,12 +78,27 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def train(finetune, task: str, optim: str, optim_args: str, lr, eval_before: bool) -> dict:
+    """One run of ``task`` through ``examples/finetune.py`` (loaded as ``finetune``); returns its summary."""
+    argv = ["--optim", optim, "--compare", "none", "--learning_rate", str(lr), "--output_dir",
+            "/tmp/memopt_quality", "--logging_steps", "5", *TASKS[task][0],
+            "--eval_before" if eval_before else "--no-eval_before"]
+    if optim_args:
+        argv += ["--optim_args", optim_args]
+    return finetune.run(finetune.parse_args(argv))
+
+
+def _finetune():
+    os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")  # the report's state bytes and update path go into the CSV
+    from _common import load_example  # noqa: E402
+
+    return load_example("finetune")
+
+
 def sweep(tasks, labels, path: Path) -> None:
-    os.environ.setdefault("MEMOPT_MEMORY_REPORT", "all")  # the report's state bytes go into the CSV
     import torch
 
-    from _common import load_example  # noqa: E402
-    finetune = load_example("finetune")
+    finetune = _finetune()
 
     existing = read_rows(path)
     done = {_key(r) for r in existing}
@@ -97,13 +117,8 @@ def sweep(tasks, labels, path: Path) -> None:
                     if (task, label, float(lr)) in done:
                         continue
                     before = before_of.get(task)  # the same for every run of a task: evaluated once
-                    argv = ["--optim", optim, "--compare", "none", "--learning_rate", str(lr), "--output_dir",
-                            "/tmp/memopt_quality", "--logging_steps", "5", *TASKS[task][0],
-                            "--eval_before" if before is None else "--no-eval_before"]
-                    if optim_args:
-                        argv += ["--optim_args", optim_args]
                     t0 = time.time()
-                    r = finetune.run(finetune.parse_args(argv))
+                    r = train(finetune, task, optim, optim_args, lr, eval_before=before is None)
                     row = {k: r.get(k) for k in FIELDS if k in r}
                     if before is None:
                         before_of[task] = before = r["eval_loss_before"]
@@ -117,6 +132,54 @@ def sweep(tasks, labels, path: Path) -> None:
                     f.flush()
                     print(f"QUALITY {task} {label} lr={lr:g}: eval {row['eval_loss_after']:.4f} "
                           f"({time.time() - t0:.0f} s)", flush=True)
+
+
+RECHECK_FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "eval_loss_table", "eval_loss_now",
+                  "relative_change", "update_path", "train_runtime_s", "threads", "torch", "machine"]
+
+
+def recheck_plan(rows: list[dict], tasks, labels) -> list[dict]:
+    """The table's best row of each (task, label) asked for that the table has, in the order of ``TASKS`` and
+    ``OPTIMIZERS``; ValueError when it has none of them."""
+    best = best_rows(rows)
+    plan = [best[(t, lab)] for t in TASKS if t in tasks for lab, *_ in OPTIMIZERS
+            if lab in labels and (t, lab) in best]
+    if not plan:
+        raise ValueError(f"the table has no row for tasks {sorted(tasks)} and optimizers {sorted(labels)}")
+    return plan
+
+
+def recheck_row(table_row: dict, result: dict) -> dict:
+    """One line of the recheck: the table's eval loss beside the one trained now with the same settings."""
+    then, now = float(table_row["eval_loss_after"]), round(result["eval_loss_after"], 4)
+    import torch
+
+    return {**{k: table_row[k] for k in ("task", "label", "optim", "optim_args", "learning_rate")},
+            "eval_loss_table": then, "eval_loss_now": now, "relative_change": round(now / then - 1.0, 5),
+            "update_path": result.get("update_path") or "", "train_runtime_s": result.get("train_runtime_s"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
+
+
+def recheck(tasks, labels, table: Path, out: Path) -> None:
+    """Train the best (task, label, lr) of every row of ``table`` again with the code as it is now, and write the two
+    eval losses side by side to ``out`` (rows already there are not rerun)."""
+    todo = recheck_plan(read_rows(table), tasks, labels)
+    done = {_key(r) for r in read_rows(out)}
+    finetune = _finetune()
+    new = not out.exists()
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECHECK_FIELDS)
+        if new:
+            writer.writeheader()
+        for r in todo:
+            if _key(r) in done:
+                continue
+            row = recheck_row(r, train(finetune, r["task"], r["optim"], r["optim_args"], r["learning_rate"],
+                                       eval_before=False))
+            writer.writerow(row)
+            f.flush()
+            print(f"RECHECK {row['task']} {row['label']} lr={row['learning_rate']}: {row['eval_loss_table']:.4f} -> "
+                  f"{row['eval_loss_now']:.4f} ({row['relative_change']:+.2%}; {row['update_path']})", flush=True)
 
 
 def best_rows(rows: list[dict]) -> dict:
@@ -183,11 +246,20 @@ def main():
     ap.add_argument("--optims", nargs="*", default=[o[0] for o in OPTIMIZERS], help="labels of OPTIMIZERS")
     ap.add_argument("--out", default=str(OUT), help="CSV/PNG path without suffix")
     ap.add_argument("--plot", action="store_true", help="only write the table and PNG from the CSV")
+    ap.add_argument("--recheck", action="store_true",
+                    help="train each best row of the CSV again (--tasks, --optims) and write both eval losses to "
+                         "OUT_recheck.csv")
     cli = ap.parse_args()
     path = Path(cli.out).with_suffix(".csv")
     unknown = set(cli.optims) - {o[0] for o in OPTIMIZERS}
     if unknown:
         ap.error(f"unknown optimizer labels {sorted(unknown)}")
+    if cli.recheck:
+        try:
+            recheck(cli.tasks, set(cli.optims), path, path.with_name(path.stem + "_recheck.csv"))
+        except ValueError as e:
+            ap.error(str(e))
+        return
     if not cli.plot:
         sweep(cli.tasks, set(cli.optims), path)
     rows = read_rows(path)

@@ -193,6 +193,7 @@ def run(args, callbacks=()) -> dict:
         "adamw_state_bytes": row.adamw_state_bytes if row else None,
         "peak_kind": row.peak_kind if row else None,
         "peak_bytes": row.peak_bytes if row else None,
+        "update_path": row.update_path if row else None,
         "train_runtime_s": train_out.metrics.get("train_runtime"),
         "weights_dtype": args.weights_dtype,
     }

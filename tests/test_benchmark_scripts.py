@@ -1,10 +1,14 @@
-"""The GPU benchmark script must not rot between GPU runs: run its CPU interpreter dry run."""
+"""The GPU benchmark script must not rot between GPU runs (its CPU interpreter dry run); the quality benchmark's
+recheck picks the table's best rows and reports the change."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,3 +24,31 @@ def test_kernels_gpu_dry_run(tmp_path):
     assert {"quantize_fp32", "sgdsai_8bit_bf16", "adamw_8bit_bf16", "memopt_sgdsai_8bit_triton"} <= kernels
     step = {r["kernel"]: r for r in rows if r["what"] == "step"}
     assert float(step["memopt_sgdsai_8bit_triton"]["state_bytes_per_param"]) < 1.02
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_recheck_trains_each_best_row_again_and_reports_the_change():
+    q = _quality()
+    rows = [dict(task="full20", label=label, optim=label, optim_args="", learning_rate=lr, eval_loss_after=loss)
+            for label, lr, loss in (("sgdsai", "1e-4", "2.60"), ("sgdsai", "3e-4", "2.50"),
+                                    ("adamw_torch", "3e-4", "2.40"))]
+    rows.append(dict(rows[1], task="lee20", eval_loss_after="3.50"))
+    plan = q.recheck_plan(rows, ["full20"], {"sgdsai", "adamw_torch", "lion"})  # lion: not in the table, left out
+    assert [(r["label"], r["learning_rate"]) for r in plan] == [("adamw_torch", "3e-4"), ("sgdsai", "3e-4")]
+    row = q.recheck_row(plan[1], {"eval_loss_after": 2.525, "update_path": "cpu:2", "train_runtime_s": 9.0})
+    assert (row["eval_loss_table"], row["eval_loss_now"], row["relative_change"]) == (2.5, 2.525, 0.01)
+    assert row["update_path"] == "cpu:2" and row["learning_rate"] == "3e-4" and set(row) == set(q.RECHECK_FIELDS)
+
+
+def test_quality_recheck_refuses_a_selection_the_table_does_not_have():
+    q = _quality()
+    rows = [dict(task="full20", label="sgdsai", optim="sgdsai", optim_args="", learning_rate="3e-4",
+                 eval_loss_after="2.5")]
+    with pytest.raises(ValueError, match="no row for tasks .'lee20'."):
+        q.recheck_plan(rows, ["lee20"], {"sgdsai"})
