@@ -2,7 +2,8 @@
 Lion's step): SGD-SaI's scale="factored" step bit for bit given the same statistics, and the statistics (sums of
 squares, in double) within one fp32 rounding; 8-bit AdamW's state bit for bit and its parameters within one rounding
 of the update (torch's CPU sqrt is not correctly rounded, C's is); 32-bit AdamW state on torch's fused kernel; Lion
-bit for bit; the finite check the statistics make; the dispatch, its refusals and its faults."""
+bit for bit; AdamSN's moment bit for bit and its subset statistic within a rounding; the finite check the statistics
+make; the dispatch, its refusals and its faults."""
 
 import logging
 
@@ -401,3 +402,52 @@ def test_frugal_8bit_with_corrupt_block_maxima_raises_before_anything_is_written
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.step()
     assert torch.equal(w.detach(), before) and torch.equal(opt.state[w]["exp_avg_codes"], codes)
+
+
+def _adamsn_run(steps=4, **kw):
+    from memopt import SubsetNormSM
+
+    gen = torch.Generator().manual_seed(6)
+    # subsets by rows (m >= n, also a square one), by columns (m < n, also a single row) and a vector (plain AdamW)
+    params = _params(gen, ((96, 40), (64, 64), (24, 576), (1, 300), (40,)))
+    opt = SubsetNormSM(params, lr=1e-2, subspace_momentum=False, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("maximize,weight_decay", [(False, 0.0), (True, 0.1)])
+def test_adamsn_moment_bit_for_bit_and_statistic_and_parameters_within_a_rounding(monkeypatch, maximize, weight_decay):
+    """The fused AdamSN loop against its PyTorch form (SubsetNormSM._matrix_update): the first moment is the same
+    lerp; the subset sums are taken in double here and in fp32 there, so the statistic and the parameters differ in
+    their last bits. The vector takes plain AdamW, on torch's fused kernel (moments within a rounding)."""
+    from memopt import SubsetNormSM
+
+    fast, opt = _adamsn_run(maximize=maximize, weight_decay=weight_decay)
+    assert opt.update_paths == {"cpu": 5}
+    monkeypatch.setattr(SubsetNormSM, "_use_cpu_kernel", lambda self, *a, **k: False)
+    slow, ref_opt = _adamsn_run(maximize=maximize, weight_decay=weight_decay)
+    assert ref_opt.update_paths == {"torch": 5}
+    for a, b in zip(fast, slow):
+        st, ref_st = opt.state[a], ref_opt.state[b]
+        assert sorted(st) == sorted(ref_st)
+        assert all(st[k] == ref_st[k] for k in st if not torch.is_tensor(st[k]))  # the step counts
+        if "sn" in st:
+            assert torch.equal(st["exp_avg"], ref_st["exp_avg"])
+            torch.testing.assert_close(st["sn"], ref_st["sn"], rtol=1e-6, atol=0)
+        else:
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(st[key], ref_st[key], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(fast, slow))  # the two really ran different code
+
+
+def test_adamsn_refuses_a_statistic_of_the_wrong_shape():
+    p, g, m = torch.zeros(6, 4), torch.ones(6, 4), torch.zeros(6, 4)
+    before = p.clone()
+    with pytest.raises(ValueError, match=r"subset statistic of shape \(1, 6\) for a 6 x 4 matrix"):
+        cpu.adamsn_update_(p, g, m, torch.zeros(1, 6), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6,
+                           bias_correction1=0.1, bias_correction2=0.001)
+    assert torch.equal(p, before) and torch.equal(m, torch.zeros(6, 4))

@@ -79,6 +79,8 @@ def _build() -> ctypes.CDLL:
     lib.memopt_lion.argtypes = [ptr] * 5 + [i64, i64] + [f32] * 4 + [i32, i64, ptr, ptr, ptr, i32, i32]
     lib.memopt_adamw_8bit.restype = i64
     lib.memopt_adamw_8bit.argtypes = [ptr] * 6 + [i64, i64, i64] + [f32] * 7 + [i32] + [ptr, ptr, ptr, i32] * 2 + [i32]
+    lib.memopt_adamsn.restype = i32
+    lib.memopt_adamsn.argtypes = [ptr] * 4 + [i64, i64, i32] + [f32] * 7 + [i32]
     lib.memopt_sign_step.restype = None
     lib.memopt_sign_step.argtypes = [ptr, ptr, i64, f32, i32]
     return lib
@@ -252,3 +254,22 @@ def sign_step_(param: Tensor, grad: Tensor, *, lr: float) -> None:
     """``param.sub_(grad.sign(), alpha=lr)`` (FRUGAL's state-free step) in one pass, without the sign tensor: equal
     to it bit for bit."""
     library().memopt_sign_step(param.data_ptr(), grad.data_ptr(), param.numel(), lr, torch.get_num_threads())
+
+
+def adamsn_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, sn: Tensor, *, lr: float, beta1: float,
+                   beta2: float, eps: float, bias_correction1: float, bias_correction2: float) -> None:
+    """AdamSN's step of a matrix (:class:`memopt.optim.snsm.SubsetNormSM` with ``subset_norm=True`` and no subspace
+    momentum, whose ``_matrix_update`` is the PyTorch form; weight decay and ``maximize`` are applied by the caller)
+    in one pass over gradient, moment and parameter, plus one read of the gradient first when its subsets are
+    columns: ``sn`` is the subset statistic, ``(rows, 1)`` or ``(1, cols)``. The moment equals the PyTorch form's bit
+    for bit; the subset sums are taken in double (the PyTorch form's in fp32), so the statistic and the parameter
+    agree with it within a few roundings."""
+    rows = param.shape[0]
+    cols = param.numel() // rows
+    by_rows = tuple(sn.shape) == (rows, 1)
+    if not by_rows and tuple(sn.shape) != (1, cols):
+        raise ValueError(f"subset statistic of shape {tuple(sn.shape)} for a {rows} x {cols} matrix")
+    if library().memopt_adamsn(param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), sn.data_ptr(), rows, cols,
+                               int(by_rows), 1.0 - beta1, beta2, 1.0 - beta2, bias_correction1, bias_correction2,
+                               eps, lr, torch.get_num_threads()) < 0:
+        raise MemoryError("the fused AdamSN update could not allocate its column sums")

@@ -320,6 +320,54 @@ int64_t memopt_lion(float *p, const float *g, float *m, uint8_t *codes, float *a
     return bad;
 }
 
+/* AdamSN (memopt/optim/snsm.py: Subset-Norm, full first moment) on rows x cols, one subset per row (by_rows) or per
+ * column: s = the subset's sum of squares of g (double, rounded to fp32 once); sn = fma(s, 1 - beta2, sn * beta2);
+ * d = sqrt(sn / bc2) + eps; m = lerp(m, g, w1); p = fma((m / bc1) / d, -lr, p). A row's sum is taken just before
+ * the row is updated (it is then in the cache); the columns' sums need every row, so they are taken first. Returns
+ * 0, or -1 when out of memory (nothing written). */
+int32_t memopt_adamsn(float *p, const float *g, float *m, float *sn, int64_t rows, int64_t cols, int32_t by_rows,
+                      float w1, float beta2, float one_minus_beta2, float bc1, float bc2, float eps, float lr,
+                      int32_t threads) {
+    float *sums = NULL, *d = NULL;  /* by columns: the row and column sums, then each column's d */
+    if (!by_rows) {
+        sums = (float *)malloc((size_t)(rows + cols) * sizeof(float));
+        if (!sums) return -1;
+        if (memopt_square_sums(g, rows, cols, sums, sums + rows, threads) < 0) {
+            free(sums);
+            return -1;
+        }
+        d = sums + rows;
+        for (int64_t j = 0; j < cols; j++) {
+            sn[j] = fmaf(d[j], one_minus_beta2, sn[j] * beta2);
+            d[j] = sqrtf(sn[j] / bc2) + eps;
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *gi = g + i * cols;
+        float *pi = p + i * cols, *mi = m + i * cols;
+        float di = 0.0f;
+        if (by_rows) {
+            double part[8] = {0.0};
+            int64_t j = 0;
+            for (; j + 8 <= cols; j += 8)
+                for (int k = 0; k < 8; k++) part[k] += (double)gi[j + k] * gi[j + k];
+            for (; j < cols; j++) part[0] += (double)gi[j] * gi[j];
+            double s = 0.0;
+            for (int k = 0; k < 8; k++) s += part[k];
+            sn[i] = fmaf((float)s, one_minus_beta2, sn[i] * beta2);
+            di = sqrtf(sn[i] / bc2) + eps;
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            const float mj = lerp_scalar(mi[j], gi[j], w1);
+            mi[j] = mj;
+            pi[j] = fmaf((mj / bc1) / (by_rows ? di : d[j]), -lr, pi[j]);
+        }
+    }
+    free(sums);
+    return 0;
+}
+
 /* Sign descent, FRUGAL's state-free update: p = p - lr * sign(g) (sign(0) = 0; a NaN stays NaN, as torch.sign). The
  * product lr * sign(g) is exact, so this equals p.sub_(g.sign(), alpha=lr) bit for bit. */
 void memopt_sign_step(float *p, const float *g, int64_t n, float lr, int32_t threads) {

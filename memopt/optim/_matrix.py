@@ -9,6 +9,7 @@ from torch import Tensor
 from memopt.functional.adamw import adam_direction, adam_moments_
 from memopt.functional.quantize import check_block_maxima
 from memopt.functional.rounding import write_param_
+from memopt.kernels import cpu as cpu_kernels
 from memopt.distributed import is_dtensor, local, sharded_like, shards_with_rows
 from memopt.optim._base import MemoptOptimizer
 
@@ -48,13 +49,20 @@ class MatrixOptimizer(MemoptOptimizer):
         return group["project"] is True or (group["project"] == "auto" and p.dim() == 2)
 
     @staticmethod
-    def adam_direction(state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
-        """Update AdamW moments (``exp_avg``, ``exp_avg_sq``, ``step``; created or re-created when ``g``'s shape
-        changes) and return the bias-corrected direction ``m̂ / (sqrt(v̂) + eps)``."""
+    def _adam_state(state: dict, g: Tensor) -> list[Tensor]:
+        """AdamW's moments ``exp_avg``, ``exp_avg_sq`` of a tensor: created (zero, ``step`` 0) when absent or of
+        another shape than ``g``."""
         if "exp_avg" not in state or state["exp_avg"].shape != g.shape:
             state["exp_avg"] = torch.zeros_like(g)
             state["exp_avg_sq"] = torch.zeros_like(g)
             state["step"] = 0
+        return [state["exp_avg"], state["exp_avg_sq"]]
+
+    @classmethod
+    def adam_direction(cls, state: dict, g: Tensor, beta1: float, beta2: float, eps: float) -> Tensor:
+        """Update AdamW moments (:meth:`_adam_state`, ``step``) and return the bias-corrected direction
+        ``m̂ / (sqrt(v̂) + eps)``."""
+        cls._adam_state(state, g)
         state["step"] += 1
         adam_moments_(g, state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2)
         return adam_direction(state["exp_avg"], state["exp_avg_sq"], beta1=beta1, beta2=beta2, eps=eps,
@@ -66,8 +74,18 @@ class MatrixOptimizer(MemoptOptimizer):
         raise NotImplementedError
 
     def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
-        """Update of a parameter that is not projected: plain AdamW (subclasses may use their inner optimizer)."""
+        """Update of a parameter that is not projected: plain AdamW (subclasses may use their inner optimizer), on
+        torch's fused CPU AdamW where the fused CPU updates take the tensor (:meth:`_use_cpu_kernel`; the same state,
+        within a rounding of the parameter: docs/8bit.md, "On CPU: fused C loops"). Weight decay was applied
+        before (:meth:`step`)."""
         beta1, beta2 = group["betas"]
+        moments = self._adam_state(state, g)
+        if self._use_cpu_kernel(group, p32, g, moments, None, matrix=False):
+            state["step"] += 1
+            cpu_kernels.adamw_update_(p32, g, *moments, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                      weight_decay=0.0, step=state["step"])
+            self._cpu_updates += 1
+            return
         p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
 
     def _before_updates(self) -> None:

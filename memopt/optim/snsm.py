@@ -8,15 +8,21 @@ import torch
 from torch import Tensor
 
 from memopt.functional import projection as proj
+from memopt.kernels import cpu as cpu_kernels
 from memopt.optim._checks import check_adam_args
 from memopt.optim._matrix import MatrixOptimizer
 
 
+def subset_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """Heuristic partition of an m × n matrix: one subset per row if m ≥ n (statistic of shape (m, 1)), else one per
+    column ((1, n))."""
+    m, n = shape
+    return (m, 1) if m >= n else (1, n)
+
+
 def subset_sum_sq(g: Tensor) -> Tensor:
-    """Heuristic partition: one subset per row if m ≥ n (state (m, 1)), else one per column (state (1, n)); the
-    statistic is the SUM of squares over the subset (so the lr is ~10x Adam's)."""
-    m, n = g.shape
-    return (g * g).sum(dim=1, keepdim=True) if m >= n else (g * g).sum(dim=0, keepdim=True)
+    """The SUM of squares of ``g`` over each subset of :func:`subset_shape` (so the lr is ~10x Adam's)."""
+    return (g * g).sum(dim=1 if subset_shape(tuple(g.shape))[1] == 1 else 0, keepdim=True)
 
 
 def _sm_config(group: dict) -> proj.ProjectionConfig:
@@ -57,7 +63,7 @@ class SubsetNormSM(MatrixOptimizer):
         if not self._projected(group, p):
             return {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
         m, n = shape
-        out = {"sn": ((m, 1) if m >= n else (1, n), torch.float32)} if group["subset_norm"] else {}
+        out = {"sn": (subset_shape(shape), torch.float32)} if group["subset_norm"] else {}
         if group["subspace_momentum"]:
             cfg = _sm_config(group)
             out.update({k: (s, torch.float32) for k, s in proj.selector_shapes(shape, cfg).items()},
@@ -89,6 +95,10 @@ class SubsetNormSM(MatrixOptimizer):
         it = state.get("iteration", 0)
         state["iteration"] = it + 1
         shape = tuple(g.shape)
+        if group["subset_norm"]:
+            if "sn" not in state:
+                state["sn"], state["step"] = g.new_zeros(subset_shape(shape)), 0
+            state["step"] += 1
         if group["subspace_momentum"]:
             cfg = _sm_config(group)
             if proj.refresh_due(state, it, cfg):
@@ -105,14 +115,17 @@ class SubsetNormSM(MatrixOptimizer):
             if "exp_avg" not in state:
                 state["exp_avg"], state["sm_step"] = torch.zeros_like(g), 0
             state["sm_step"] += 1
+            if group["subset_norm"] and self._use_cpu_kernel(group, p32, g, [state["exp_avg"], state["sn"]], None):
+                cpu_kernels.adamsn_update_(p32, g, state["exp_avg"], state["sn"], lr=group["lr"], beta1=beta1,
+                                           beta2=beta2, eps=group["eps"],
+                                           bias_correction1=1.0 - beta1 ** state["sm_step"],
+                                           bias_correction2=1.0 - beta2 ** state["step"])
+                self._cpu_updates += 1
+                return
             state["exp_avg"].lerp_(g, 1.0 - beta1)
             numerator = state["exp_avg"] / (1.0 - beta1 ** state["sm_step"])
         if group["subset_norm"]:
-            s = subset_sum_sq(g)
-            if "sn" not in state:
-                state["sn"], state["step"] = torch.zeros_like(s), 0
-            state["step"] += 1
-            state["sn"].mul_(beta2).add_(s, alpha=1.0 - beta2)
+            state["sn"].mul_(beta2).add_(subset_sum_sq(g), alpha=1.0 - beta2)
             denom = (state["sn"] / (1.0 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
             p32.sub_(numerator / denom, alpha=group["lr"])
         else:
