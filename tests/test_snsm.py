@@ -28,6 +28,24 @@ def test_sgd_sm_at_full_rank_equals_sgd_momentum():
     torch.testing.assert_close(b.detach(), want, atol=1e-6, rtol=1e-5)
 
 
+def test_subspace_momentum_steps_along_its_momentum_in_the_subspace_and_the_gradient_outside_it():
+    # numerator Up(m) + (G - Up(R)) at a rank below full: two steps, the basis kept (update_gap 1000)
+    from memopt.functional import projection as proj
+
+    shape = (12, 8)
+    (w,) = _params(shape)
+    opt = SubsetNormSM([w], lr=0.1, rank=3, subset_norm=False, update_gap=1000)
+    for (g,) in _grads([shape], 2):
+        before = w.detach().clone()
+        w.grad = g.clone()
+        opt.step()
+        st = opt.state[w]
+        low = proj.down(st, g, "svd")
+        want = before - 0.1 * (proj.up(st, st["sm"], shape, "svd") + (g - proj.up(st, low, shape, "svd")))
+        torch.testing.assert_close(w.detach(), want, atol=1e-6, rtol=1e-5)
+    assert st["sm"].shape != shape  # the momentum lives in the subspace
+
+
 def test_subset_norm_statistic_and_one_step():
     g = torch.arange(12.0).view(4, 3)
     assert torch.equal(subset_sum_sq(g), (g * g).sum(1, keepdim=True))  # m >= n: per row

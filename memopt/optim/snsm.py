@@ -110,7 +110,8 @@ class SubsetNormSM(MatrixOptimizer):
             state["sm_step"] += 1
             state["sm"].lerp_(low, 1.0 - beta1)
             m = state["sm"] / (1.0 - beta1 ** state["sm_step"]) if group["subset_norm"] else state["sm"]
-            numerator = proj.up(state, m, shape, "svd") + (g - proj.up(state, low, shape, "svd"))
+            # Up(m) + (G - Up(R)) as G + Up(m - R): the projection is linear, so one product back up, not two
+            numerator = g + proj.up(state, m - low, shape, "svd")
         else:
             if "exp_avg" not in state:
                 state["exp_avg"], state["sm_step"] = torch.zeros_like(g), 0
