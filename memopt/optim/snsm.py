@@ -56,13 +56,12 @@ class SubsetNormSM(MatrixOptimizer):
     LAYOUT_KEYS = ("project", "subset_norm", "subspace_momentum", "rank", "update_gap")
 
     def state_layout(self, group: dict, p: Tensor) -> dict:
-        """fp32 throughout. A projected matrix: the Subset-Norm statistic (``sn``: one per row if m ≥ n, else per
-        column), and either Subspace-Momentum (``sm`` in the rank-r subspace + its ``proj_basis``) or a full
-        ``exp_avg``. Other parameters: AdamW's ``exp_avg`` and ``exp_avg_sq``."""
+        """fp32 throughout. A projected matrix: the Subset-Norm statistic (``sn``, :func:`subset_shape`), and either
+        Subspace-Momentum (``sm`` in the rank-r subspace + its ``proj_basis``) or a full ``exp_avg``. Other
+        parameters: AdamW's ``exp_avg`` and ``exp_avg_sq``."""
         shape = tuple(p.shape)
         if not self._projected(group, p):
             return {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
-        m, n = shape
         out = {"sn": (subset_shape(shape), torch.float32)} if group["subset_norm"] else {}
         if group["subspace_momentum"]:
             cfg = _sm_config(group)
