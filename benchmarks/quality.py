@@ -61,6 +61,9 @@ OPTIMIZERS = [
     ("frugal selection=random", "frugal", "selection=random", ADAM),
     ("frugal selection=blocks", "frugal", "selection=blocks", ADAM),
     ("frugal_8bit selection=blocks", "frugal_8bit", "selection=blocks", {"full": (1e-4, 3e-4)}),
+    # SGD-SaI inside FRUGAL keeps the paper's scale (g-SNR): its lrs are SGD-SaI's paper lrs
+    ("frugal_sgdsai selection=random", "frugal_sgdsai", "selection=random", {"full": (3e-3, 1e-2, 3e-2)}),
+    ("frugal_sgdsai selection=blocks", "frugal_sgdsai", "selection=blocks", {"full": (3e-3, 1e-2, 3e-2, 1e-1)}),
 ]
 FIELDS = ["task", "label", "optim", "optim_args", "learning_rate", "steps", "eval_loss_before", "eval_loss_after",
           "train_loss_last_log", "trainable_params", "optimizer_state_bytes", "state_bytes_per_param",

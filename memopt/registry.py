@@ -266,10 +266,9 @@ def _register_builtin() -> None:
              "FRUGAL: AdamW on a quarter of the target matrices at a time, sign-SGD on the rest"),
             ("frugal_8bit", {"state_bits": 8}, "FRUGAL 8-bit inner",
              "FRUGAL with its AdamW moments in blockwise 8-bit"),
-            # its quality was measured with the random subspace, not with blocks (docs/projection.md)
-            ("frugal_sgdsai", {"inner": "sgdsai", "inactive_lr_scale": 0.03, "selection": "random"},
-             "FRUGAL (SGD-SaI inner)",
-             "FRUGAL with SGD-SaI momentum in a random subspace (SGD-SaI's lr; state-free step at 0.03 lr)")):
+            ("frugal_sgdsai", {"inner": "sgdsai", "inactive_lr_scale": 0.03}, "FRUGAL (SGD-SaI inner)",
+             "FRUGAL with SGD-SaI momentum on a quarter of the target matrices at a time (SGD-SaI's lr; state-free "
+             "step at 0.03 lr)")):
         register_optimizer(name, FRUGAL, defaults=defaults, label=label, description=what,
                            from_training_args=_adam_training_args, build_groups=_projection_groups)
     # Not "galore_adamw": Transformers has its own galore_* names (galore-torch).

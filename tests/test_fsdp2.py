@@ -51,7 +51,8 @@ def equal_run(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["sgdsai", "sgdsai_m0", "sgdsai_gsnr_max", "sgdsai_factored", "sgdsai_8bit",
                                   "sgdsai_8bit_gsnr_max", "memopt_adamw_8bit", "frugal_columns", "frugal_blocks",
-                                  "frugal_sgdsai_columns", "frugal_8bit_columns", "sgdsai_8bit_triton",
+                                  "frugal_sgdsai_columns", "frugal_sgdsai_blocks", "frugal_8bit_columns",
+                                  "sgdsai_8bit_triton",
                                   "sgdsai_gsnr_max_triton", "memopt_adamw_8bit_triton"])
 def test_on_fsdp2_shards_equals_one_device(equal_run, name):
     # 8-bit state is in row blocks: the same blocks on shards as on one device, so the results agree to rounding

@@ -496,8 +496,7 @@ def test_plan_on_two_gpus_lists_the_set_ups_without_a_row(config, capsys):
     names = {r.optim for r in plan.rows}
     assert {"adamw_torch", "sgdsai", "sgdsai_8bit", "memopt_adamw_8bit", "frugal"} <= names
     frugal = {r.optim: r.optim_args for r in plan.rows if r.optim.startswith("frugal")}
-    assert "selection" not in frugal["frugal"] and "selection" not in frugal["frugal_8bit"]  # blocks shard
-    assert "selection=columns" in frugal["frugal_sgdsai"]  # registered with the random subspace
+    assert not any("selection" in args for args in frugal.values())  # the default, blocks, shards
     assert not any(r.lora or "grad_release" in r.optim_args for r in plan.rows)
     skipped = dict(plan.skipped)
     assert "svd" in skipped["GaLore-style AdamW r=128"] and "bitsandbytes" in skipped["AdamW 8-bit (bnb, "

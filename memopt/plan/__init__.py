@@ -83,32 +83,16 @@ class Setup:
         return parse_chunked_loss(self._parsed().get("chunked_loss", "false")) is not None
 
 
-def _refused_on_shards(name: str) -> bool:
-    """Whether FSDP2 parameters are refused by the optimizer registered as ``name`` with its defaults
-    (``_dtensor_refusal``, the rule the optimizer applies at run time), asked of an instance on a meta tensor."""
-    import torch
-
-    from memopt.registry import create_optimizer
-
-    opt = create_optimizer(name, [torch.nn.Parameter(torch.empty(2, 2, device="meta"))])
-    return opt._dtensor_refusal(opt.param_groups[0]) is not None
-
-
-def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128, gpus: int = 1) -> tuple:
+def default_setups(lora_rank: int = 8, density: float = 0.25, galore_rank: int = 128) -> tuple:
     """The rows ``memopt plan`` prints: the baselines, every registered memopt name (FRUGAL at ``density``,
-    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA. On several GPUs a FRUGAL
-    name whose registered selection FSDP2 shards refuse (the optimizer's own rule) selects ``columns`` instead
-    (shards support ``blocks``, the default, and ``columns``)."""
+    GaLore-style at ``galore_rank``), the lean full fine-tuning set-ups, and LoRA / QLoRA."""
     from memopt.registry import get_optimizer_spec, list_optimizers
 
     rows = [Setup("AdamW (torch)", "adamw_torch"), Setup("AdamW 8-bit (bnb, adamw_bnb_8bit)", "adamw_bnb_8bit")]
     for name in list_optimizers():
         label = get_optimizer_spec(name).label
         if name.startswith("frugal"):
-            refused = gpus > 1 and _refused_on_shards(name)
-            columns = (" columns", ",selection=columns") if refused else ("", "")
-            rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}{columns[0]}"), name,
-                              f"density={density:g}{columns[1]}"))
+            rows.append(Setup(label.replace("FRUGAL", f"FRUGAL rho={density:g}"), name, f"density={density:g}"))
         elif name.startswith("memopt_galore"):
             rows.append(Setup(f"{label} r={galore_rank}", name, f"rank={galore_rank}"))
         else:
@@ -329,7 +313,7 @@ def make_plan(summary: ModelSummary, options: PlanOptions = PlanOptions(), setup
     options.validate()
     gpus = options.gpus
     if setups is None:
-        setups = default_setups(options.lora_rank, options.density, options.galore_rank, gpus)
+        setups = default_setups(options.lora_rank, options.density, options.galore_rank)
     activations = {
         mode: estimate_activations(summary, options.batch, options.seq_len, checkpointing=mode == "on",
                                    attention=options.attention, bytes_per_activation=DTYPE_BYTES[options.act_dtype])

@@ -43,6 +43,9 @@ OPTIMIZERS = {
     "frugal_blocks": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="blocks", update_gap=2),
     "frugal_sgdsai_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-2, selection="columns", inner="sgdsai",
                                                       inactive_lr_scale=0.03),
+    # the registered frugal_sgdsai: SGD-SaI on whole tensors, their g-SNR reduced over the shard group
+    "frugal_sgdsai_blocks": lambda ps: memopt.FRUGAL(ps, lr=1e-2, selection="blocks", inner="sgdsai",
+                                                     inactive_lr_scale=0.03, update_gap=2),
     # the 8-bit inner moments: blocksize 16, so the (rows, 8) subspace and the whole rows hold whole blocks
     "frugal_8bit_columns": lambda ps: memopt.FRUGAL(ps, lr=1e-3, selection="columns", density=0.5, state_bits=8,
                                                     min_8bit_size=64, blocksize=16),
