@@ -3,6 +3,8 @@ decay, 2-D parameters through a matrix update, the others through plain AdamW (d
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -78,15 +80,28 @@ class MatrixOptimizer(MemoptOptimizer):
         torch's fused CPU AdamW where the fused CPU updates take the tensor (:meth:`_use_cpu_kernel`; the same state,
         within a rounding of the parameter: docs/8bit.md, "On CPU: fused C loops"). Weight decay was applied
         before (:meth:`step`)."""
-        beta1, beta2 = group["betas"]
-        moments = self._adam_state(state, g)
-        if self._use_cpu_kernel(group, p32, g, moments, None, matrix=False):
-            state["step"] += 1
-            cpu_kernels.adamw_update_(p32, g, *moments, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                      weight_decay=0.0, step=state["step"])
-            self._cpu_updates += 1
+        if self._fused_adamw_step(group, state, p32, g, self._adam_state(state, g), group["lr"]):
             return
+        beta1, beta2 = group["betas"]
         p32.sub_(self.adam_direction(state, g, beta1, beta2, group["eps"]), alpha=group["lr"])
+
+    def _fused_adamw_step(self, group: dict, state: dict, p32: Tensor, g: Tensor, moments: list[Tensor], lr: float,
+                          blocksize: Optional[int] = None) -> bool:
+        """One AdamW step at ``lr`` of ``p32`` on the whole gradient ``g`` with the moments ``moments`` (fp32: torch's
+        fused CPU AdamW; with ``blocksize``: codes and maxima in 8-bit row blocks, memopt's loop), advancing
+        ``state["step"]``, where the fused CPU updates take the tensor (:meth:`_use_cpu_kernel`); ``False``, with
+        nothing done, elsewhere. Weight decay was applied before (:meth:`step`)."""
+        if not self._use_cpu_kernel(group, p32, g, moments, blocksize, matrix=blocksize is not None):
+            return False
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        args = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=0.0, step=state["step"])
+        if blocksize is None:
+            cpu_kernels.adamw_update_(p32, g, *moments, **args)
+        else:
+            cpu_kernels.adamw_update_8bit_(p32, g, *moments, blocksize=blocksize, **args)
+        self._cpu_updates += 1
+        return True
 
     def _before_updates(self) -> None:
         """Hook run after the closure and before any parameter is updated (whole-step statistics)."""

@@ -225,18 +225,7 @@ class FRUGAL(MatrixOptimizer):
             for key, signed in _MOMENTS["adamw"]:
                 store_moment(state, key, torch.zeros_like(g), bs, signed, eight)
             state["step"] = 0
-        moments = [state[k] for k in keys]
-        if not self._use_cpu_kernel(group, p32, g, moments, bs if eight else None, matrix=eight):
-            return False
-        state["step"] += 1
-        beta1, beta2 = group["betas"]
-        args = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=0.0, step=state["step"])
-        if eight:
-            cpu_kernels.adamw_update_8bit_(p32, g, *moments, blocksize=bs, **args)
-        else:
-            cpu_kernels.adamw_update_(p32, g, *moments, **args)
-        self._cpu_updates += 1
-        return True
+        return self._fused_adamw_step(group, state, p32, g, [state[k] for k in keys], lr, bs if eight else None)
 
     def _dense_update(self, group: dict, state: dict, p32: Tensor, g: Tensor, p: Tensor) -> None:
         self._inner_update(group, state, p32, g, p, group["lr"])
