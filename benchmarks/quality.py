@@ -27,6 +27,7 @@ the table still describes the code (its rows were trained as the code was then).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -98,20 +99,38 @@ def _finetune():
     return load_example("finetune")
 
 
-def sweep(tasks, labels, path: Path) -> None:
+@contextlib.contextmanager
+def _appender(path: Path, fields: list):
+    """A function that appends one row to the CSV ``path`` and flushes it (a run stopped half-way keeps its rows);
+    the header is written when the file is new."""
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+
+        def write(row: dict) -> None:
+            writer.writerow(row)
+            f.flush()
+
+        yield write
+
+
+def _where() -> dict:
+    """The columns that say where a row was trained: thread count, torch version, machine."""
     import torch
 
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
+
+
+def sweep(tasks, labels, path: Path) -> None:
     finetune = _finetune()
 
     existing = read_rows(path)
     done = {_key(r) for r in existing}
     before_of = {r["task"]: float(r["eval_loss_before"]) for r in existing}
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
+    with _appender(path, FIELDS) as write:
         for task in tasks:
             for label, optim, optim_args, grids in OPTIMIZERS:
                 if label not in labels:
@@ -128,11 +147,10 @@ def sweep(tasks, labels, path: Path) -> None:
                     r["eval_loss_before"] = before
                     row.update(task=task, label=label, optim=optim, optim_args=optim_args or "", learning_rate=lr,
                                state_bytes_per_param=round(r["optimizer_state_bytes"] / r["trainable_params"], 4),
-                               threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine())
+                               **_where())
                     for k in ("eval_loss_before", "eval_loss_after", "train_loss_last_log"):
                         row[k] = round(row[k], 4)
-                    writer.writerow(row)
-                    f.flush()
+                    write(row)
                     print(f"QUALITY {task} {label} lr={lr:g}: eval {row['eval_loss_after']:.4f} "
                           f"({time.time() - t0:.0f} s)", flush=True)
 
@@ -155,12 +173,10 @@ def recheck_plan(rows: list[dict], tasks, labels) -> list[dict]:
 def recheck_row(table_row: dict, result: dict) -> dict:
     """One line of the recheck: the table's eval loss beside the one trained now with the same settings."""
     then, now = float(table_row["eval_loss_after"]), round(result["eval_loss_after"], 4)
-    import torch
-
     return {**{k: table_row[k] for k in ("task", "label", "optim", "optim_args", "learning_rate")},
             "eval_loss_table": then, "eval_loss_now": now, "relative_change": round(now / then - 1.0, 5),
             "update_path": result.get("update_path") or "", "train_runtime_s": result.get("train_runtime_s"),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
+            **_where()}
 
 
 def recheck(tasks, labels, table: Path, out: Path) -> None:
@@ -169,18 +185,13 @@ def recheck(tasks, labels, table: Path, out: Path) -> None:
     todo = recheck_plan(read_rows(table), tasks, labels)
     done = {_key(r) for r in read_rows(out)}
     finetune = _finetune()
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECHECK_FIELDS)
-        if new:
-            writer.writeheader()
+    with _appender(out, RECHECK_FIELDS) as write:
         for r in todo:
             if _key(r) in done:
                 continue
             row = recheck_row(r, train(finetune, r["task"], r["optim"], r["optim_args"], r["learning_rate"],
                                        eval_before=False))
-            writer.writerow(row)
-            f.flush()
+            write(row)
             print(f"RECHECK {row['task']} {row['label']} lr={row['learning_rate']}: {row['eval_loss_table']:.4f} -> "
                   f"{row['eval_loss_now']:.4f} ({row['relative_change']:+.2%}; {row['update_path']})", flush=True)
 

@@ -1,5 +1,5 @@
 """The GPU benchmark script must not rot between GPU runs (its CPU interpreter dry run); the quality benchmark's
-recheck picks the table's best rows and reports the change."""
+recheck picks the table's best rows and reports the change, and its results file only grows."""
 
 import csv
 import importlib.util
@@ -52,3 +52,16 @@ def test_quality_recheck_refuses_a_selection_the_table_does_not_have():
                  eval_loss_after="2.5")]
     with pytest.raises(ValueError, match="no row for tasks .'lee20'."):
         q.recheck_plan(rows, ["lee20"], {"sgdsai"})
+
+
+def test_quality_results_are_appended_with_one_header_and_read_back(tmp_path):
+    q = _quality()
+    path = tmp_path / "new" / "quality.csv"  # the folder does not exist yet
+    for lr in ("1e-4", "3e-4"):  # two runs of the script: the second appends below the first
+        with q._appender(path, q.RECHECK_FIELDS) as write:
+            write(dict(task="full20", label="sgdsai", learning_rate=lr))
+    assert path.read_text().count("task,label") == 1
+    assert [(r["task"], r["learning_rate"]) for r in q.read_rows(path)] == [("full20", "1e-4"), ("full20", "3e-4")]
+    with pytest.raises(ValueError, match="not in fieldnames"):  # a column the file does not have is refused
+        with q._appender(path, q.RECHECK_FIELDS) as write:
+            write(dict(task="full20", no_such_column=1))
