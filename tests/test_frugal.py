@@ -257,6 +257,10 @@ def test_8bit_subspace_state_bytes_follow_the_formula():
     blocks = -(-r * big // 256)
     # two 8-bit moments (r x M codes + fp32 absmax per 256) + the fp32 basis (r x mu)
     assert memopt.state_bytes(opt) == 2 * (r * big + 4 * blocks) + 4 * r * mu
+    (wide,) = _params((270, 265))  # state 270 x 260: rows of 260 elements, two blocks each (256 + 4)
+    opt_rows = FRUGAL([wide], rank=260, selection="random", state_bits=8, min_8bit_size=1024)
+    _run(opt_rows, [wide], _grads([(270, 265)], 1))
+    assert memopt.state_bytes(opt_rows) == 2 * (260 * 270 + 4 * 270 * 2) + 4 * 260 * 265
     (small,) = _params((16, 8))  # below min_8bit_size: fp32 moments
     opt2 = FRUGAL([small], density=0.5, selection="random", state_bits=8)
     _run(opt2, [small], _grads([(16, 8)], 1))
@@ -306,6 +310,26 @@ def test_inner_option_refusals():
         FRUGAL(_params((4, 4)), state_bits=8, check_finite=False)
     with pytest.raises(ValueError, match="blocksize"):
         FRUGAL(_params((4, 4)), state_bits=8, blocksize=100)
+    with pytest.raises(ValueError, match="density or rank, not both"):
+        FRUGAL(_params((4, 4)), selection="random", density=0.5, rank=2)
+    with pytest.raises(ValueError, match="exactly one of rank and density"):  # at construction, not at a step
+        FRUGAL([{"params": _params((4, 4)), "density": None}], selection="random")
+    with pytest.raises(ValueError, match="exactly one of rank and density"):
+        FRUGAL([{"params": _params((4, 4)), "rank": 2}], selection="random")  # the default density too
+    with pytest.raises(ValueError, match="density or rank, not both"):
+        GaLoreAdamW(_params((4, 4)), density=0.5, rank=2)
+    with pytest.raises(ValueError, match="alpha=-1"):  # named as the caller wrote it
+        GaLoreAdamW(_params((4, 4)), alpha=-1)
+
+
+def test_galore_takes_a_density_instead_of_its_default_rank():
+    shape = (32, 48)
+    for kwargs, rank in (({}, 32), ({"density": 0.5}, 16), ({"rank": 8}, 8)):  # default 128, clamped to 32
+        (w,) = _params(shape)
+        opt = GaLoreAdamW([w], lr=1e-2, **kwargs)
+        w.grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        assert tuple(opt.state[w]["proj_basis"].shape) == (shape[0], rank), kwargs
 
 
 def test_sgdsai_inner_defers_a_zero_gradient_tensor():

@@ -62,14 +62,16 @@ class FRUGAL(MatrixOptimizer):
         state_bits: 32 (default) or 8: inner moments as blockwise 8-bit codes (``blocksize`` 256) for state
             tensors of at least ``min_8bit_size`` (4096) elements, unless the parameter is marked with
             :func:`memopt.keep_32bit_state`.
-        density: ρ in [0, 1]: subspace rank ``round(ρ·min(m, n))``, fraction of columns/rows, or (``blocks``)
-            fraction of the projectable tensors; 0 makes every projectable parameter state-free.
+        density: ρ in [0, 1] (default 0.25 when no ``rank`` is given): subspace rank ``round(ρ·min(m, n))``,
+            fraction of columns/rows, or (``blocks``) fraction of the projectable tensors; 0 makes every
+            projectable parameter state-free.
         selection: ``blocks`` (default): ``round(ρ·T)`` of the T projectable tensors are state-full (the inner
             optimizer on the whole gradient), the rest state-free; the active set changes every ``update_gap``
             steps in ``block_order`` (``"random"`` or ``"descending"``: last layers first), and an inactive tensor
             holds no inner state. Or a subspace of every projectable tensor: ``random`` (an orthonormal basis),
             ``svd``, ``randomized_svd``, ``columns`` or ``rows`` (docs/projection.md: why ``blocks`` is the default).
-        rank: a fixed subspace rank instead of ``density`` (for ``columns``/``rows``: a number of columns/rows).
+        rank: a fixed subspace rank instead of ``density`` (for ``columns``/``rows``: a number of columns/rows);
+            give one of the two, not both. A rank above a matrix's ``min(m, n)`` is clamped to it.
         active_scale: factor on the state-full update (GaLore's α; default 1).
         update_gap: steps between subspace changes (default 200).
         state_free: ``sign_sgd`` (default), ``sgd`` or ``none``. inactive_lr_scale: its lr factor (1.0).
@@ -92,14 +94,16 @@ class FRUGAL(MatrixOptimizer):
     GROUP_STATE_KEYS = ("block_step",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, density: float = 0.25, selection: str = "blocks",
-                 update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, density: Optional[float] = None,
+                 selection: str = "blocks", update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
                  rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
                  inner: str = "adamw", state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
                  block_order: str = "random", stochastic_rounding: bool = True):
-        if rank is not None:
-            density = None  # a fixed rank replaces the density
+        if rank is not None and density is not None:
+            raise ValueError(f"give density or rank, not both (density={density!r}, rank={rank!r})")
+        if rank is None and density is None:
+            density = 0.25
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, selection=selection,
                         update_gap=update_gap, on_refresh=on_refresh, state_free=state_free,
                         inactive_lr_scale=inactive_lr_scale, check_finite=check_finite, maximize=maximize,
@@ -130,9 +134,10 @@ class FRUGAL(MatrixOptimizer):
                 raise ValueError("selection='blocks' (the default) takes density (a fraction of tensors), not rank: "
                                  "a rank needs a subspace selection, e.g. selection='random'")
             sel = "columns"  # validate the shared keys below (update_gap, on_refresh)
-        # the projector checks selection, rank, on_refresh and update_gap (density 0 is FRUGAL's own: no subspace)
-        _config(dict(group, selection=sel,
-                     density=group["density"] or (None if group["rank"] is not None else 1.0))).validate()
+        # the projector checks selection, rank (exactly one of rank and density), on_refresh and update_gap;
+        # density 0 is FRUGAL's own (no subspace): only the shared keys are checked then
+        density = 1.0 if group["density"] == 0 and group["rank"] is None else group["density"]
+        _config(dict(group, selection=sel, density=density)).validate()
 
     def state_layout(self, group: dict, p: Tensor) -> dict:
         """The projector's tensor (``proj_basis`` fp32 or ``proj_indices`` int32) and the inner optimizer's moments
@@ -358,13 +363,14 @@ class GaLoreAdamW(FRUGAL):
     outside the subspace. It is FRUGAL with ``state_free="none"``; memopt's defaults follow GaLore: ``svd``
     selection, ``on_refresh="keep"`` (the reference behaviour; ``reset``/``reproject`` fix its known flaw).
 
-    Args: as :class:`FRUGAL`, plus ``rank`` (default 128, clamped to min(m, n)) and ``alpha`` (GaLore's α, the
-    factor on the projected-back update, default 0.25; ``scale`` is its former name, deprecated);
+    Args: as :class:`FRUGAL`, plus ``rank`` (default 128 unless ``density`` is given instead; clamped to
+    min(m, n)) and ``alpha`` (GaLore's α, the factor on the projected-back update, default 0.25; ``scale`` is its
+    former name, deprecated);
     ``state_bits=8`` holds the inner AdamW moments as blockwise 8-bit codes (GaLore's 8-bit variant).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: Optional[int] = 128,
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, rank: Optional[int] = None,
                  density: Optional[float] = None, alpha: float = 0.25, selection: str = "svd",
                  update_gap: int = 200, on_refresh: str = "keep", check_finite: bool = True, maximize: bool = False,
                  state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
@@ -374,7 +380,10 @@ class GaLoreAdamW(FRUGAL):
             warnings.warn("GaLoreAdamW(scale=...) is deprecated: the argument is now called alpha",
                           FutureWarning, stacklevel=2)
             alpha = scale
-        super().__init__(params, lr, betas, eps, weight_decay, density=density if rank is None else 0.25,
+        check_float("alpha", alpha, 0.0)  # checked again as FRUGAL's active_scale: named as the caller wrote it
+        if rank is None and density is None:
+            rank = 128
+        super().__init__(params, lr, betas, eps, weight_decay, density=density,
                          selection=selection, update_gap=update_gap, on_refresh=on_refresh, state_free="none",
                          check_finite=check_finite, maximize=maximize, rank=rank, active_scale=alpha,
                          stochastic_rounding=stochastic_rounding,
