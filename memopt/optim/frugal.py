@@ -95,7 +95,8 @@ class FRUGAL(MatrixOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: Optional[float] = None,
-                 selection: str = "blocks", update_gap: int = 200, on_refresh: str = "reset", state_free: str = "sign_sgd",
+                 selection: str = "blocks", update_gap: int = 200, on_refresh: str = "reset",
+                 state_free: str = "sign_sgd",
                  inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
                  rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
                  inner: str = "adamw", state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
