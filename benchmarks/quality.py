@@ -51,6 +51,7 @@ OPTIMIZERS = [
     ("adamw_torch", "adamw_torch", None, ADAM),
     ("sgdsai", "sgdsai", None, ADAM),
     ("sgdsai_8bit", "sgdsai_8bit", None, ADAM),
+    ("memopt_adamw_8bit", "memopt_adamw_8bit", None, {"full": ADAM["full"]}),
     ("sgdsai scale=gsnr_max (paper)", "sgdsai", "scale=gsnr_max",
      {"full": (1e-2, 3e-2, 1e-1, 3e-1), "long": (3e-2, 1e-1), "lora": (0.3, 1.0, 3.0, 10.0)}),
     # Lion's paper: an lr 3-10x smaller than AdamW's (1e-3 added: on full20 the best was at 3e-4, the edge)

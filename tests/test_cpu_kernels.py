@@ -69,19 +69,24 @@ def test_factored_sgdsai_equals_the_pytorch_path_bit_for_bit(shape, eight, momen
         torch.testing.assert_close(state_own[0], state_fast[0], rtol=1e-5, atol=1e-6)
 
 
-def _adamw_state(shape, gen):
+def _adamw_state(shape, gen, outliers=False):
     m = torch.randn(shape, generator=gen) * 0.1
     v = torch.rand(shape, generator=gen) * 1e-2
+    if outliers:  # one v of 1e5 every 97 elements: most small v of those blocks are stored on the zero code
+        v.view(-1)[::97] = 1e5
     return [*quantize_rows(m, default_code(True, CPU), 256), *quantize_rows(v, default_code(False, CPU), 256)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("maximize,weight_decay", [(False, 0.0), (True, 0.1)])
-def test_adamw_8bit_state_bit_for_bit_and_parameters_within_one_rounding(shape, maximize, weight_decay):
+@pytest.mark.parametrize("maximize,weight_decay,outliers", [(False, 0.0, False), (True, 0.1, False),
+                                                            (False, 0.0, True)])
+def test_adamw_8bit_state_bit_for_bit_and_parameters_within_one_rounding(shape, maximize, weight_decay, outliers):
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(shape, generator=gen)
     g = torch.randn(shape, generator=gen)
-    state = _adamw_state(shape, gen)
+    state = _adamw_state(shape, gen, outliers)
+    lifted = int(((state[2] == 0) & (state[0] != 127)).sum())  # v on its zero code where m is not 0: lifted
+    assert (lifted > 0) == outliers
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=7, maximize=maximize)
     p_fast, state_fast = p.clone(), [t.clone() for t in state]
     before = p.clone()

@@ -35,3 +35,31 @@ def test_fused_adamw_8bit_matches_reference(shape, dtype):
         assert diff.max() <= 1 and (diff != 0).float().mean() < 0.02
     for i in (1, 3):
         torch.testing.assert_close(s_t[i], s_r[i], atol=1e-9, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4097,), (64, 300)])
+def test_fused_adamw_8bit_lifts_an_underflowed_second_moment_as_the_reference(shape):
+    from memopt.functional.quantize import layout_8bit
+
+    g = torch.Generator().manual_seed(3)
+    p0 = (torch.randn(shape, generator=g) * 0.5).to(DEV)
+    first = torch.randn(shape, generator=g) * 1e-2
+    first.view(-1)[::97] = 100.0  # its blocks store the other v on the zero code, their m not
+    grads = [first.to(DEV)] + [(torch.randn(shape, generator=g) * 1e-2).to(DEV) for _ in range(2)]
+    out = []
+    for impl in (ref, tri):
+        p = p0.clone()
+        state = [torch.zeros(s, dtype=d, device=DEV) for key in ("m", "v")
+                 for s, d in layout_8bit(key, shape, 256).values()]
+        for t, gr in enumerate(grads):
+            if t == 1:
+                assert int(((state[2] == 0) & (state[0] != 127)).sum()) > 100  # the lift is exercised
+            impl.adamw_update_8bit_(p, gr, *state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                    step=t + 1)
+        out.append((p, state))
+    (p_r, s_r), (p_t, s_t) = out
+    torch.testing.assert_close(p_t, p_r, **TOL[torch.float32])
+    for i in (0, 2):
+        diff = (s_t[i].int() - s_r[i].int()).abs()
+        assert diff.max() <= 1 and (diff != 0).float().mean() < 0.02
+    torch.testing.assert_close(s_t[3], s_r[3], atol=1e-9, rtol=1e-4)

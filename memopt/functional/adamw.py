@@ -8,7 +8,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from memopt.functional.quantize import default_code, dequantize_rows, in_row_pieces, quantize_rows
+from memopt.functional.quantize import (_cached, code_midpoints, default_code, dequantize_rows, in_row_pieces,
+                                        quantize_rows)
 from memopt.functional.finite import skipped
 from memopt.functional.rounding import write_param_
 from memopt.functional.sgdsai import compute_dtype
@@ -28,6 +29,29 @@ def adam_direction(m: Tensor, v: Tensor, *, beta1: float, beta2: float, eps: flo
     it): how the projection methods apply Adam to a (projected) gradient."""
     denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
     return m / denom / (1.0 - beta1**step)
+
+
+def second_moment_read_map(code: Tensor) -> Tensor:
+    """The unsigned map ``code`` as an Adam update reads a stored second moment: its 0.0 replaced by the midpoint
+    between 0 and the next code, the largest value (relative to the block maximum) that is stored as 0.
+
+    Quantized against its block's maximum, a second moment up to that midpoint (1.6e-7 of the block maximum in the
+    default map: a gradient ~4e-4 of the block's largest) is stored as 0, while the element's first moment, on the
+    signed map, usually is not. Exact Adam never has ``v = 0`` where ``m != 0`` (both sum the same gradients), and
+    ``m / (sqrt(v) + eps)`` with that 0 steps up to ``|m| / eps``: one outlier in a block would throw its neighbours'
+    weights far. Read as the top of the interval it stands for, a stored ``v`` is at least its true value, so the
+    step is at most the one exact Adam takes from the same ``m`` (docs/8bit.md, "Second moments stored as 0").
+    Quantization is unchanged (it uses the map's midpoints), so is the state; an all-zero block (maximum 0) still
+    reads as zeros. Built once per map; every AdamW 8-bit update (PyTorch, C, Triton) decodes ``v`` with it."""
+
+    def build(code):
+        out = code.clone()
+        zeros = (code == 0).nonzero().flatten().tolist()
+        if len(zeros) == 1 and zeros[0] + 1 < code.numel():
+            out[zeros[0]] = code_midpoints(code)[zeros[0]]
+        return out
+
+    return _cached("second_moment_read", code, build)
 
 
 def _adamw_apply_(p: Tensor, m: Tensor, v: Tensor, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
@@ -99,7 +123,8 @@ def adamw_update_8bit_(
     unsigned_code = default_code(False, param.device) if unsigned_code is None else unsigned_code
     cdt = compute_dtype(param.dtype)
     m = dequantize_rows(exp_avg_codes, exp_avg_absmax, signed_code, blocksize, dtype=cdt)
-    v = dequantize_rows(exp_avg_sq_codes, exp_avg_sq_absmax, unsigned_code, blocksize, dtype=cdt)
+    v = dequantize_rows(exp_avg_sq_codes, exp_avg_sq_absmax, second_moment_read_map(unsigned_code), blocksize,
+                        dtype=cdt)
     adam_moments_(grad.to(cdt), m, v, beta1=beta1, beta2=beta2, maximize=maximize)
     # quantize first: a non-finite moment (corrupt state) raises here, before the parameter is written
     stored = [quantize_rows(m, signed_code, blocksize), quantize_rows(v, unsigned_code, blocksize)]

@@ -517,15 +517,17 @@ def layout_8bit(key: str, shape: tuple, blocksize: int) -> dict:
             f"{key}_absmax": (_absmax_shape(tuple(shape), blocksize), torch.float32)}
 
 
-def load_moment(state: dict, key: str, blocksize: int, signed: bool = True) -> Optional[Tensor]:
+def load_moment(state: dict, key: str, blocksize: int, signed: bool = True, read=None) -> Optional[Tensor]:
     """State ``key`` in full precision: the tensor itself, or its 8-bit form dequantized to fp32 (``signed``: which
-    dynamic map); ``None`` when the state has neither."""
+    dynamic map; ``read``: a function giving the values to read the map's codes as, e.g.
+    :func:`memopt.functional.adamw.second_moment_read_map`); ``None`` when the state has neither."""
     if key in state:
         return state[key]
     codes = state.get(f"{key}_codes")
     if codes is None:
         return None
-    return dequantize_rows(codes, state[f"{key}_absmax"], default_code(signed, codes.device), blocksize)
+    code = default_code(signed, codes.device)
+    return dequantize_rows(codes, state[f"{key}_absmax"], code if read is None else read(code), blocksize)
 
 
 def store_moment(state: dict, key: str, value: Tensor, blocksize: int, signed: bool, eight: bool) -> None:

@@ -28,7 +28,10 @@ def _adamw_8bit_kernel(p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, ok_ptr, sco
     live = live & ok
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * SIGN
-    mi = tl.load(mc_ptr + offs, mask=mask, other=s_zero).to(tl.int32)  # masked lanes: m = v = 0 (and g = 0)
+    # masked lanes: m = 0, g = 0 and v = the read of the zero code (below the block's largest after the update:
+    # the new maximum is the real elements'); ucode_ptr is the map an update decodes v with
+    # (memopt.functional.adamw.second_moment_read_map), its midpoints the quantizer's
+    mi = tl.load(mc_ptr + offs, mask=mask, other=s_zero).to(tl.int32)
     vi = tl.load(vc_ptr + offs, mask=mask, other=u_zero).to(tl.int32)
     m = tl.load(scode_ptr + mi) * tl.load(ma_ptr + blk, mask=live, other=0.0)[:, None]
     v = tl.load(ucode_ptr + vi) * tl.load(va_ptr + blk, mask=live, other=0.0)[:, None]
@@ -67,7 +70,8 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     with device_guard(param):
         _adamw_8bit_kernel[(triton.cdiv(n_blocks, cfg["NB"]),)](
             param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, finite_arg(finite, param),
-            s.code, s.table, s.mids, u.code, u.table, u.mids, n_blocks=n_blocks, s_zero=s.zero, u_zero=u.zero,
+            s.code, s.table, s.mids, u.second_moment_read, u.table, u.mids, n_blocks=n_blocks, s_zero=s.zero,
+            u_zero=u.zero,
             decay=1.0 - lr * weight_decay, beta1w=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
             inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step), eps=eps, step_size=-lr / (1.0 - beta1**step),
             SIGN=-1.0 if maximize else 1.0, S_BITS=s.m_bits, S_EXTRA=s.extra, U_BITS=u.m_bits, U_EXTRA=u.extra,

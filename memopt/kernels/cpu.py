@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from memopt._cache import cache_dir
+from memopt.functional.adamw import second_moment_read_map
 from memopt.functional.quantize import _midpoint_lut, check_block_maxima, default_code, row_blocked
 from memopt.functional.sgdsai import _TINY
 
@@ -231,10 +232,11 @@ def adamw_update_8bit_(param: Tensor, grad: Tensor, exp_avg_codes: Tensor, exp_a
     rows = param.shape[0]
     _held_m, m_args = _map(signed_code, True)
     _held_v, v_args = _map(unsigned_code, False)
+    read_v = second_moment_read_map(_held_v[0])  # v is decoded with it, quantized with the map's own midpoints
     bad = library().memopt_adamw_8bit(
         *(t.data_ptr() for t in (param, grad, *state)), rows, param.numel() // rows, blocksize,
         *_adam_args(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                    maximize=maximize), *m_args, *v_args, torch.get_num_threads())
+                    maximize=maximize), *m_args, read_v.data_ptr(), *v_args[1:], torch.get_num_threads())
     _raise_if(bad)
 
 

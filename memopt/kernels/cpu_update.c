@@ -223,8 +223,9 @@ static inline float adam_param(float p, float m, float v, const adam_args *a) {
     return p * a->decay + (a->step_size * m) / (sqrtf(v) / a->bc2_sqrt + a->eps);
 }
 
-/* AdamW with both moments in 8-bit row blocks (m on the signed map qm, v on the unsigned map qv). Returns the number
- * of blocks left unwritten (a moment not finite), or -1 when out of memory (nothing written). */
+/* AdamW with both moments in 8-bit row blocks (m on the signed map qm, v on the unsigned map qv; v_code is the map
+ * v is decoded with, memopt/functional/adamw.py's second_moment_read_map, v_low and v_mids the quantizer's). Returns
+ * the number of blocks left unwritten (a moment not finite), or -1 when out of memory (nothing written). */
 int64_t memopt_adamw_8bit(float *p, const float *g, uint8_t *m_codes, float *m_absmax, uint8_t *v_codes,
                           float *v_absmax, int64_t rows, int64_t cols, int64_t bs, float w1, float beta2,
                           float one_minus_beta2, float decay, float bc2_sqrt, float eps, float step_size,

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from memopt.functional.adamw import second_moment_read_map
 from memopt.functional.quantize import check_code_map, check_codes, default_code, kernel_code_table
 from memopt.kernels._common import (check_shape, device_guard, encode_tile, launch_config, store_kind,
                                     store_param, stored_absmax, tile_offsets)
@@ -52,13 +53,15 @@ class CodeMap(NamedTuple):
     """A code map as the kernels read it (all on the launch device): the 256 codes, the nearest-code table, the
     256 padded midpoints, the table's constexprs (``memopt.functional.quantize.kernel_code_table``), and the index
     of the code 0.0 (the code a masked lane of an update kernel loads, so it dequantizes to exactly 0 and leaves the
-    absmax alone; -1 where the map has none)."""
+    absmax alone; -1 where the map has none), and the codes an AdamW update decodes a second moment with
+    (``memopt.functional.adamw.second_moment_read_map``)."""
     code: Tensor
     table: Tensor
     mids: Tensor
     m_bits: int
     extra: int
     zero: int
+    second_moment_read: Tensor
 
 
 _MAPS: dict = {}
@@ -77,7 +80,7 @@ def code_map(code: Optional[Tensor], signed: bool, device: torch.device, needs_z
         raise ValueError("the fused Triton updates need a code map holding 0.0 exactly once (masked lanes load it)")
     table, mids, m_bits, extra = kernel_code_table(base)
     out = CodeMap(base.to(device).contiguous(), table.to(device), mids.to(device), m_bits, extra,
-                  int(zeros[0]) if zeros.numel() else -1)
+                  int(zeros[0]) if zeros.numel() else -1, second_moment_read_map(base).to(device).contiguous())
     if code is None:
         _MAPS[key] = out
     return out

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from memopt.distributed import agree_on_max, gsnr_many, is_dtensor, row_sharded
 from memopt.functional import projection as proj
-from memopt.functional.adamw import adam_direction, adam_moments_
+from memopt.functional.adamw import adam_direction, adam_moments_, second_moment_read_map
 from memopt.functional.quantize import layout_8bit, load_moment, row_blocked, store_moment
 from memopt.functional.sgdsai import gsnr
 from memopt.kernels import cpu as cpu_kernels
@@ -197,7 +197,7 @@ class FRUGAL(MatrixOptimizer):
             _clear_inner(state)
             m, v, state["step"] = torch.zeros_like(x), torch.zeros_like(x), 0
         else:
-            v = load_moment(state, "exp_avg_sq", bs, signed=False)
+            v = load_moment(state, "exp_avg_sq", bs, signed=False, read=second_moment_read_map)
         state["step"] += 1
         adam_moments_(x, m, v, beta1=beta1, beta2=beta2)
         direction = adam_direction(m, v, beta1=beta1, beta2=beta2, eps=group["eps"], step=state["step"])
