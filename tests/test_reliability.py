@@ -173,28 +173,43 @@ def test_state_for_other_shapes_is_refused_at_load(name):
 
 
 def _corruptions(sd):
-    """(description, corrupted copy) for every number in a state dict that could reach the weights."""
+    """(description, corrupted copy) for every number in a state dict that could reach the weights, and for every
+    state tensor left out."""
     import copy
+
+    def changed(pid, key, value):
+        out = copy.deepcopy(sd)
+        out["state"][pid][key] = value
+        return out
 
     for pid, st in sd["state"].items():
         for key, value in st.items():
+            if isinstance(value, torch.Tensor) and len(st) > 1:  # an empty state is a parameter yet to step
+                out = copy.deepcopy(sd)
+                del out["state"][pid][key]
+                yield f"without {key}", out
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
                 for bad in (float("nan"), float("inf")):
                     out = copy.deepcopy(sd)
                     out["state"][pid][key].view(-1)[0] = bad
                     yield f"{key}={bad}", out
-                if key.endswith("_absmax"):
+                if key.endswith("_absmax") or key in ("exp_avg_sq", "sn"):  # no step writes a negative one
                     out = copy.deepcopy(sd)
                     out["state"][pid][key].view(-1)[0] = -1.0
                     yield f"{key}<0", out
             elif key.endswith("_codes") and isinstance(value, torch.Tensor):
-                out = copy.deepcopy(sd)
-                out["state"][pid][key] = value.float().fill_(float("nan"))
-                yield f"{key} as float", out
-            elif isinstance(value, float):
-                out = copy.deepcopy(sd)
-                out["state"][pid][key] = float("nan")
-                yield f"{key}=nan", out
+                yield f"{key} as float", changed(pid, key, value.float().fill_(float("nan")))
+            elif key == "proj_indices":
+                for bad in (value.max() + 1000, value[0]):  # out of range; repeated
+                    idx = value.clone()
+                    idx[-1] = bad
+                    yield f"{key} holding {int(bad)}", changed(pid, key, idx)
+            elif key == "gsnr":
+                for bad in (float("nan"), -5.0, 0.0, 1e30, "2.5"):
+                    yield f"{key}={bad!r}", changed(pid, key, bad)
+            elif isinstance(value, int) and not isinstance(value, bool):  # step counts, refresh steps, seeds
+                for bad in (-1, float(value), str(value)):
+                    yield f"{key}={bad!r}", changed(pid, key, bad)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -204,15 +219,42 @@ def test_corrupt_numbers_in_a_checkpoint_never_reach_the_weights(name):
     cases = list(_corruptions(opt.state_dict()))
     assert cases
     for what, sd in cases:
+        if name == "frugal_sgdsai" and what == "without momentum_buffer":
+            continue  # FRUGAL's SGD-SaI inner step restarts a missing momentum at m = g, as on entering the active set
         target_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
         kw = {"min_8bit_size": 256} if name in ("sgdsai_8bit", "memopt_adamw_8bit") else {}
         target = memopt.create_optimizer(name, target_params, lr=1e-2, **kw)
-        with pytest.raises(ValueError, match="corrupt|uint8"):
+        with pytest.raises(ValueError, match="corrupt|uint8|incomplete"):
             target.load_state_dict(sd)
         for p in target_params:
             p.grad = torch.ones_like(p)
         target.step()  # the refused checkpoint left the optimizer usable and the weights finite
         assert all(torch.isfinite(p).all() for p in target_params), what
+
+
+def test_projection_indices_from_a_checkpoint_must_be_distinct_rows_or_columns_in_range():
+    for selection, size in (("columns", 80), ("rows", 64)):
+        params, opt = _trained("frugal", shapes=((64, 80),), selection=selection, density=0.25)
+        sd = opt.state_dict()
+        assert sd["state"][0]["proj_indices"].numel() == round(0.25 * size)
+        for bad in (size, -1, int(sd["state"][0]["proj_indices"][0])):  # past the end, negative, repeated
+            corrupt = {**sd, "state": {0: {**sd["state"][0], "proj_indices": sd["state"][0]["proj_indices"].clone()}}}
+            corrupt["state"][0]["proj_indices"][-1] = bad
+            target = _fresh("frugal", params, selection=selection, density=0.25)
+            with pytest.raises(ValueError, match=f"not a set of distinct {selection}"):
+                target.load_state_dict(corrupt)
+            assert not target.state
+        _fresh("frugal", params, selection=selection, density=0.25).load_state_dict(sd)  # the intact one loads
+
+
+@pytest.mark.parametrize("scale", ["factored", "gsnr_max", "sqrt_numel"])
+def test_sgdsai_momentum_switched_on_or_off_at_resume_is_refused_naming_both(scale):
+    for saved, wanted in ((0.0, 0.9), (0.9, 0.0)):
+        params, opt = _trained("sgdsai", scale=scale, momentum=saved)
+        target = _fresh("sgdsai", params, scale=scale, momentum=wanted)
+        with pytest.raises(ValueError, match=f"momentum={saved}.*momentum={wanted}"):
+            target.load_state_dict(opt.state_dict())
+        assert not target.state
 
 
 def test_requested_hyper_parameters_win_over_the_checkpoint_and_are_logged(caplog):

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from memopt.distributed import is_dtensor, row_sharded, rows_like
 from memopt.functional.finite import finite_flags
 from memopt.functional.quantize import row_blocked
+from memopt.functional.sgdsai import gsnr_bound
 from memopt import kernels as _kernels  # looked up at call time: tests replace its functions
 from memopt.kernels import cpu as _cpu_kernels
 from memopt.optim._checks import (_KERNEL_DTYPES, _OVERRIDE_ATTR, PARAM_DTYPES, _refuse_deepspeed, _refuse_dtensor,
@@ -27,6 +28,20 @@ logger = logging.getLogger("memopt")
 def layout_bytes(layout: dict) -> int:
     """The bytes of a state layout ``{key: (shape, dtype)}`` (:meth:`MemoptOptimizer.state_layout`)."""
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+
+
+def _check_scalar_state(where: str, key: str, value, numel: int) -> None:
+    """Refuse a saved scalar that no step writes (docs/reliability.md): ``started`` is a bool, ``gsnr`` a g-SNR in
+    ``(0, gsnr_bound(numel)]``, every other scalar (step counts, refresh steps, seeds, index counts) an int >= 0."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "started":
+        ok = isinstance(value, bool)
+    elif key == "gsnr":
+        ok = number and 0.0 < value <= gsnr_bound(numel)
+    else:
+        ok = number and isinstance(value, int) and value >= 0
+    if not ok:
+        raise ValueError(f"{where} is {value!r}, which no step writes: the checkpoint is corrupt")
 
 
 class MemoptOptimizer(GradientReleaseMixin, Optimizer):
@@ -376,6 +391,23 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         return state
 
+    # State tensors that hold sums of squares: negative values cannot come from a step.
+    NON_NEGATIVE_STATE: tuple = ("exp_avg_sq",)
+    # Scalars written by the step that creates a parameter's state tensors: a state with one of them has them all.
+    STATE_MARKS: tuple = ("step",)
+
+    def _resume_refusal(self, saved: dict, group: dict) -> Optional[str]:
+        """Why a checkpoint's (valid) group ``saved`` cannot continue under this optimizer's ``group`` although
+        their layouts agree, or ``None``: a requested setting that needs state the checkpoint does not have."""
+        return None
+
+    def _missing_state(self, group: dict, p: Tensor, st: dict) -> set:
+        """The state tensors ``st`` lacks: a parameter's state tensors are created together (:meth:`_create_state`),
+        so a state holding any of them, or one of ``STATE_MARKS``, holds every one of :meth:`state_layout`."""
+        held = {k for k, v in st.items() if isinstance(v, Tensor)}
+        marked = held or any(k in st for k in self.STATE_MARKS)
+        return set(self.state_layout(group, p)) - held if marked else set()
+
     def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
         """Refuse a saved per-parameter state whose keys, shapes, dtypes or numbers cannot belong to ``p`` under
         ``group``'s settings, before anything is written (checks run on the local shard of a DTensor)."""
@@ -386,6 +418,10 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             raise ValueError(f"this state dict was not written by {name} with these settings: state of param {pid} "
                              f"(shape {tuple(p.shape)}) has keys {sorted(unknown)}; this optimizer expects "
                              f"{sorted(layout)} (and scalars {sorted(self.STATE_KEYS)})")
+        missing = self._missing_state(group, p, st)
+        if missing:
+            raise ValueError(f"state of param {pid} (shape {tuple(p.shape)}) lacks {sorted(missing)}, which "
+                             f"{name} with these settings keeps beside {sorted(st)}: the checkpoint is incomplete")
         for key, value in st.items():
             where = f"state {key!r} of param {pid} (shape {tuple(p.shape)})"
             if isinstance(value, Tensor):
@@ -397,10 +433,12 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
                 local = value.to_local() if is_dtensor(value) else value
                 if value.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
                     raise ValueError(f"{where} holds NaN or Inf values: the checkpoint is corrupt")
-                if key.endswith("_absmax") and local.numel() and not bool((local >= 0).all()):
-                    raise ValueError(f"{where} holds negative block maxima: the checkpoint is corrupt")
-            elif isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{where} is {value}: the checkpoint is corrupt")
+                if (key.endswith("_absmax") or key in self.NON_NEGATIVE_STATE) and local.numel() and \
+                        not bool((local >= 0).all()):
+                    raise ValueError(f"{where} holds negative values, which no step writes: the checkpoint is "
+                                     "corrupt")
+            else:
+                _check_scalar_state(where, key, value, p.numel())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint, after checking everything in it (nothing is changed when a check fails).
@@ -442,6 +480,9 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
             if writer is None and self._layout(merged) != self._layout(group):
                 raise ValueError(f"the checkpoint was not written by {self._describe(group)}: its param group {i} "
                                  f"has {self._describe(merged)}")
+            refusal = self._resume_refusal(merged, group)
+            if refusal:
+                raise ValueError(f"param group {i}: {refusal}")
         id_to_param = {
             pid: (p, group)
             for saved, group in zip(groups, self.param_groups)

@@ -140,6 +140,27 @@ class FRUGAL(MatrixOptimizer):
         density = 1.0 if group["density"] == 0 and group["rank"] is None else group["density"]
         _config(dict(group, selection=sel, density=density)).validate()
 
+    def _missing_state(self, group: dict, p: Tensor, st: dict) -> set:
+        """The projector's tensor and the inner optimizer's moments are created apart (a subspace is chosen before
+        an SGD-SaI inner step waits for a non-zero gradient; a refresh with ``reset`` drops the moments): each is held
+        whole or not at all, a refresh step means the projector's tensor is there and a step count the moments."""
+        layout = set(self.state_layout(group, p))
+        held = {k for k, v in st.items() if isinstance(v, Tensor)}
+        projector = {k for k in layout if k.startswith("proj_")}
+        missing = projector - held if projector & held or "proj_refreshed_at" in st else set()
+        inner = layout - projector
+        return missing | (inner - held if inner & held or "step" in st else set())
+
+    def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
+        super()._check_param_state(pid, group, p, st)
+        idx = st.get("proj_indices")
+        if idx is not None and idx.numel():
+            local = idx.to_local() if is_dtensor(idx) else idx
+            size = p.shape[1] if group["selection"] == "columns" else p.shape[0]
+            if int(local.min()) < 0 or int(local.max()) >= size or torch.unique(local).numel() != local.numel():
+                raise ValueError(f"state 'proj_indices' of param {pid} (shape {tuple(p.shape)}) is not a set of "
+                                 f"distinct {group['selection']} of it: the checkpoint is corrupt")
+
     def state_layout(self, group: dict, p: Tensor) -> dict:
         """The projector's tensor (``proj_basis`` fp32 or ``proj_indices`` int32) and the inner optimizer's moments
         in the subspace's shape (the whole shape for parameters that are not projected, and for ``blocks``, where

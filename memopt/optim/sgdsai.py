@@ -125,6 +125,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
     """
 
     STATE_KEYS = _SCALAR_STATE
+    STATE_MARKS = ("step", "gsnr")  # the paper's modes record the g-SNR in the step that creates the momentum
     REQUIRED_GROUP_KEYS = frozenset({"scale", "momentum", "check_finite"})
     LAYOUT_KEYS = ("state_bits", "blocksize", "min_8bit_size", "state_dtype")
 
@@ -199,6 +200,13 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
 
     def _normalize_group(self, group: dict) -> None:
         group["state_dtype"] = _dtype_name(group["state_dtype"])
+
+    def _resume_refusal(self, saved: dict, group: dict) -> Optional[str]:
+        if (saved["momentum"] == 0.0) != (group["momentum"] == 0.0):
+            return (f"the checkpoint was written with momentum={saved['momentum']!r} and this optimizer has "
+                    f"momentum={group['momentum']!r}: momentum 0 keeps no buffer, so the state cannot continue "
+                    "with one switched on or off; resume with a momentum on the same side of 0")
+        return None
 
     def _layout(self, group: dict) -> dict:
         # the paper's modes share a buffer (momentum of the gradient); "factored" keeps the momentum of the

@@ -54,6 +54,7 @@ class SubsetNormSM(MatrixOptimizer):
     STATE_KEYS = frozenset({"step", "sm_step", "proj_refreshed_at", "iteration"})
     REQUIRED_GROUP_KEYS = frozenset({"subset_norm", "subspace_momentum", "rank"})
     LAYOUT_KEYS = ("project", "subset_norm", "subspace_momentum", "rank", "update_gap")
+    NON_NEGATIVE_STATE = ("exp_avg_sq", "sn")
 
     def state_layout(self, group: dict, p: Tensor) -> dict:
         """fp32 throughout. A projected matrix: the Subset-Norm statistic (``sn``, :func:`subset_shape`), and either
