@@ -207,6 +207,14 @@ def test_sparse_gradients_and_meta_parameters_get_one_clear_message(name):
     q.grad = torch.empty(10, 4, device="meta")
     with pytest.raises(RuntimeError, match="on the meta device"):
         opt.step()
+    # the refusal comes before any update: a group before the offending one is left as it was
+    a, b = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(10, 4))
+    opt = create_optimizer(name, [{"params": [a]}, {"params": [b]}])
+    a.grad, b.grad = torch.randn(16, 8), torch.randn(10, 4).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and not opt.state.get(a)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -28,10 +28,10 @@ def _args(tmp_path, **kw):
 
 # --------------------------------------------------------------------------- the memory report never stops training
 def test_malformed_memory_report_variable_warns_once_and_uses_the_default(tmp_path, monkeypatch):
-    from memopt.integrations import trainer_callback
+    from memopt import _env
 
     monkeypatch.setenv("MEMOPT_MEMORY_REPORT", "loud please")
-    monkeypatch.setattr(trainer_callback, "_warned_env", set())
+    monkeypatch.setattr(_env, "_warned", set())
     with pytest.warns(RuntimeWarning, match="MEMOPT_MEMORY_REPORT='loud please'"):
         first = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=PatternDataset())
     report = next(c for c in first.callback_handler.callbacks if isinstance(c, MemoryReportCallback))
@@ -45,6 +45,33 @@ def test_malformed_memory_report_variable_warns_once_and_uses_the_default(tmp_pa
     assert report.mode == "auto"
     with pytest.raises(ValueError, match="not one of"):  # an explicit bad mode is still an error
         MemoryReportCallback("loud")
+
+
+@pytest.mark.parametrize("name", ["MEMOPT_AUTO_REGISTER", "MEMOPT_CPU_KERNELS"])
+def test_a_yes_no_variable_with_another_value_warns_once_and_keeps_the_default(monkeypatch, name):
+    from memopt import _env
+
+    monkeypatch.setattr(_env, "_warned", set())
+    for value, expected in (("OFF", False), (" 0 ", False), ("no", False), ("Yes", True), ("1", True), ("", True)):
+        monkeypatch.setenv(name, value)
+        assert _env.env_flag(name, True) is expected, value
+    monkeypatch.setenv(name, "disabled")
+    with pytest.warns(RuntimeWarning, match=f"{name}='disabled' is not one of"):
+        assert _env.env_flag(name, True) is True
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per value
+        assert _env.env_flag(name, True) is True
+
+
+def test_the_fused_cpu_updates_follow_their_variable(monkeypatch):
+    from memopt.kernels import cpu
+
+    for value, on in (("off", False), ("1", True)):
+        monkeypatch.setenv("MEMOPT_CPU_KERNELS", value)
+        monkeypatch.setattr(cpu, "_LIB", {})
+        assert (cpu.library() is not None) is on, value
 
 
 @pytest.mark.parametrize("fault", ["measure_raises", "sparse_state", "no_model_at_end"])

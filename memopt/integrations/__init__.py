@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
-import os
 import sys
 from typing import Callable
+
+from memopt._env import env_flag
 
 _HOOKED_MODULES = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")
 
@@ -75,7 +76,7 @@ _finder = _PostImportFinder()
 
 def install_transformers_hooks() -> None:
     """Register memopt on transformers' modules as they load (idempotent; no-op with MEMOPT_AUTO_REGISTER=0)."""
-    if os.environ.get("MEMOPT_AUTO_REGISTER", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag("MEMOPT_AUTO_REGISTER", True):
         return
     for name in _HOOKED_MODULES:
         module = sys.modules.get(name)

@@ -5,33 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from typing import Optional
 
 import torch
 from transformers import TrainerCallback
 
+from memopt._env import env_choice
 from memopt.memory import DeviceMemory, _unwrap, format_table, gather_rows, measure, plot_rows
 
 logger = logging.getLogger("memopt")
 
 _MODES = ("auto", "all", "off")
 _ENV = "MEMOPT_MEMORY_REPORT"
-_warned_env: set = set()
 
 
 def _env_mode() -> str:
-    """``MEMOPT_MEMORY_REPORT``, or ``auto``. A malformed value is warned about once per value and ignored: an
-    environment variable of a plugin must not break every Trainer."""
-    raw = os.environ.get(_ENV, "auto")
-    mode = raw.strip().lower() or "auto"
-    if mode in _MODES:
-        return mode
-    if raw not in _warned_env:
-        _warned_env.add(raw)
-        warnings.warn(f"{_ENV}={raw!r} is not one of {_MODES}; using 'auto'", RuntimeWarning, stacklevel=3)
-        logger.warning("%s=%r is not one of %s; using 'auto'", _ENV, raw, _MODES)
-    return "auto"
+    """``MEMOPT_MEMORY_REPORT``, or ``auto`` (a malformed value is warned about once and ignored)."""
+    return env_choice(_ENV, _MODES, "auto")
 
 
 def is_memopt_optimizer(optimizer) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from memopt._cache import cache_dir
+from memopt._env import env_flag
 from memopt.functional.adamw import second_moment_read_map
 from memopt.functional.quantize import _midpoint_lut, check_block_maxima, default_code, row_blocked
 from memopt.functional.sgdsai import _TINY
@@ -90,7 +91,7 @@ def _build() -> ctypes.CDLL:
 def library() -> Optional[ctypes.CDLL]:
     """The loaded library, or ``None`` when the fused CPU updates are off or cannot be built (logged once)."""
     if "lib" not in _LIB:
-        if os.environ.get("MEMOPT_CPU_KERNELS", "1") == "0":
+        if not env_flag("MEMOPT_CPU_KERNELS", True):
             _LIB["lib"], why = None, "MEMOPT_CPU_KERNELS=0"
         else:
             try:

@@ -109,10 +109,10 @@ class MatrixOptimizer(MemoptOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate(closure)
+        work = [(group, *self._collect(group)) for group in self.param_groups]  # refusals before any update
         self._before_updates()
         updated = 0
-        for group in self.param_groups:
-            params, grads = self._collect(group)
+        for group, params, grads in work:
             updated += len(params)
             for p, grad in zip(params, grads):
                 # FSDP2: the math runs on the local rows (state holds local tensors between steps; state_dict()

@@ -170,8 +170,8 @@ class AdamW8bit(MemoptOptimizer):
             self.init_state()
         self._settle_skips(before=self._generation)  # the previous step's flags, before a step count is used
         n_triton = n_torch = 0
-        for group in self.param_groups:
-            params, grads, flags = self._collect_flagged(group)
+        work = [(group, *self._collect_flagged(group)) for group in self.param_groups]  # refusals before any update
+        for group, params, grads, flags in work:
             for p, g, finite in zip(params, grads, flags):
                 fused = self._update_one(group, p, g, finite)
                 n_triton += fused

@@ -75,9 +75,9 @@ class Lion(MemoptOptimizer):
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = self._evaluate(closure)
         updated = 0
-        for group in self.param_groups:
+        work = [(group, *self._collect(group)) for group in self.param_groups]  # refusals before any update
+        for group, params, grads in work:
             beta1, beta2 = group["betas"]
-            params, grads = self._collect(group)
             updated += len(params)
             for p, grad in zip(params, grads):
                 state = self._create_state(group, p)
