@@ -41,12 +41,14 @@ class SubsetNormSM(MatrixOptimizer):
       (side rule as GaLore) and the momentum restarts at 0; ``R = Down(G)``, ``m ← β1 m + (1 − β1) R``,
       numerator ``Up(m̂) + (G − Up(R))`` (SGD in the complement). Otherwise the numerator is Adam's full ``m̂``.
       ``m̂`` is bias-corrected (steps since the last refresh) when ``subset_norm`` is on; SGD-SM uses raw ``m``,
-      so with ``rank = min(m, n)`` it equals SGD with EMA momentum.
+      so with ``rank = min(m, n)`` it equals SGD with EMA momentum. The paper bias-corrects the whole step instead,
+      the complement included (docs/projection.md: why memopt does not).
 
     Args:
         params: parameters or groups (group key ``project``: "auto" = 2-D params, True, False).
         lr (1e-2), betas ((0.9, 0.999)), eps (1e-6), weight_decay (decoupled, 0).
-        rank (128), update_gap (200), subset_norm (True), subspace_momentum (True), check_finite, maximize.
+        rank (128, clamped to a matrix's min(m, n)), update_gap (200), subset_norm (True), subspace_momentum
+        (True), check_finite, maximize.
 
     State per m×n matrix: M = max(m, n) (SN) + r·M (momentum) + r·min(m, n) (projector) elements.
     """
