@@ -244,3 +244,32 @@ def test_state_after_real_steps_is_exactly_the_state_layout(name, dtype):
     if name.endswith("_8bit"):
         assert any(d == torch.uint8 for g in opt.param_groups for p in g["params"]
                    for _, d in opt.state_layout(g, p).values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_runs_once_and_a_scheduler_sets_the_step(name):
+    # torch's contract: step(closure) evaluates it once and returns its loss; an lr scheduler's factor 0 stops
+    # every update (the lr reaches each parameter's step), factor 1 does not
+    p = torch.nn.Parameter(torch.randn(32, 24))
+    opt = create_optimizer(name, [p], lr=1e-2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None and len(calls) == 1
+    for factor in (0.0, 1.0):
+        q = torch.nn.Parameter(torch.randn(32, 24), requires_grad=True)
+        opt = create_optimizer(name, [q, torch.nn.Parameter(torch.randn(24))], lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factor)
+        before = q.detach().clone()
+        for t in range(3):
+            for x in opt.param_groups[0]["params"]:
+                x.grad = torch.randn(x.shape)
+            opt.step()
+            sched.step()
+        assert torch.equal(q.detach(), before) == (factor == 0.0), factor
