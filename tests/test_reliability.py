@@ -232,7 +232,7 @@ def _corruptions(sd):
                     idx[-1] = bad
                     yield f"{key} holding {int(bad)}", changed(pid, key, idx)
             elif key == "gsnr":
-                for bad in (float("nan"), -5.0, 0.0, 1e30, "2.5"):
+                for bad in (float("nan"), -5.0, 1e30, "2.5"):  # 0.0 is "not measured yet"
                     yield f"{key}={bad!r}", changed(pid, key, bad)
             elif isinstance(value, int) and not isinstance(value, bool):  # step counts, refresh steps, seeds
                 for bad in (-1, float(value), str(value)):

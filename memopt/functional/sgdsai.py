@@ -45,7 +45,7 @@ def gsnr_from_stats(n: int, norm: float, std: float, eps: float = 1e-8) -> Optio
 def gsnr_bound(n: int) -> float:
     """The largest g-SNR :func:`gsnr_from_stats` gives a tensor of ``n`` elements: ``sqrt(n)`` for a std at or below
     the floor, else ``norm / (std + eps) < norm / std`` with ``std > floor · norm / sqrt(n)``, so below
-    ``sqrt(n) / floor``. A g-SNR read from a checkpoint must be in ``(0, gsnr_bound(n)]``."""
+    ``sqrt(n) / floor``. A g-SNR read from a checkpoint must be at most this (0: not measured yet)."""
     return math.sqrt(max(n, 1)) / _STD_REL_FLOOR
 
 

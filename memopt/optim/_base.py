@@ -32,12 +32,13 @@ def layout_bytes(layout: dict) -> int:
 
 def _check_scalar_state(where: str, key: str, value, numel: int) -> None:
     """Refuse a saved scalar that no step writes (docs/reliability.md): ``started`` is a bool, ``gsnr`` a g-SNR in
-    ``(0, gsnr_bound(numel)]``, every other scalar (step counts, refresh steps, seeds, index counts) an int >= 0."""
+    ``(0, gsnr_bound(numel)]`` or 0 (not measured yet: FSDP2 creates the entry before the first gradient), every
+    other scalar (step counts, refresh steps, seeds, index counts) an int >= 0."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key == "started":
         ok = isinstance(value, bool)
     elif key == "gsnr":
-        ok = number and 0.0 < value <= gsnr_bound(numel)
+        ok = number and 0.0 <= value <= gsnr_bound(numel)
     else:
         ok = number and isinstance(value, int) and value >= 0
     if not ok:
