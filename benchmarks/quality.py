@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import math
 import os
 import platform
 import time
@@ -125,12 +126,23 @@ def _where() -> dict:
     return {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}
 
 
+def start_losses(rows: list[dict]) -> dict:
+    """{task: its eval loss before training}, from the rows that measured it (a task's first run does; the model
+    and the eval split are the same for every run of a task)."""
+    out: dict = {}
+    for r in rows:
+        value = float(r["eval_loss_before"])
+        if math.isfinite(value):
+            out.setdefault(r["task"], value)
+    return out
+
+
 def sweep(tasks, labels, path: Path) -> None:
     finetune = _finetune()
 
     existing = read_rows(path)
     done = {_key(r) for r in existing}
-    before_of = {r["task"]: float(r["eval_loss_before"]) for r in existing}
+    before_of = start_losses(existing)
     with _appender(path, FIELDS) as write:
         for task in tasks:
             for label, optim, optim_args, grids in OPTIMIZERS:
@@ -142,10 +154,10 @@ def sweep(tasks, labels, path: Path) -> None:
                     before = before_of.get(task)  # the same for every run of a task: evaluated once
                     t0 = time.time()
                     r = train(finetune, task, optim, optim_args, lr, eval_before=before is None)
-                    row = {k: r.get(k) for k in FIELDS if k in r}
                     if before is None:
                         before_of[task] = before = r["eval_loss_before"]
-                    r["eval_loss_before"] = before
+                    r["eval_loss_before"] = before  # runs after the first do not evaluate before training
+                    row = {k: r.get(k) for k in FIELDS if k in r}
                     row.update(task=task, label=label, optim=optim, optim_args=optim_args or "", learning_rate=lr,
                                state_bytes_per_param=round(r["optimizer_state_bytes"] / r["trainable_params"], 4),
                                **_where())
@@ -243,7 +255,7 @@ def plot(rows: list[dict], png: Path) -> None:
                          if r["task"] == task and r["label"] == label)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
-        before = next(float(r["eval_loss_before"]) for r in rows if r["task"] == task)
+        before = start_losses(rows)[task]
         ax.axhline(before, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_ylim(min(float(r["eval_loss_after"]) for r in rows if r["task"] == task) - 0.05, before + 0.3)

@@ -65,3 +65,11 @@ def test_quality_results_are_appended_with_one_header_and_read_back(tmp_path):
     with pytest.raises(ValueError, match="not in fieldnames"):  # a column the file does not have is refused
         with q._appender(path, q.RECHECK_FIELDS) as write:
             write(dict(task="full20", no_such_column=1))
+
+
+def test_quality_start_loss_of_a_task_comes_from_the_run_that_measured_it():
+    q = _quality()
+    rows = [dict(task="full20", eval_loss_before="nan"), dict(task="full20", eval_loss_before="2.8559"),
+            dict(task="lee20", eval_loss_before="3.7807"), dict(task="lee20", eval_loss_before="nan")]
+    assert q.start_losses(rows) == {"full20": 2.8559, "lee20": 3.7807}
+    assert q.start_losses([dict(task="lora30", eval_loss_before="nan")]) == {}  # none measured: evaluate again
