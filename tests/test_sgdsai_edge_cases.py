@@ -124,22 +124,6 @@ def test_state_bytes_is_four_bytes_per_param_in_fp32():
     assert state_bytes(opt) == 4 * sum(p.numel() for p in params)
 
 
-def test_closure_is_evaluated_once():
-    p = _param(4)
-    opt = SGDSaI([p])
-    calls = []
-
-    def closure():
-        calls.append(1)
-        opt.zero_grad()
-        loss = (p ** 2).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert len(calls) == 1 and loss is not None
-
-
 def _train(opt, params, grads):
     for gs in grads:
         for p, g in zip(params, gs):
