@@ -402,12 +402,18 @@ class MemoptOptimizer(GradientReleaseMixin, Optimizer):
         their layouts agree, or ``None``: a requested setting that needs state the checkpoint does not have."""
         return None
 
+    def _state_parts(self, group: dict, p: Tensor) -> list[tuple[set, tuple]]:
+        """The state tensors of ``p`` as the parts created together, each with the scalars written by the step that
+        creates it: here the whole :meth:`state_layout` (:meth:`_create_state` makes it at once), marked by
+        ``STATE_MARKS``."""
+        return [(set(self.state_layout(group, p)), self.STATE_MARKS)]
+
     def _missing_state(self, group: dict, p: Tensor, st: dict) -> set:
-        """The state tensors ``st`` lacks: a parameter's state tensors are created together (:meth:`_create_state`),
-        so a state holding any of them, or one of ``STATE_MARKS``, holds every one of :meth:`state_layout`."""
+        """The state tensors ``st`` lacks: a part of :meth:`_state_parts` of which ``st`` holds a tensor or a mark
+        must be held whole."""
         held = {k for k, v in st.items() if isinstance(v, Tensor)}
-        marked = held or any(k in st for k in self.STATE_MARKS)
-        return set(self.state_layout(group, p)) - held if marked else set()
+        return {key for part, marks in self._state_parts(group, p)
+                if part & held or any(mark in st for mark in marks) for key in part - held}
 
     def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
         """Refuse a saved per-parameter state whose keys, shapes, dtypes or numbers cannot belong to ``p`` under

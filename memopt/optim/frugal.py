@@ -96,11 +96,10 @@ class FRUGAL(MatrixOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, density: Optional[float] = None,
                  selection: str = "blocks", update_gap: int = 200, on_refresh: str = "reset",
-                 state_free: str = "sign_sgd",
-                 inactive_lr_scale: float = 1.0, check_finite: bool = True, maximize: bool = False,
-                 rank: Optional[int] = None, active_scale: float = 1.0, free_scale: str = "none",
-                 inner: str = "adamw", state_bits: int = 32, blocksize: int = 256, min_8bit_size: int = 4096,
-                 block_order: str = "random", stochastic_rounding: bool = True):
+                 state_free: str = "sign_sgd", inactive_lr_scale: float = 1.0, check_finite: bool = True,
+                 maximize: bool = False, rank: Optional[int] = None, active_scale: float = 1.0,
+                 free_scale: str = "none", inner: str = "adamw", state_bits: int = 32, blocksize: int = 256,
+                 min_8bit_size: int = 4096, block_order: str = "random", stochastic_rounding: bool = True):
         if rank is not None and density is not None:
             raise ValueError(f"give density or rank, not both (density={density!r}, rank={rank!r})")
         if rank is None and density is None:
@@ -140,16 +139,13 @@ class FRUGAL(MatrixOptimizer):
         density = 1.0 if group["density"] == 0 and group["rank"] is None else group["density"]
         _config(dict(group, selection=sel, density=density)).validate()
 
-    def _missing_state(self, group: dict, p: Tensor, st: dict) -> set:
-        """The projector's tensor and the inner optimizer's moments are created apart (a subspace is chosen before
-        an SGD-SaI inner step waits for a non-zero gradient; a refresh with ``reset`` drops the moments): each is held
-        whole or not at all, a refresh step means the projector's tensor is there and a step count the moments."""
+    def _state_parts(self, group: dict, p: Tensor) -> list[tuple[set, tuple]]:
+        """The projector's tensor (marked by its refresh step) and the inner optimizer's moments (marked by their
+        step count) are created apart: a subspace is chosen before an SGD-SaI inner step waits for a non-zero
+        gradient, and a refresh with ``reset`` drops the moments."""
         layout = set(self.state_layout(group, p))
-        held = {k for k, v in st.items() if isinstance(v, Tensor)}
         projector = {k for k in layout if k.startswith("proj_")}
-        missing = projector - held if projector & held or "proj_refreshed_at" in st else set()
-        inner = layout - projector
-        return missing | (inner - held if inner & held or "step" in st else set())
+        return [(projector, ("proj_refreshed_at",)), (layout - projector, ("step",))]
 
     def _check_param_state(self, pid, group: dict, p: Tensor, st: dict) -> None:
         super()._check_param_state(pid, group, p, st)
