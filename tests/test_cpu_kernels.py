@@ -310,6 +310,31 @@ def test_a_non_finite_gradient_is_skipped_by_the_statistics_without_a_separate_c
     assert opt.state[params[0]]["step"] == steps[0] and opt.state[params[1]]["step"] == steps[1] + 1
 
 
+@pytest.mark.parametrize("release", [False, True])
+def test_a_skipped_gradient_is_not_kept_by_the_optimizer(release):
+    """A NaN gradient of a tensor on the PyTorch update (the 1-D one here) is skipped by the optimizer's check;
+    once it is dropped (zero_grad; with gradient release, by the hook inside backward), nothing holds it."""
+    import gc
+    import weakref
+
+    params, opt = _train("sgdsai", steps=2)
+    seen = []
+    params[2].register_post_accumulate_grad_hook(lambda p: seen.append(weakref.ref(p.grad)))  # before release's
+    weights = [torch.full_like(p, 1e-3) for p in params]
+    weights[2][7] = float("nan")
+    if release:
+        opt.enable_gradient_release()
+    for p in params:
+        p.grad = None
+    sum((p * w).sum() for p, w in zip(params, weights)).backward()
+    if not release:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert opt.nonfinite_skips == 1 and params[2].grad is None
+    assert seen and seen[0]() is None
+
+
 def test_with_check_finite_off_a_non_finite_gradient_reaches_the_parameter():
     params, opt = _train("sgdsai", steps=2)
     opt.param_groups[0]["check_finite"] = False

@@ -286,8 +286,12 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         if not self.state[p].get("step"):
             return False
         tensors = self._cpu_state(group, p, g)
-        self._cpu_plans[id(p)] = (g, tensors)  # the update takes the same decision without asking again
-        return tensors is not None
+        if tensors is None:
+            return False
+        # the update takes the same decision without asking again; only a tensor the fused update takes is kept
+        # here (never dropped by the host check), so no plan holds a skipped gradient until the next step
+        self._cpu_plans[id(p)] = (g, tensors)
+        return True
 
     @staticmethod
     def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
