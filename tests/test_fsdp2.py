@@ -159,6 +159,7 @@ def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
+    assert len(opt.state) == len(list(model.parameters()))  # every parameter's state came back (the checks below)
     if name == "sgdsai_gsnr_max":
         assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
     elif name == "frugal_blocks":  # the active tensors' inner state and every tensor's round came back
@@ -215,6 +216,7 @@ def test_init_state_before_the_first_step_changes_nothing(name):
     a, b = tiny_llama(), tiny_llama()
     oa, ob = OPTIMIZERS[name](list(a.parameters())), OPTIMIZERS[name](list(b.parameters()))
     ob.init_state()
+    assert len(ob.state) == len(list(b.parameters()))  # a state for every parameter
     if name == "sgdsai":
         assert all(st["step"] == 0 for st in ob.state.values())
     else:

@@ -139,7 +139,7 @@ def test_bad_input_is_refused_clearly():
 
 
 def test_peft_lora_model():
-    peft = pytest.importorskip("peft")
+    import peft
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
     ref = peft.get_peft_model(tiny_llama(), cfg)
     model = copy.deepcopy(ref)
@@ -212,7 +212,7 @@ def test_deep_copies_and_pickles_compute_with_their_own_weights():
 
 
 def test_a_head_replaced_later_is_the_one_used():
-    peft = pytest.importorskip("peft")
+    import peft
     cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False)
     ref = peft.get_peft_model(tiny_llama(), cfg)
     base = tiny_llama()

@@ -156,7 +156,7 @@ def test_galore_state_exact(config):
 
 @pytest.fixture
 def bnb_manager():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     manager = bnb.optim.GlobalOptimManager.get_instance()
     manager.initialize()  # a process-wide singleton: start and leave it clean
     yield bnb, manager
@@ -210,7 +210,7 @@ def test_grad_release_state_and_largest_grad(config):
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_lora_matches_peft(config, targets):
-    peft = pytest.importorskip("peft")
+    import peft
     model = _real_model(config, torch.bfloat16)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(targets) if isinstance(targets, tuple)
                                                       else targets))
@@ -363,8 +363,9 @@ def test_cli_missing_path(tmp_path, capsys):
 
 
 def test_cli_dir_without_config(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["plan", str(tmp_path)])
+    assert info.value.code == 2
     assert "without config.json" in capsys.readouterr().err
 
 

@@ -10,8 +10,8 @@ import memopt  # noqa: F401
 from memopt import plan as planner
 from tiny import PatternDataset, tiny_llama
 
-bnb = pytest.importorskip("bitsandbytes")
-peft = pytest.importorskip("peft")
+import bitsandbytes  # noqa: E402,F401  (the test extra installs both: a missing one fails, never skips)
+import peft  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from memopt.demo import qlora_config  # noqa: E402
@@ -77,9 +77,10 @@ def test_nf4_bytes_rule_matches_bitsandbytes(tiny_dir):
                                                  quantization_config=qlora_config(torch.float32))
     from memopt.memory import tensor_bytes
 
-    for name, p in model.named_parameters():
-        if getattr(p, "quant_state", None) is not None:
-            assert tensor_bytes(p) == planner.nf4_bytes(p.quant_state.shape.numel()), name
+    quantized = [(name, p) for name, p in model.named_parameters() if getattr(p, "quant_state", None) is not None]
+    assert len(quantized) == 7 * tiny_llama().config.num_hidden_layers  # q, k, v, o, gate, up, down of each layer
+    for name, p in quantized:
+        assert tensor_bytes(p) == planner.nf4_bytes(p.quant_state.shape.numel()), name
 
 
 def test_plan_has_qlora_rows_for_llama_7b(capsys):

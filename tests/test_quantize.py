@@ -166,10 +166,10 @@ def test_bad_code_maps_blocksizes_and_dtypes_are_refused_naming_the_argument(imp
     for bad, why in ((code.flip(0), "ascending"), (code[:255], "256"), (code.double(), "float32"),
                      (torch.cat([code[:-1], torch.tensor([float("nan")])]), "finite"), (code * 2, r"\[-1, 1\]"),
                      (code.reshape(16, 16), "1-D"), ([0.0] * 256, "tensor")):
-        with pytest.raises(ValueError, match=f"code.*{why}|{why}.*code|code must"):
+        with pytest.raises(ValueError, match=f"code must.*{why}"):
             quant(x, bad)
         codes, absmax = quantize_blockwise(x)
-        with pytest.raises(ValueError, match="code"):
+        with pytest.raises(ValueError, match=f"code must.*{why}"):
             dequant(codes, absmax, bad)
     for blocksize in (0, -256, True, 2.5, 1 << 30):
         with pytest.raises(ValueError, match="blocksize"):

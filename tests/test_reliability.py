@@ -12,8 +12,7 @@ import torch
 import memopt
 from tiny import PatternDataset, tiny_llama
 
-transformers = pytest.importorskip("transformers")
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402  (in the test extra: missing fails, never skips)
 
 from memopt.integrations.trainer_callback import MemoryReportCallback  # noqa: E402
 
@@ -109,8 +108,10 @@ def test_a_failing_memory_report_is_logged_once_and_training_continues(tmp_path,
         trainer.train()
     assert trainer.state.global_step == 6
     failures = [r for r in caplog.records if "memory report" in r.getMessage() and "failed" in r.getMessage()]
-    assert len(failures) <= 1
-    if fault == "measure_raises":
+    if fault == "no_model_at_end":  # nothing failed: the steps' rows were logged, the final report is left out
+        assert not failures
+        assert any(k.startswith("memory/") for row in trainer.state.log_history for k in row)
+    else:  # the first failing measurement switched the report off
         assert len(failures) == 1 and "training continues" in failures[0].getMessage()
 
 
@@ -169,7 +170,7 @@ def test_load_refuses_invalid_group_values(name):
         sd = opt.state_dict()
         sd["param_groups"][0][key] = value
         target = _fresh(name, params)
-        with pytest.raises(ValueError, match=f"invalid: {key}|{key}"):
+        with pytest.raises(ValueError, match=f"invalid: {key}"):
             target.load_state_dict(sd)
         assert not target.state  # nothing was loaded
 
@@ -321,16 +322,14 @@ def test_fp16_state_never_overflows_into_the_weights():
 
 
 @pytest.mark.parametrize("name", ["sgdsai_8bit", "memopt_adamw_8bit"])
-@pytest.mark.parametrize("key", ["absmax", "codes"])
-def test_corrupt_8bit_state_in_memory_raises_before_the_weights_are_written(name, key):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_corrupt_8bit_state_in_memory_raises_before_the_weights_are_written(name, bad):
+    # every uint8 code is a valid code: the block maxima are what can be corrupt (a NaN or Inf one)
     params, opt = _trained(name, shapes=((64, 80),), min_8bit_size=256, use_triton=False)
     p = params[0]
     st = opt.state[p]
     absmax = next(k for k in st if k.endswith("_absmax"))
-    if key == "absmax":
-        st[absmax][0] = float("nan")
-    else:  # a code that points at 1.0 in a block whose absmax is inf
-        st[absmax][1] = float("inf")
+    st[absmax][1] = bad
     before = p.detach().clone()
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="NaN or Inf"):

@@ -178,15 +178,14 @@ def test_nonfinite_first_gradient_without_check_never_stores_a_nan_scale():
 def test_dtensor_params_on_a_one_rank_mesh_step_like_plain_tensors():
     """8-bit state on DTensor parameters (FSDP2's form) takes the shard path; on a one-rank mesh the local shard
     is the whole tensor, so the result equals the plain-tensor step (the 2-rank case: tests/test_fsdp2.py)."""
-    import os
-
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    from tiny import free_port
+
+    created = not dist.is_initialized()
+    if created:  # a one-process group of this test's own (torn down below), on a port free now
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         gen = torch.Generator().manual_seed(0)
@@ -206,4 +205,5 @@ def test_dtensor_params_on_a_one_rank_mesh_step_like_plain_tensors():
             assert any(v.dtype == torch.uint8 for v in opt_sharded.state[sharded].values() if torch.is_tensor(v))
             torch.testing.assert_close(sharded.detach().full_tensor(), plain.detach(), rtol=0, atol=1e-6)
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()

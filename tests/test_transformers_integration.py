@@ -9,10 +9,8 @@ import torch
 import memopt
 from memopt.integrations import transformers as hf_integration
 from tiny import PatternDataset, char_tokenizer, tiny_llama
-
-transformers = pytest.importorskip("transformers")
-from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E402
-from transformers.training_args import OptimizerNames  # noqa: E402
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
 
 
 def _args(tmp_path, **kw):
@@ -162,7 +160,7 @@ def test_resume_from_checkpoint_continues_the_exact_loss_trajectory(tmp_path, op
 
 
 def test_peft_lora_every_adapter_matrix_trains(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -176,8 +174,8 @@ def test_peft_lora_every_adapter_matrix_trains(tmp_path):
 
 
 def test_trl_sft_trainer_with_sgdsai(tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    import trl
+    import datasets
     tok = char_tokenizer()
     model = tiny_llama(vocab_size=len(tok))
     text = ["the quick brown fox jumps over the lazy dog. " * 2] * 32
