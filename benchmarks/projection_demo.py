@@ -3,7 +3,7 @@
 Every run: full fine-tuning of SmolLM2-135M on the pydoc text, 20 steps, batch 4 x 128, seed 42, cosine schedule,
 same eval split, each method with memopt's default targets (attention/MLP linears; SN-SM: all linears, the LM
 head is tied here so it stays with the embedding in plain Adam). Each method runs at every learning rate of its
-small grid (a factor 3 apart, around its scale: Adam-type 1e-4..1e-3, AdamSNSM 1e-3..1e-2 because its Subset-Norm
+small grid (a factor 3 apart, around its scale: Adam-type 1e-4..1e-3, AdamSNSM 3e-4..1e-2 because its Subset-Norm
 sums a whole row, SGD-SaI-type 1e-2..3e-2); rows ``what=sweep`` hold every run, rows ``what=train`` the best
 learning rate of each method (selected on the eval split: the demo has no separate test split). Refresh cost: one
 subspace selection per distinct matrix shape of the model, timed separately, and amortised over the default gap
@@ -40,7 +40,7 @@ RUNS = [  # (optim, optim_args, learning rates)
     ("frugal", "selection=blocks,density=0.25", ADAM_LRS),
     ("frugal_sgdsai", "density=0.25", (1e-2, 3e-2)),
     ("memopt_galore", "rank=144,alpha=1.0", (1e-4, 3e-4, 1e-3)),  # r = 0.25 * 576; a projected step is smaller
-    ("adamsnsm", "rank=144", (1e-3, 3e-3, 1e-2)),
+    ("adamsnsm", "rank=144", (3e-4, 1e-3, 3e-3, 1e-2)),
 ]
 
 
