@@ -45,7 +45,7 @@ TASKS = {  # name: (finetune.py arguments, description, lr grid kind)
     "lee20": (["--max_steps", "20", "--no-lora", "--corpus", "lee"], "full FT, 20 steps, Lee news", "full"),
     "leelora30": (["--max_steps", "30", "--lora", "--corpus", "lee"], "LoRA r=8, 30 steps, Lee news", "lora"),
 }
-ADAM = {"full": (3e-5, 1e-4, 3e-4, 1e-3), "long": (3e-5, 1e-4, 3e-4), "lora": (1e-3, 3e-3, 1e-2, 3e-2)}
+ADAM = {"full": (3e-5, 1e-4, 3e-4, 1e-3), "long": (3e-5, 1e-4, 3e-4, 1e-3), "lora": (1e-3, 3e-3, 1e-2, 3e-2)}
 # (label, optim, optim_args, {grid kind: learning rates}). AdamW-like optimizers share AdamW's grid (the claim is
 # that its learning rates carry over); the paper's SGD-SaI gets the grid of its own sweep (docs/sgdsai.md).
 OPTIMIZERS = [
@@ -54,7 +54,7 @@ OPTIMIZERS = [
     ("sgdsai_8bit", "sgdsai_8bit", None, ADAM),
     ("memopt_adamw_8bit", "memopt_adamw_8bit", None, {"full": ADAM["full"]}),
     ("sgdsai scale=gsnr_max (paper)", "sgdsai", "scale=gsnr_max",
-     {"full": (1e-2, 3e-2, 1e-1, 3e-1), "long": (3e-2, 1e-1), "lora": (0.3, 1.0, 3.0, 10.0)}),
+     {"full": (1e-2, 3e-2, 1e-1, 3e-1, 1.0), "long": (3e-2, 1e-1), "lora": (0.3, 1.0, 3.0, 10.0)}),
     # Lion's paper: an lr 3-10x smaller than AdamW's (1e-3 added: on full20 the best was at 3e-4, the edge)
     ("lion", "lion", None, {"full": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3), "long": (1e-5, 3e-5, 1e-4),
                             "lora": (3e-4, 1e-3, 3e-3, 1e-2)}),
@@ -63,7 +63,7 @@ OPTIMIZERS = [
     # FRUGAL's two ways of choosing the state-full part, named explicitly so the rows keep their meaning
     ("frugal selection=random", "frugal", "selection=random", ADAM),
     ("frugal selection=blocks", "frugal", "selection=blocks", ADAM),
-    ("frugal_8bit selection=blocks", "frugal_8bit", "selection=blocks", {"full": (1e-4, 3e-4)}),
+    ("frugal_8bit selection=blocks", "frugal_8bit", "selection=blocks", {"full": (1e-4, 3e-4, 1e-3)}),
     # SGD-SaI inside FRUGAL keeps the paper's scale (g-SNR): its lrs are SGD-SaI's paper lrs
     ("frugal_sgdsai selection=random", "frugal_sgdsai", "selection=random", {"full": (3e-3, 1e-2, 3e-2)}),
     ("frugal_sgdsai selection=blocks", "frugal_sgdsai", "selection=blocks", {"full": (3e-3, 1e-2, 3e-2, 1e-1)}),

@@ -73,3 +73,20 @@ def test_quality_start_loss_of_a_task_comes_from_the_run_that_measured_it():
             dict(task="lee20", eval_loss_before="3.7807"), dict(task="lee20", eval_loss_before="nan")]
     assert q.start_losses(rows) == {"full20": 2.8559, "lee20": 3.7807}
     assert q.start_losses([dict(task="lora30", eval_loss_before="nan")]) == {}  # none measured: evaluate again
+
+
+def test_the_committed_quality_table_covers_each_grid_and_brackets_each_best_lr():
+    """Each optimizer is compared at the best point of its lr grid: the committed results hold every grid point
+    the script names for each (task, optimizer) they cover, and each best lr has a grid point on either side (a
+    best at the grid's edge says the grid must grow)."""
+    q = _quality()
+    rows = q.read_rows(q.OUT.with_suffix(".csv"))
+    lrs: dict = {}
+    for r in rows:
+        lrs.setdefault((r["task"], r["label"]), set()).add(float(r["learning_rate"]))
+    assert len(lrs) >= 20
+    grids = {label: grid for label, _, _, grid in q.OPTIMIZERS}
+    for (task, label), have in lrs.items():
+        assert have == set(grids[label][q.TASKS[task][2]]), (task, label)
+    for (task, label), r in q.best_rows(rows).items():
+        assert min(lrs[task, label]) < float(r["learning_rate"]) < max(lrs[task, label]), (task, label)
