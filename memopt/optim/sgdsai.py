@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -228,7 +229,7 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         step = state.get("step", 0) + 1
         scale = 1.0 / (1.0 - beta**step) if beta != 0.0 else 1.0
         plan = self._cpu_plans.pop(id(p), None)  # decided by _checks_finite_itself for this very gradient
-        on_cpu = None if finite is not None else plan[1] if plan and plan[0] is g else self._cpu_state(group, p, g)
+        on_cpu = None if finite is not None else plan[1] if plan and plan[0]() is g else self._cpu_state(group, p, g)
         if on_cpu is not None:
             # the update's statistics check the gradient (_checks_finite_itself): a non-finite one is skipped
             if not cpu_kernels.factored_sgdsai_(p, g, on_cpu, lr=group["lr"], scale=scale, momentum=beta,
@@ -286,12 +287,10 @@ class SGDSaI(ShardedSGDSaIMixin, MemoptOptimizer):
         if not self.state[p].get("step"):
             return False
         tensors = self._cpu_state(group, p, g)
-        if tensors is None:
-            return False
-        # the update takes the same decision without asking again; only a tensor the fused update takes is kept
-        # here (never dropped by the host check), so no plan holds a skipped gradient until the next step
-        self._cpu_plans[id(p)] = (g, tensors)
-        return True
+        # the update takes the same decision without asking again; the gradient is held weakly, so a tensor the
+        # host check skips (or a step that raises) does not keep its gradient alive until the next step
+        self._cpu_plans[id(p)] = (weakref.ref(g), tensors)
+        return tensors is not None
 
     @staticmethod
     def _in_pieces(group: dict, p: Tensor, state_tensors: list) -> bool:
