@@ -159,7 +159,7 @@ def test_dcp_checkpoint_from_2_ranks_resumes_at_1_and_2(tmp_path, name):
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
     set_model_state_dict(model, msd)
     set_optimizer_state_dict(model, opt, osd)
-    assert len(opt.state) == len(list(model.parameters()))  # every parameter's state came back (the checks below)
+    assert len(opt.state) == len(list(model.parameters()))  # the checks below are over every parameter's state
     if name == "sgdsai_gsnr_max":
         assert all(isinstance(st["gsnr"], float) and st["gsnr"] > 0 for st in opt.state.values())
     elif name == "frugal_blocks":  # the active tensors' inner state and every tensor's round came back
