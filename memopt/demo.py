@@ -117,9 +117,19 @@ def qlora_config(compute_dtype):
 def end_process_group() -> None:
     """Destroy the default process group, if a launcher started one, before the interpreter exits. Left to the
     interpreter's teardown, gloo (CPU runs under ``accelerate launch``, torch 2.13) now and then aborts a rank
-    after the run has succeeded ("terminate called without an active exception")."""
+    after the run has succeeded ("terminate called without an active exception").
+
+    After the barrier, gloo's worker thread still has to drop the finished collectives, whose tensors (those of
+    ``all_gather_object``, used by the memory report) hold Python objects, so it takes the GIL. If the main
+    thread meanwhile frees the last owner of the group (DDP's reducer, when the model is released) it joins that
+    worker while holding the GIL, and the rank hangs (seen twice in test runs, stacks in
+    ``c10d::ProcessGroupGloo::~ProcessGroupGloo`` and ``AsyncBarrierWork::~AsyncBarrierWork``). A short sleep
+    releases the GIL for the worker to finish first."""
+    import time
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
