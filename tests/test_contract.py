@@ -11,6 +11,7 @@ import torch
 import memopt
 from memopt import create_optimizer, list_optimizers, state_bytes
 from memopt.optim._matrix import MatrixOptimizer
+from tiny import switch_cpu_loops
 
 NAMES = list_optimizers()
 
@@ -86,13 +87,10 @@ def _matmul_path(opt) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("cpu_loops", [False, True])
 def test_non_contiguous_params_and_grads(name, seed, cpu_loops, monkeypatch):
-    from memopt.kernels import cpu
-
     # The fused CPU loops take contiguous tensors only. With them off both layouts run the same PyTorch update (bit
     # for bit where it is elementwise); with them on the contiguous one may take a loop, equal to the PyTorch
     # update within a rounding (tests/test_cpu_kernels.py).
-    monkeypatch.setenv("MEMOPT_CPU_KERNELS", "1" if cpu_loops else "0")
-    monkeypatch.setattr(cpu, "_LIB", {})
+    switch_cpu_loops(monkeypatch, cpu_loops)
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(6, 8, generator=gen)
     p = torch.nn.Parameter(base.t().contiguous().t())  # non-contiguous layout

@@ -15,6 +15,7 @@ from memopt.functional import sgdsai as ref
 from memopt.functional.adamw import adamw_update_8bit_
 from memopt.functional.quantize import default_code, quantize_rows
 from memopt.kernels import cpu
+from tiny import switch_cpu_loops
 
 CPU = torch.device("cpu")
 # rows of whole blocks, rows with a short last block (576 = 2 x 256 + 64, the demo model's width), short rows,
@@ -351,8 +352,7 @@ def test_lion_equals_the_pytorch_form_bit_for_bit(fresh_library, monkeypatch, bi
     from memopt import Lion
 
     def run(fused):
-        monkeypatch.setenv("MEMOPT_CPU_KERNELS", "1" if fused else "0")
-        cpu._LIB.clear()
+        switch_cpu_loops(monkeypatch, fused)
         gen = torch.Generator().manual_seed(7)
         p = torch.nn.Parameter(torch.randn(shape, generator=gen))
         opt = Lion([p], lr=1e-2, weight_decay=weight_decay, maximize=maximize, state_bits=bits, min_8bit_size=256)

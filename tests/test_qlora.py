@@ -3,18 +3,16 @@ examples/finetune.py --qlora on a tiny model, the report counting 4-bit weights 
 
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401  (the test extra installs it and peft: a missing one fails, never skips)
+import peft
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import memopt  # noqa: F401
 from memopt import plan as planner
+from memopt.demo import qlora_config
 from tiny import PatternDataset, tiny_llama
-
-import bitsandbytes  # noqa: E402,F401  (the test extra installs both: a missing one fails, never skips)
-import peft  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
-
-from memopt.demo import qlora_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

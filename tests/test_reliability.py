@@ -8,13 +8,11 @@ import types
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments  # in the test extra: missing fails, never skips
 
 import memopt
+from memopt.integrations.trainer_callback import MemoryReportCallback
 from tiny import PatternDataset, tiny_llama
-
-from transformers import Trainer, TrainingArguments  # noqa: E402  (in the test extra: missing fails, never skips)
-
-from memopt.integrations.trainer_callback import MemoryReportCallback  # noqa: E402
 
 
 def _args(tmp_path, **kw):

@@ -71,6 +71,15 @@ def run_steps(opt, params, grads):
         opt.step()
 
 
+def switch_cpu_loops(monkeypatch, on: bool) -> None:
+    """Turn memopt's fused CPU loops on or off for the rest of a test: the variable, and the loaded library
+    forgotten so that the next update reads the variable again (both restored by ``monkeypatch``)."""
+    from memopt.kernels import cpu
+
+    monkeypatch.setenv("MEMOPT_CPU_KERNELS", "1" if on else "0")
+    monkeypatch.setattr(cpu, "_LIB", {})
+
+
 def free_port() -> int:
     """A TCP port free right now on localhost, for a launcher's rendezvous (a fixed or pid-derived port can still
     be held by the previous launch or collide with accelerate's default 29500)."""
